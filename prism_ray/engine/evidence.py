@@ -1,0 +1,178 @@
+"""EvidenceEngine: the model's full answer (yes/no, contribution, evidence), batched.
+
+Each pair is prefilled on its own, continuing from its query's shared prefix state: batching
+prefills would put pads into the recurrent state. The per-pair caches are then merged into one
+batch for decoding: attention K/V are left-padded to a common length and masked, the Gated
+DeltaNet states (fixed size) are stacked, and every row keeps its own position ids. Finished rows
+leave the batch, so one long answer does not make short ones pay.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from prism_ray.engine.loading import LoadedModel, expand_state, load_model, prefix_state
+from prism_ray.engine.score import sigmoid, validate_group
+from prism_ray.output import parse_output
+from prism_ray.prompt import DEFAULT_MAX_LENGTH, EncodedPair
+
+DEFAULT_MAX_NEW_TOKENS = 512
+
+
+@dataclass(frozen=True)
+class EvidenceResult:
+    score: float
+    logit: float
+    relevant: bool  # the first generated token is "yes"
+    contribution: str | None
+    evidence: str | None
+    text: str  # everything generated, special tokens removed
+    truncated: bool  # generation was cut by max_new_tokens before the end of turn
+    num_tokens: int  # prompt tokens
+    prompt_truncated: bool  # the document was cut to fit max_length
+    generated_tokens: int
+
+
+@dataclass
+class _Row:
+    pair: EncodedPair
+    logit: float
+    tokens: list[int]
+    done: bool = False
+
+
+class EvidenceEngine:
+    def __init__(self, model: str | Path | LoadedModel, dtype: str | torch.dtype = "auto",
+                 device: str | None = None, max_length: int = DEFAULT_MAX_LENGTH, max_batch_size: int = 32):
+        self.loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype, device, max_length)
+        self.max_batch_size = max_batch_size
+        p = self.loaded.prompts
+        self._stop = set(p.eos_ids)
+
+    @property
+    def prompts(self):
+        return self.loaded.prompts
+
+    @torch.inference_mode()
+    def generate(self, pairs: Sequence[tuple[str, str]], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                 temperature: float = 0.0, seed: int | None = None) -> list[EvidenceResult]:
+        """Answers for (query, document) pairs, in order. Greedy unless `temperature` > 0."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be an integer >= 1")
+        if temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        for query, doc in pairs:
+            validate_group(query, [doc])
+        gen = torch.Generator(device=self.loaded.device)
+        gen.manual_seed(seed if seed is not None else torch.seed())
+        results: list[EvidenceResult | None] = [None] * len(pairs)
+        for start in range(0, len(pairs), self.max_batch_size):
+            chunk = list(range(start, min(start + self.max_batch_size, len(pairs))))
+            rows, caches = self._prefill([pairs[i] for i in chunk], temperature, gen)
+            self._decode(rows, caches, max_new_tokens, temperature, gen)
+            for i, row in zip(chunk, rows):
+                results[i] = self._finish(row, max_new_tokens)
+        return results  # type: ignore[return-value]
+
+    # -- prefill: one pair at a time, from its query's prefix state ---------------------------------
+    def _prefill(self, pairs, temperature, gen):
+        prompts, lm = self.loaded.prompts, self.loaded.model
+        prefixes: dict[str, tuple[list[int], object]] = {}
+        rows, caches = [], []
+        for query, doc in pairs:
+            if query not in prefixes:
+                ids = prompts.prefix(query)
+                prefixes[query] = (ids, prefix_state(self.loaded, ids))
+            prefix, state = prefixes[query]
+            pair = prompts.encode(query, doc, prefix=prefix)
+            cache = expand_state(state, 1)
+            tail = torch.tensor([pair.document + pair.suffix], device=self.loaded.device)
+            positions = torch.arange(len(prefix), pair.num_tokens, device=self.loaded.device)[None]
+            out = lm(input_ids=tail, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+            logits = out.logits[0, -1].float()
+            logit = (logits[prompts.yes_id] - logits[prompts.no_id]).item()
+            rows.append(_Row(pair, logit, [self._pick(logits[None], temperature, gen)[0]]))
+            caches.append(cache)
+        for row in rows:
+            row.done = row.tokens[-1] in self._stop
+        return rows, caches
+
+    # -- decode: all unfinished rows together ----------------------------------------------------
+    def _decode(self, rows: list[_Row], caches: list, max_new_tokens: int, temperature: float, gen) -> None:
+        active = [i for i, r in enumerate(rows) if not r.done]
+        if not active or max_new_tokens <= 1:
+            return
+        lengths = [rows[i].pair.num_tokens for i in active]
+        cache, mask = _merge_caches([caches[i] for i in active], lengths)
+        device = self.loaded.device
+        mask = mask.to(device)
+        positions = torch.tensor(lengths, device=device)
+        for _ in range(max_new_tokens - 1):
+            ids = torch.tensor([[rows[i].tokens[-1]] for i in active], device=device)
+            mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+            out = self.loaded.model(input_ids=ids, attention_mask=mask, position_ids=positions[:, None],
+                                    cache=cache, use_cache=True, logits_to_keep=1)
+            for i, tok in zip(active, self._pick(out.logits[:, -1].float(), temperature, gen)):
+                rows[i].tokens.append(tok)
+                rows[i].done = tok in self._stop
+            positions = positions + 1
+            keep = [k for k, i in enumerate(active) if not rows[i].done]
+            if not keep:
+                return
+            if len(keep) < len(active):
+                index = torch.tensor(keep, device=device)
+                cache.reorder_cache(index)
+                mask, positions = mask[index], positions[index]
+                active = [active[k] for k in keep]
+
+    def _pick(self, logits: torch.Tensor, temperature: float, gen) -> list[int]:
+        if temperature == 0:
+            return logits.argmax(dim=-1).tolist()
+        probs = F.softmax(logits / temperature, dim=-1)
+        return torch.multinomial(probs, 1, generator=gen)[:, 0].tolist()
+
+    def _finish(self, row: _Row, max_new_tokens: int) -> EvidenceResult:
+        prompts = self.loaded.prompts
+        ended = row.tokens[-1] in self._stop
+        text = prompts.hf.decode(row.tokens, skip_special_tokens=True)
+        parsed = parse_output(text)
+        return EvidenceResult(
+            score=sigmoid(row.logit), logit=row.logit, relevant=row.tokens[0] == prompts.yes_id,
+            contribution=parsed.contribution, evidence=parsed.evidence, text=text,
+            truncated=not ended and len(row.tokens) >= max_new_tokens, num_tokens=row.pair.num_tokens,
+            prompt_truncated=row.pair.truncated, generated_tokens=len(row.tokens),
+        )
+
+
+def _merge_caches(caches: list, lengths: list[int]):
+    """One batched cache from batch-1 caches of different lengths, plus its 2D attention mask.
+
+    Attention K/V are left-padded (masked out); recurrent and conv states have no length and stack.
+    """
+    import copy
+
+    longest = max(lengths)
+    merged = copy.deepcopy(caches[0])
+    for idx, layer in enumerate(merged.layers):
+        parts = [c.layers[idx] for c in caches]
+        if isinstance(getattr(layer, "keys", None), torch.Tensor) and layer.keys.numel():
+            layer.keys = torch.cat([_left_pad(p.keys, longest) for p in parts])
+            layer.values = torch.cat([_left_pad(p.values, longest) for p in parts])
+        for states in ("conv_states", "recurrent_states"):
+            if isinstance(getattr(layer, states, None), dict):
+                for k, v in getattr(layer, states).items():
+                    if isinstance(v, torch.Tensor):
+                        getattr(layer, states)[k] = torch.cat([getattr(p, states)[k] for p in parts])
+    mask = torch.zeros(len(caches), longest, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        mask[row, longest - n:] = 1
+    return merged, mask
+
+
+def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:
+    return F.pad(t, (0, 0, length - t.shape[-2], 0))

@@ -1,0 +1,86 @@
+"""Loading a checkpoint (local dir or hub id) once, for either engine."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from prism_ray.prompt import DEFAULT_MAX_LENGTH, PrismPromptTokenizer
+
+
+class ModelLoadError(RuntimeError):
+    """The checkpoint could not be found or loaded; the message says which and why."""
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: torch.nn.Module  # a *ForCausalLM in eval mode
+    prompts: PrismPromptTokenizer
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def backbone(self) -> torch.nn.Module:
+        return self.model.model
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """"auto" means bf16 on CUDA (what the card serves with) and fp32 on CPU (where bf16 is slow)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+    except KeyError:
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {dtype!r}") from None
+
+
+def load_model(model: str | Path, dtype: str | torch.dtype = "auto", device: str | None = None,
+               max_length: int = DEFAULT_MAX_LENGTH) -> LoadedModel:
+    """Load a Prism checkpoint from a local directory or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = str(model)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_dtype = resolve_dtype(dtype, dev)
+    looks_local = name.startswith((".", "/", "~")) or Path(name).exists()
+    if looks_local and not (Path(name).expanduser() / "config.json").is_file():
+        raise ModelLoadError(f"model directory {name!r} not found or has no config.json")
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+        lm = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, attn_implementation="sdpa")
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load model {name!r}: {exc}".splitlines()[0]) from exc
+    lm = lm.to(dev).eval()
+    return LoadedModel(name, lm, PrismPromptTokenizer(tok, max_length=max_length), dev, torch_dtype)
+
+
+def prefix_state(loaded: LoadedModel, prefix_ids: list[int]):
+    """Run the shared prefix once; returns the cache (attention K/V, Gated DeltaNet conv/recurrent)."""
+    ids = torch.tensor([prefix_ids], device=loaded.device)
+    out = loaded.backbone(input_ids=ids, use_cache=True)
+    return out.cache
+
+
+def expand_state(cache, batch_size: int):
+    """A copy of a batch-1 prefix cache repeated `batch_size` times along the batch axis.
+
+    The prefix cache is reused by every batch of its query, so each batch works on its own copy.
+    """
+    batched = copy.deepcopy(cache)
+    batched.reorder_cache(torch.zeros(batch_size, dtype=torch.long, device=_cache_device(cache)))
+    return batched
+
+
+def _cache_device(cache) -> torch.device:
+    for layer in cache.layers:
+        for t in (getattr(layer, "keys", None), *getattr(layer, "recurrent_states", {}).values()):
+            if isinstance(t, torch.Tensor) and t.numel():
+                return t.device
+    return torch.device("cpu")

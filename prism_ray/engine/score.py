@@ -1,0 +1,109 @@
+"""ScoreEngine: Prism relevance scores with one forward pass per document and a shared prefix.
+
+Per query, the prefix (system prompt + instruction + query, ~200 tokens) is run once; its state
+(attention K/V and Gated DeltaNet conv/recurrent states) is copied into each batch, and only the
+document + suffix tokens are run per pair. Rows are right-padded: a causal model never lets a real
+token see the pads after it, so each row's last real token is exact, whereas pads placed between
+the prefix and the document would decay the recurrent state. Only `(w_yes - w_no) · h_last` is
+computed, never the full vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from prism_ray.engine.batching import budget_batches
+from prism_ray.engine.loading import LoadedModel, expand_state, load_model, prefix_state
+from prism_ray.prompt import DEFAULT_MAX_LENGTH, EncodedPair
+
+DEFAULT_TOKEN_BUDGET = 8192
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    score: float  # sigmoid(logit)
+    logit: float  # l_yes - l_no
+    num_tokens: int  # whole prompt, after truncation
+    truncated: bool  # the document was cut to fit max_length
+
+
+def validate_group(query, documents) -> None:
+    """Raise ValueError naming the field for input no engine call should see."""
+    if not isinstance(query, str) or not query.strip():
+        raise ValueError("query must be a non-empty string")
+    if isinstance(documents, (str, bytes)) or not isinstance(documents, Sequence):
+        raise ValueError("documents must be a list of strings")
+    if len(documents) == 0:
+        raise ValueError("documents must hold at least one document")
+    for i, doc in enumerate(documents):
+        if not isinstance(doc, str):
+            raise ValueError(f"documents[{i}] must be a string, not {type(doc).__name__}")
+
+
+class ScoreEngine:
+    """Scores (query, documents) groups. Construct from a local dir or hub id, or a LoadedModel."""
+
+    def __init__(self, model: str | Path | LoadedModel, dtype: str | torch.dtype = "auto",
+                 device: str | None = None, max_length: int = DEFAULT_MAX_LENGTH,
+                 token_budget: int = DEFAULT_TOKEN_BUDGET):
+        self.loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype, device, max_length)
+        self.token_budget = token_budget
+        lm = self.loaded.model
+        head = lm.get_output_embeddings().weight
+        p = self.loaded.prompts
+        self._score_vector = (head[p.yes_id] - head[p.no_id]).detach().clone()
+
+    @property
+    def prompts(self):
+        return self.loaded.prompts
+
+    @torch.inference_mode()
+    def score(self, groups: Sequence[tuple[str, Sequence[str]]]) -> list[list[ScoreResult]]:
+        """One list of results per (query, documents) group, in the documents' order."""
+        for query, docs in groups:
+            validate_group(query, docs)
+        return [self._score_group(query, docs) for query, docs in groups]
+
+    def score_pairs(self, query: str, documents: Sequence[str]) -> list[ScoreResult]:
+        return self.score([(query, documents)])[0]
+
+    def _score_group(self, query: str, docs: Sequence[str]) -> list[ScoreResult]:
+        prompts = self.loaded.prompts
+        prefix = prompts.prefix(query)
+        pairs = [prompts.encode(query, d, prefix=prefix) for d in docs]
+        state = prefix_state(self.loaded, prefix)
+        logits: list[float] = [0.0] * len(pairs)
+        tails = [p.document + p.suffix for p in pairs]
+        for batch in budget_batches([len(t) for t in tails], self.token_budget):
+            for i, value in zip(batch, self._forward_tails(state, [tails[i] for i in batch], len(prefix))):
+                logits[i] = value
+        return [_result(pair, logit) for pair, logit in zip(pairs, logits)]
+
+    def _forward_tails(self, state, tails: list[list[int]], prefix_len: int) -> list[float]:
+        """Logit differences for document+suffix rows continuing from one prefix state."""
+        device = self.loaded.device
+        width = max(len(t) for t in tails)
+        ids = torch.full((len(tails), width), self.loaded.prompts.pad_id, dtype=torch.long)
+        for row, tail in enumerate(tails):
+            ids[row, : len(tail)] = torch.tensor(tail)
+        last = torch.tensor([len(t) - 1 for t in tails])
+        positions = torch.arange(prefix_len, prefix_len + width).expand(len(tails), -1)
+        out = self.loaded.backbone(
+            input_ids=ids.to(device), position_ids=positions.to(device),
+            cache=expand_state(state, len(tails)), use_cache=True,
+        )
+        hidden = out.last_hidden_state[torch.arange(len(tails)), last.to(device)]
+        return (hidden.float() @ self._score_vector.float()).tolist()
+
+
+def _result(pair: EncodedPair, logit: float) -> ScoreResult:
+    return ScoreResult(score=sigmoid(logit), logit=logit, num_tokens=pair.num_tokens, truncated=pair.truncated)
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))

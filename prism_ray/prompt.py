@@ -1,0 +1,160 @@
+"""The exact Prism prompt, and its tokenization as shared prefix + document + suffix.
+
+The model was trained on one fixed prompt (model card, path A); only that prompt gives calibrated
+scores, so the strings below are byte-for-byte the card's. User text (query, document) is always
+tokenized as plain text: a document containing "<|im_end|>" must not be able to close its turn.
+
+The split point sits right after "<Document>:"; the document segment starts with the template's
+space. The Qwen pre-tokenizer never joins ">:" with a following space, so prefix + document +
+suffix tokens equal the tokens of the whole prompt.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+SYSTEM_PROMPT = (
+    "Judge whether the Document meets the requirements based on "
+    "the Query and the Instruct provided. "
+)
+INSTRUCTION = (
+    'Judge if the document is relevant to the query. Reply "yes" or "no".\n'
+    'On "yes", also emit:\n'
+    "<contribution>One sentence covering every core point the document "
+    "contributes to the query, without elaboration.</contribution>\n"
+    "<evidence>Self-contained rewrite of the query-relevant content. Rules:\n"
+    "- Faithful: rephrase only; add or infer nothing.\n"
+    "- Self-contained: evidence alone must fully answer the query.\n"
+    "- Concise: drop query-irrelevant background.\n"
+    "- Verbatim (no translation): proper nouns, terms, abbreviations, "
+    "numbers, dates, code, URLs.\n"
+    "- Output language: multilingual doc → query's language; else doc's language."
+    "</evidence>"
+)
+PROMPT_TEMPLATE = (
+    "<|im_start|>system\n{system}<|im_end|>\n"
+    "<|im_start|>user\n"
+    "<Instruct>: {instruction}\n"
+    "<Query>: {query}\n"
+    "<Document>: {doc}<|im_end|>\n"
+    "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+)
+DEFAULT_MAX_LENGTH = 10_240  # the card's training cap: whole prompt, in tokens
+
+
+def build_prompt(query: str, doc: str) -> str:
+    """The full prompt string, exactly as the model card's `build_prompt`."""
+    return PROMPT_TEMPLATE.format(system=SYSTEM_PROMPT, instruction=INSTRUCTION, query=query, doc=doc)
+
+
+# Pieces of the template: (kind, text). "special" pieces are single special tokens; "text" pieces are
+# template text; "query"/"doc" are the user's.
+_USER_TEXT_HEAD = "user\n<Instruct>: " + INSTRUCTION + "\n<Query>: "
+_PREFIX_PIECES = (
+    ("special", "<|im_start|>"), ("text", "system\n" + SYSTEM_PROMPT), ("special", "<|im_end|>"),
+    ("text", "\n"), ("special", "<|im_start|>"),
+)
+_SUFFIX_PIECES = (
+    ("special", "<|im_end|>"), ("text", "\n"), ("special", "<|im_start|>"), ("text", "assistant\n"),
+    ("special", "<think>"), ("text", "\n\n"), ("special", "</think>"), ("text", "\n\n"),
+)
+
+# A chat template for sentence-transformers' CrossEncoder (path B): a (query, document) pair arrives
+# as messages with roles "query" and "document"; it renders the exact Prism prompt.
+CROSS_ENCODER_CHAT_TEMPLATE = (
+    "{%- set q = (messages | selectattr('role', 'eq', 'query') | first).content -%}"
+    "{%- set d = (messages | selectattr('role', 'eq', 'document') | first).content -%}"
+    "{%- if q is not string %}{% set q = q[0].text %}{% endif -%}"
+    "{%- if d is not string %}{% set d = d[0].text %}{% endif -%}"
+    + "{{- " + json.dumps(PROMPT_TEMPLATE.split("{query}")[0].format(system=SYSTEM_PROMPT, instruction=INSTRUCTION), ensure_ascii=False)
+    + " + q + " + json.dumps("\n<Document>: ", ensure_ascii=False) + " + d + "
+    + json.dumps(PROMPT_TEMPLATE.split("{doc}")[1], ensure_ascii=False) + " -}}"
+)
+
+
+@dataclass(frozen=True)
+class EncodedPair:
+    """Token ids of one (query, document) prompt, split for prefix reuse."""
+
+    prefix: list[int]  # shared by every document of the query
+    document: list[int]  # the document segment (leading space included), possibly truncated
+    suffix: list[int]
+    truncated: bool
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prefix) + len(self.document) + len(self.suffix)
+
+    @property
+    def ids(self) -> list[int]:
+        return self.prefix + self.document + self.suffix
+
+
+class PromptTooLong(ValueError):
+    """The query alone leaves no room for a document under the token budget."""
+
+
+class PrismPromptTokenizer:
+    """Tokenizes Prism prompts from a Hugging Face tokenizer, treating user text as text.
+
+    `hf_tokenizer` must be a fast tokenizer; its backend is copied without added tokens so that
+    no string in user text can become a special (or any added) token.
+    """
+
+    def __init__(self, hf_tokenizer, max_length: int = DEFAULT_MAX_LENGTH):
+        from tokenizers import Tokenizer
+
+        self.hf = hf_tokenizer
+        self.max_length = max_length
+        spec = json.loads(hf_tokenizer.backend_tokenizer.to_str())
+        spec["added_tokens"] = []
+        self._text = Tokenizer.from_str(json.dumps(spec))
+        self.yes_id = self._single("yes")
+        self.no_id = self._single("no")
+        self.eos_ids = [hf_tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+        self.pad_id = self.eos_ids[1]
+        self._prefix_head = self._encode_pieces(_PREFIX_PIECES)
+        self.suffix = self._encode_pieces(_SUFFIX_PIECES)
+
+    def _single(self, word: str) -> int:
+        ids = self.encode_text(word)
+        if len(ids) != 1:
+            raise ValueError(f"tokenizer splits {word!r} into {len(ids)} tokens; not a Prism tokenizer")
+        return ids[0]
+
+    def encode_text(self, text: str) -> list[int]:
+        """Plain-text tokens: special-token strings in `text` stay text."""
+        return self._text.encode(text, add_special_tokens=False).ids
+
+    def _encode_pieces(self, pieces) -> list[int]:
+        ids: list[int] = []
+        for kind, text in pieces:
+            if kind == "special":
+                tid = self.hf.convert_tokens_to_ids(text)
+                if tid is None or tid == self.hf.unk_token_id:
+                    raise ValueError(f"tokenizer lacks the special token {text!r}")
+                ids.append(tid)
+            else:
+                ids.extend(self.encode_text(text))
+        return ids
+
+    def prefix(self, query: str) -> list[int]:
+        """System + instruction + query: the part shared by all documents of a query."""
+        return self._prefix_head + self.encode_text(_USER_TEXT_HEAD + query + "\n<Document>:")
+
+    def document(self, doc: str) -> list[int]:
+        return self.encode_text(" " + doc)
+
+    def encode(self, query: str, doc: str, prefix: list[int] | None = None) -> EncodedPair:
+        """Tokens of the whole prompt, with the document cut so the total fits `max_length`."""
+        prefix = self.prefix(query) if prefix is None else prefix
+        room = self.max_length - len(prefix) - len(self.suffix)
+        if room < 1:
+            raise PromptTooLong(
+                f"query is {len(prefix) - len(self._prefix_head)} tokens; with the prompt it leaves no room "
+                f"for a document under max_length={self.max_length}"
+            )
+        doc_ids = self.document(doc)
+        truncated = len(doc_ids) > room
+        return EncodedPair(prefix, doc_ids[:room] if truncated else doc_ids, self.suffix, truncated)
