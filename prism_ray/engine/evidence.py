@@ -91,8 +91,8 @@ class EvidenceEngine:
             prefix, state = prefixes[query]
             pair = prompts.encode(query, doc, prefix=prefix)
             cache = expand_state(state, 1)
-            tail = torch.tensor([pair.document + pair.suffix], device=self.loaded.device)
-            positions = torch.arange(len(prefix), pair.num_tokens, device=self.loaded.device)[None]
+            tail = torch.tensor([state.tail(pair.ids)], device=self.loaded.device)
+            positions = torch.arange(state.cached_len, pair.num_tokens, device=self.loaded.device)[None]
             out = lm(input_ids=tail, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
             logits = out.logits[0, -1].float()
             logit = (logits[prompts.yes_id] - logits[prompts.no_id]).item()

