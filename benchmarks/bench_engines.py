@@ -1,0 +1,169 @@
+"""Side-by-side speed of the engines against the model card's reference paths, in one process.
+
+    python benchmarks/bench_engines.py                 # scoring: path A cheap mode, path B, ScoreEngine
+    python benchmarks/bench_engines.py --evidence      # generation: path A sequential generate, EvidenceEngine
+
+Same checkpoint (`bench` preset: the real 0.8B widths, 4 layers; built on first use), same dtype
+(float32) and thread count for every contender. Documents are real English text from Python's
+bundled documentation (`pydoc_data.topics`), 60-180 words each. Prints its own figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from prism_ray.checkpoints import build_checkpoint  # noqa: E402
+from prism_ray.engine import EvidenceEngine, ScoreEngine, load_model  # noqa: E402
+from prism_ray.prompt import build_prompt  # noqa: E402
+
+QUERY = "How do I iterate over the items of a sequence and handle exceptions in Python?"
+
+
+def documents(n: int, lo: int = 60, hi: int = 180) -> list[str]:
+    import pydoc_data.topics
+
+    docs = []
+    for i, text in enumerate(t for t in pydoc_data.topics.topics.values() if len(t.split()) >= hi):
+        if len(docs) == n:
+            break
+        words = text.split()
+        docs.append(" ".join(words[: lo + (i * 53) % (hi - lo + 1)]))
+    return docs
+
+
+def best_of(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def path_a_cheap(model, tok, docs):
+    yes, no = tok.encode("yes", add_special_tokens=False)[0], tok.encode("no", add_special_tokens=False)[0]
+    scores = []
+    for d in docs:
+        ids = tok(build_prompt(QUERY, d), return_tensors="pt").input_ids
+        out = model.generate(input_ids=ids, max_new_tokens=1, do_sample=False, return_dict_in_generate=True,
+                             output_scores=True, pad_token_id=tok.pad_token_id)
+        lp = torch.log_softmax(out.scores[0][0].float(), -1)
+        scores.append((lp[yes].exp() / (lp[yes].exp() + lp[no].exp())).item())
+    return scores
+
+
+def path_a_generate(model, tok, docs, max_new_tokens):
+    texts = []
+    for d in docs:
+        ids = tok(build_prompt(QUERY, d), return_tensors="pt").input_ids
+        out = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+        texts.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return texts
+
+
+def matmul_flops_per_s(model, tokens: int = 2048) -> float:
+    """FLOP/s of plain torch.matmul over the model's per-layer weight shapes, `tokens` rows each."""
+    shapes = {tuple(p.shape) for n, p in model.model.layers.named_parameters() if p.ndim == 2}
+    flops, seconds = 0.0, 0.0
+    for out_f, in_f in shapes:
+        a, w = torch.randn(tokens, in_f), torch.randn(in_f, out_f)
+        torch.matmul(a, w)
+        seconds += best_of(lambda: torch.matmul(a, w), 3)
+        flops += 2.0 * tokens * in_f * out_f
+    return flops / seconds
+
+
+def layer_flops_per_token(model) -> float:
+    """Matmul FLOPs one token costs in the decoder layers (projections; attention scores excluded)."""
+    return 2.0 * sum(p.numel() for p in model.model.layers.parameters() if p.ndim == 2)
+
+
+def bench_scores(ckpt: Path, repeats: int) -> None:
+    from sentence_transformers import CrossEncoder
+
+    docs = documents(20)
+    loaded = load_model(ckpt, dtype="float32")
+    engine = ScoreEngine(loaded)
+    model, tok = loaded.model, loaded.prompts.hf
+    ce = CrossEncoder(str(ckpt), local_files_only=True, model_kwargs={"dtype": torch.float32})
+
+    engine.score_pairs(QUERY, docs[:2]), path_a_cheap(model, tok, docs[:2]), ce.predict([(QUERY, docs[0])])  # warm-up
+    t_a = best_of(lambda: path_a_cheap(model, tok, docs), repeats)
+    t_b = best_of(lambda: ce.predict([(QUERY, d) for d in docs]), repeats)
+    t_e = best_of(lambda: engine.score_pairs(QUERY, docs), repeats)
+
+    ref = path_a_cheap(model, tok, docs)
+    ours = [r.score for r in engine.score_pairs(QUERY, docs)]
+    prompt_tokens = [r.num_tokens for r in engine.score_pairs(QUERY, docs)]
+    prefix = engine.prompts.prefix(QUERY)
+    cached = (len(prefix) // 64) * 64
+    engine_tokens = cached + sum(n - cached for n in prompt_tokens)
+    achieved = layer_flops_per_token(model) * engine_tokens / t_e
+    peak = matmul_flops_per_s(model)
+
+    n = len(docs)
+    print(f"checkpoint: {ckpt}  dtype: float32  threads: {torch.get_num_threads()}  best of {repeats}")
+    print(f"documents: {n}, words {min(len(d.split()) for d in docs)}-{max(len(d.split()) for d in docs)}, "
+          f"prompt tokens {min(prompt_tokens)}-{max(prompt_tokens)} (mean {statistics.mean(prompt_tokens):.0f})")
+    print(f"  path A cheap mode (generate, max_new_tokens=1): {n / t_a:8.2f} pairs/s")
+    print(f"  path B (CrossEncoder.predict):                  {n / t_b:8.2f} pairs/s")
+    print(f"  ScoreEngine:                                    {n / t_e:8.2f} pairs/s")
+    print(f"  ScoreEngine / path A = {t_a / t_e:.2f}x    ScoreEngine / path B = {t_b / t_e:.2f}x")
+    print(f"  max |score - path A| = {max(abs(a - b) for a, b in zip(ours, ref)):.2e}")
+    print(f"  ScoreEngine layer matmul rate: {achieved / 1e9:.1f} GFLOP/s over {engine_tokens} tokens; "
+          f"plain torch.matmul of the layer shapes: {peak / 1e9:.1f} GFLOP/s ({100 * achieved / peak:.0f}%)")
+
+
+def bench_evidence(ckpt: Path, repeats: int, max_new_tokens: int) -> None:
+    docs = documents(8)
+    loaded = load_model(ckpt, dtype="float32")
+    engine = EvidenceEngine(loaded)
+    model, tok = loaded.model, loaded.prompts.hf
+    engine.generate([(QUERY, docs[0])], max_new_tokens=2), path_a_generate(model, tok, docs[:1], 2)  # warm-up
+    t_a = best_of(lambda: path_a_generate(model, tok, docs, max_new_tokens), repeats)
+    t_e = best_of(lambda: engine.generate([(QUERY, d) for d in docs], max_new_tokens=max_new_tokens), repeats)
+    ref = path_a_generate(model, tok, docs, max_new_tokens)
+    ours = engine.generate([(QUERY, d) for d in docs], max_new_tokens=max_new_tokens)
+    tokens = sum(r.generated_tokens for r in ours)
+    print(f"checkpoint: {ckpt}  dtype: float32  threads: {torch.get_num_threads()}  best of {repeats}")
+    print(f"documents: {len(docs)}, max_new_tokens={max_new_tokens}, generated tokens: {tokens}")
+    print(f"  path A (sequential generate): {len(docs) / t_a:7.3f} pairs/s  {tokens / t_a:7.1f} tokens/s")
+    print(f"  EvidenceEngine (batched):     {len(docs) / t_e:7.3f} pairs/s  {tokens / t_e:7.1f} tokens/s")
+    print(f"  EvidenceEngine / path A = {t_a / t_e:.2f}x")
+    same = sum(r.text == a for r, a in zip(ours, ref))
+    print(f"  identical text: {same}/{len(docs)}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", default="checkpoints/bench", help="built with the bench preset if missing")
+    ap.add_argument("--evidence", action="store_true", help="benchmark generation instead of scoring")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ckpt = Path(args.checkpoint)
+    if not (ckpt / "config.json").is_file():
+        print(f"building the bench preset at {ckpt} ...", flush=True)
+        build_checkpoint("bench", ckpt)
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        if args.evidence:
+            bench_evidence(ckpt, args.repeats, args.max_new_tokens)
+        else:
+            bench_scores(ckpt, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
