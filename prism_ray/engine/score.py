@@ -3,7 +3,7 @@
 Per query, the prefix (system prompt + instruction + query, ~200 tokens) is run once; its state
 (attention K/V and Gated DeltaNet conv/recurrent states) is copied into each batch, and only the
 document + suffix tokens (plus the few prefix tokens past the last 64-token chunk boundary, see
-`loading.prefix_state`) are run per pair. Rows are right-padded: a causal model never lets a real
+`loading.prefix_state`) are run per pair; the final layer runs only on each row's last token (`last_token`). Rows are right-padded: a causal model never lets a real
 token see the pads after it, so each row's last real token is exact, whereas pads placed between
 the prefix and the document would decay the recurrent state. Only `(w_yes - w_no) · h_last` is
 computed, never the full vocabulary.
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from prism_ray.engine.batching import budget_batches
+from prism_ray.engine.last_token import LastTokenForward
 from prism_ray.engine.loading import LoadedModel, PrefixState, expand_state, load_model, prefix_state
 from prism_ray.prompt import DEFAULT_MAX_LENGTH, EncodedPair
 
@@ -60,6 +61,7 @@ class ScoreEngine:
         head = lm.get_output_embeddings().weight
         p = self.loaded.prompts
         self._score_vector = (head[p.yes_id] - head[p.no_id]).detach().clone()
+        self._forward = LastTokenForward(self.loaded.backbone)
 
     @property
     def prompts(self):
@@ -96,11 +98,8 @@ class ScoreEngine:
             ids[row, : len(tail)] = torch.tensor(tail)
         last = torch.tensor([len(t) - 1 for t in tails])
         positions = torch.arange(state.cached_len, state.cached_len + width).expand(len(tails), -1)
-        out = self.loaded.backbone(
-            input_ids=ids.to(device), position_ids=positions.to(device),
-            cache=expand_state(state, len(tails)), use_cache=True,
-        )
-        hidden = out.last_hidden_state[torch.arange(len(tails)), last.to(device)]
+        hidden = self._forward(ids.to(device), positions.to(device), expand_state(state, len(tails)),
+                               state.cached_len, last.to(device))
         return (hidden.float() @ self._score_vector.float()).tolist()
 
 
