@@ -86,6 +86,8 @@ def _qwen3_5_text(hidden, layers, intermediate, heads, kv_heads, head_dim, lin_k
 PRESETS: dict[str, dict] = {
     # Fast tests: every layer kind present (3 Gated DeltaNet layers + 1 full-attention layer).
     "tiny": _qwen3_5_text(128, 4, 256, 4, 2, 64, 4, 4, 32, [3, 3, 2]),
+    # A second, larger test size (Serve routing by size, cascade screening).
+    "small": _qwen3_5_text(256, 8, 512, 4, 2, 64, 4, 4, 64, [3, 3, 2]),
     # CPU benchmarks: the real 0.8B widths, fewer layers.
     "bench": _qwen3_5_text(1024, 4, 3584, 8, 2, 256, 16, 16, 128, [11, 11, 10]),
     # The real 0.8B shape.

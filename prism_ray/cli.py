@@ -125,6 +125,43 @@ def cmd_checkpoint_list(args) -> None:
     print("test presets: " + ", ".join(checkpoints.PRESETS))
 
 
+def validate_serve_config(path: str) -> dict:
+    """Load a Serve config file and validate every prism-ray application's args."""
+    import yaml
+    from pydantic import ValidationError
+
+    from prism_ray.config import AppConfig
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{path} is not valid YAML: {exc}".splitlines()[0]) from None
+    apps = (doc or {}).get("applications") if isinstance(doc, dict) else None
+    if not apps:
+        raise UsageError(f"{path}: no 'applications' list; expected a Serve config file")
+    for i, application in enumerate(apps):
+        if str(application.get("import_path", "")).startswith("deployments.app:"):
+            try:
+                AppConfig.model_validate(application.get("args") or {})
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                field = ".".join(str(p) for p in first["loc"])
+                raise UsageError(f"{path}: applications.{i}.args.{field}: {first['msg']}") from None
+    return doc
+
+
+def cmd_serve(args) -> None:
+    """Validate the config, then hand it to Ray's own `serve run` (blocks until Ctrl-C)."""
+    import os
+    import shutil
+
+    validate_serve_config(args.config)
+    serve_bin = shutil.which("serve") or str(Path(sys.executable).with_name("serve"))
+    os.execv(serve_bin, [serve_bin, "run", args.config, *(["--non-blocking"] if args.non_blocking else [])])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="prism-ray", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -146,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=int, default=64)
     d.add_argument("--dtype", default="auto")
     d.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("serve", help="run a Serve config file (validated first), like `serve run`")
+    s.add_argument("config", help="e.g. deployments/local.yaml")
+    s.add_argument("--non-blocking", action="store_true")
+    s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("checkpoint", help="released checkpoints and offline test checkpoints")
     csub = c.add_subparsers(dest="checkpoint_command", required=True)

@@ -146,8 +146,10 @@ class PrismPromptTokenizer:
     def document(self, doc: str) -> list[int]:
         return self.encode_text(" " + doc)
 
-    def encode(self, query: str, doc: str, prefix: list[int] | None = None) -> EncodedPair:
-        """Tokens of the whole prompt, with the document cut so the total fits `max_length`."""
+    def encode(self, query: str, doc: str, prefix: list[int] | None = None,
+               max_doc_tokens: int | None = None) -> EncodedPair:
+        """Tokens of the whole prompt, with the document cut so the total fits `max_length`
+        (and the document itself `max_doc_tokens`, when given)."""
         prefix = self.prefix(query) if prefix is None else prefix
         room = self.max_length - len(prefix) - len(self.suffix)
         if room < 1:
@@ -155,6 +157,8 @@ class PrismPromptTokenizer:
                 f"query is {len(prefix) - len(self._prefix_head)} tokens; with the prompt it leaves no room "
                 f"for a document under max_length={self.max_length}"
             )
+        if max_doc_tokens is not None:
+            room = min(room, max_doc_tokens)
         doc_ids = self.document(doc)
         truncated = len(doc_ids) > room
         return EncodedPair(prefix, doc_ids[:room] if truncated else doc_ids, self.suffix, truncated)

@@ -68,19 +68,23 @@ class ScoreEngine:
         return self.loaded.prompts
 
     @torch.inference_mode()
-    def score(self, groups: Sequence[tuple[str, Sequence[str]]]) -> list[list[ScoreResult]]:
-        """One list of results per (query, documents) group, in the documents' order."""
+    def score(self, groups: Sequence[tuple[str, Sequence[str]]],
+              max_doc_tokens: int | None = None) -> list[list[ScoreResult]]:
+        """One list of results per (query, documents) group, in the documents' order.
+
+        Documents are cut to fit `max_length` with the prompt, and to `max_doc_tokens` if given.
+        """
         for query, docs in groups:
             validate_group(query, docs)
-        return [self._score_group(query, docs) for query, docs in groups]
+        return [self._score_group(query, docs, max_doc_tokens) for query, docs in groups]
 
     def score_pairs(self, query: str, documents: Sequence[str]) -> list[ScoreResult]:
         return self.score([(query, documents)])[0]
 
-    def _score_group(self, query: str, docs: Sequence[str]) -> list[ScoreResult]:
+    def _score_group(self, query: str, docs: Sequence[str], max_doc_tokens: int | None) -> list[ScoreResult]:
         prompts = self.loaded.prompts
         prefix = prompts.prefix(query)
-        pairs = [prompts.encode(query, d, prefix=prefix) for d in docs]
+        pairs = [prompts.encode(query, d, prefix=prefix, max_doc_tokens=max_doc_tokens) for d in docs]
         state = prefix_state(self.loaded, prefix)
         logits: list[float] = [0.0] * len(pairs)
         tails = [state.tail(p.ids) for p in pairs]

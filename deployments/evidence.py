@@ -1,0 +1,72 @@
+"""Evidence tier: generation for the few documents a caller wants evidence for.
+
+`@serve.batch` gathers pairs from concurrent requests so that one decode loop serves them all;
+pairs are grouped by their generation settings inside a gathered batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from ray import serve
+
+from prism_ray import metrics
+from prism_ray.config import ModelConfig
+
+
+@dataclass
+class _Pair:
+    query: str
+    document: str
+    max_new_tokens: int
+    temperature: float
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+@serve.deployment
+class Evidence:
+    def __init__(self, model: dict):
+        import torch
+
+        from prism_ray.engine import EvidenceEngine, load_model
+
+        self.config = ModelConfig.model_validate(model)
+        tier = self.config.evidence
+        if tier.torch_threads:
+            torch.set_num_threads(tier.torch_threads)
+        loaded = load_model(self.config.ensure_checkpoint(), dtype=self.config.dtype, max_length=self.config.max_length)
+        self.engine = EvidenceEngine(loaded, max_batch_size=tier.max_batch_tokens)
+        self._batched.set_max_batch_size(tier.max_batch_tokens)
+        self._batched.set_batch_wait_timeout_s(tier.batch_wait_timeout_s)
+
+    async def generate(self, query: str, document: str, max_new_tokens: int, temperature: float = 0.0) -> dict:
+        """score, logit, relevant, contribution, evidence, text, truncated for one pair."""
+        return await self._batched(_Pair(query, document, max_new_tokens, temperature))
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _batched(self, pairs: list[_Pair]) -> list[dict]:
+        now = time.monotonic()
+        name = self.config.name
+        for p in pairs:
+            metrics.observe("prism_queue_wait_seconds", now - p.enqueued, metrics.SECONDS_BUCKETS, model=name, tier="evidence")
+        metrics.observe("prism_batch_pairs", len(pairs), metrics.SIZE_BUCKETS, model=name, tier="evidence")
+        results = await asyncio.to_thread(self._generate, pairs)
+        metrics.count("prism_evidence_generated_total", len(results), model=name)
+        metrics.count("prism_tokens_total", sum(r["generated_tokens"] for r in results), model=name, tier="evidence")
+        return results
+
+    def _generate(self, pairs: list[_Pair]) -> list[dict]:
+        groups: dict[tuple, list[int]] = {}
+        for i, p in enumerate(pairs):
+            groups.setdefault((p.max_new_tokens, p.temperature), []).append(i)
+        out: list[dict] = [{} for _ in pairs]
+        for (max_new_tokens, temperature), idxs in groups.items():
+            res = self.engine.generate([(pairs[i].query, pairs[i].document) for i in idxs],
+                                       max_new_tokens=max_new_tokens, temperature=temperature)
+            for i, r in zip(idxs, res):
+                out[i] = {"score": r.score, "logit": r.logit, "relevant": r.relevant, "contribution": r.contribution,
+                          "evidence": r.evidence, "text": r.text, "truncated": r.truncated,
+                          "generated_tokens": r.generated_tokens}
+        return out

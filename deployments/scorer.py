@@ -1,0 +1,93 @@
+"""Scorer tier: one forward pass per document, gathered across concurrent requests.
+
+Requests are split into items of at most `max_batch_tokens` prompt tokens; `@serve.batch` with a
+token-counting `batch_size_fn` gathers items from concurrent requests into one engine call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from ray import serve
+
+from prism_ray import metrics
+from prism_ray.config import ModelConfig, TierConfig
+
+
+@dataclass
+class _Item:
+    query: str
+    documents: list[str]
+    tokens: int
+    max_doc_tokens: int | None
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+def _tokens(items: list[_Item]) -> int:
+    return sum(i.tokens for i in items)
+
+
+@serve.deployment
+class Scorer:
+    def __init__(self, model: dict):
+        import torch
+
+        from prism_ray.engine import ScoreEngine, load_model
+
+        self.config = ModelConfig.model_validate(model)
+        tier: TierConfig = self.config.scorer
+        if tier.torch_threads:
+            torch.set_num_threads(tier.torch_threads)
+        loaded = load_model(self.config.ensure_checkpoint(), dtype=self.config.dtype, max_length=self.config.max_length)
+        self.engine = ScoreEngine(loaded)
+        # One pair always fits a batch, whatever the budget.
+        self._limit = max(tier.max_batch_tokens, self.config.max_length)
+        self._batched.set_max_batch_size(self._limit)
+        self._batched.set_batch_wait_timeout_s(tier.batch_wait_timeout_s)
+
+    async def score(self, query: str, documents: list[str], max_doc_tokens: int | None = None) -> list[dict]:
+        """Per document: score, logit, num_tokens, truncated — in the documents' order."""
+        prompts = self.engine.prompts
+        prefix = prompts.prefix(query)
+        sizes = [prompts.encode(query, d, prefix=prefix, max_doc_tokens=max_doc_tokens).num_tokens for d in documents]
+        items, start, acc = [], 0, 0
+        for i, n in enumerate(sizes):
+            if i > start and acc + n > self.config.scorer.max_batch_tokens:
+                items.append(_Item(query, documents[start:i], acc, max_doc_tokens))
+                start, acc = i, 0
+            acc += n
+        items.append(_Item(query, documents[start:], acc, max_doc_tokens))
+        parts = await asyncio.gather(*(self._batched(item) for item in items))
+        return [r for part in parts for r in part]
+
+    @serve.batch(max_batch_size=4096, batch_wait_timeout_s=0.005, batch_size_fn=_tokens)
+    async def _batched(self, items: list[_Item]) -> list[list[dict]]:
+        now = time.monotonic()
+        name = self.config.name
+        for item in items:
+            metrics.observe("prism_queue_wait_seconds", now - item.enqueued, metrics.SECONDS_BUCKETS, model=name, tier="scorer")
+        metrics.observe("prism_batch_pairs", sum(len(i.documents) for i in items), metrics.SIZE_BUCKETS, model=name, tier="scorer")
+        results = await asyncio.to_thread(self._score_items, items)
+        metrics.count("prism_pairs_scored_total", sum(len(r) for r in results), model=name)
+        metrics.count("prism_tokens_total", sum(x["num_tokens"] for r in results for x in r), model=name, tier="scorer")
+        return results
+
+    def _score_items(self, items: list[_Item]) -> list[list[dict]]:
+        """Items of one query (and truncation) become one engine group: its prefix runs once."""
+        groups: dict[tuple, list[int]] = {}
+        for idx, item in enumerate(items):
+            groups.setdefault((item.query, item.max_doc_tokens), []).append(idx)
+        out: list[list[dict]] = [[] for _ in items]
+        for (query, max_doc_tokens), idxs in groups.items():
+            docs = [d for i in idxs for d in items[i].documents]
+            res = iter(self.engine.score([(query, docs)], max_doc_tokens=max_doc_tokens)[0])
+            for i in idxs:
+                out[i] = [{"score": r.score, "logit": r.logit, "num_tokens": r.num_tokens, "truncated": r.truncated}
+                          for r, _ in zip(res, items[i].documents)]
+        return out
+
+    def info(self) -> dict:
+        return {"name": self.config.name, "device": str(self.engine.loaded.device),
+                "dtype": str(self.engine.loaded.dtype).removeprefix("torch.")}

@@ -1,0 +1,158 @@
+"""One typed config for models and their tiers, read by the Serve app and batch jobs alike.
+
+A Serve config file's `args:` block is an `AppConfig`; pydantic errors name the bad field
+(`models.0.scorer.max_batch_tokens: Input should be greater than 0`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from prism_ray.checkpoints import PRESETS, find_released
+from prism_ray.prompt import DEFAULT_MAX_LENGTH
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TierConfig(_Strict):
+    """One Serve deployment: its replicas, resources and batching."""
+
+    ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 1})
+    num_replicas: int | None = Field(default=None, ge=1, description="fixed count; omit to autoscale")
+    autoscaling_config: dict[str, Any] | None = Field(
+        default_factory=lambda: {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 4})
+    max_ongoing_requests: int = Field(default=32, ge=1)
+    max_queued_requests: int = Field(default=256, ge=-1, description="-1: unbounded")
+    max_batch_tokens: int = Field(default=4096, gt=0, description="token budget of one gathered batch")
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0)
+    torch_threads: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _replicas_xor_autoscaling(self):
+        if self.num_replicas is not None:
+            self.autoscaling_config = None
+        return self
+
+    def deployment_options(self, name: str) -> dict[str, Any]:
+        opts: dict[str, Any] = {
+            "name": name,
+            "ray_actor_options": self.ray_actor_options,
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+        }
+        if self.num_replicas is not None:
+            opts["num_replicas"] = self.num_replicas
+        else:
+            opts["autoscaling_config"] = self.autoscaling_config
+        return opts
+
+
+class ModelConfig(_Strict):
+    """A checkpoint and its two tiers."""
+
+    name: str = Field(min_length=1, description="what clients put in `model`")
+    model: str = Field(min_length=1, description="local checkpoint dir or hub id")
+    size: str | None = Field(default=None, description='routing key such as "0.8b"; from the registry if omitted')
+    build_preset: str | None = Field(default=None, description="build this test preset at `model` if missing")
+    dtype: str = "auto"
+    max_length: int = Field(default=DEFAULT_MAX_LENGTH, ge=64)
+    scorer: TierConfig = Field(default_factory=TierConfig)
+    evidence: TierConfig | None = Field(default_factory=lambda: TierConfig(max_batch_tokens=16))
+
+    @field_validator("build_preset")
+    @classmethod
+    def _known_preset(cls, v):
+        if v is not None and v not in PRESETS:
+            raise ValueError(f"unknown preset {v!r}; choose one of {sorted(PRESETS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _default_size(self):
+        if self.size is None:
+            released = find_released(self.model)
+            self.size = released.size if released else None
+        if self.size is not None:
+            self.size = self.size.lower()
+        return self
+
+    @property
+    def backbone(self) -> str | None:
+        released = find_released(self.model)
+        if released:
+            return released.backbone
+        if self.build_preset:
+            return "Qwen3" if self.build_preset.startswith("qwen3-") else "Qwen3.5"
+        config = Path(self.model) / "config.json"
+        if config.is_file():
+            model_type = json.loads(config.read_text()).get("model_type", "")
+            return {"qwen3": "Qwen3", "qwen3_5_text": "Qwen3.5", "qwen3_5": "Qwen3.5"}.get(model_type, model_type)
+        return None
+
+    def ensure_checkpoint(self) -> str:
+        """The model path, building the test checkpoint first when configured and missing."""
+        if self.build_preset and not (Path(self.model) / "config.json").is_file():
+            from prism_ray.checkpoints import build_checkpoint
+
+            build_checkpoint(self.build_preset, self.model)
+        return self.model
+
+
+class LimitsConfig(_Strict):
+    max_documents: int = Field(default=1000, ge=1)
+    max_query_tokens: int = Field(default=2048, ge=1)
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    max_new_tokens: int = Field(default=512, ge=1)
+    max_evidence_documents: int = Field(default=32, ge=1)
+    max_in_flight: int = Field(default=256, ge=1, description="requests a router replica holds before 429")
+    retry_after_s: int = Field(default=1, ge=1)
+
+
+class RouterConfig(_Strict):
+    num_replicas: int = Field(default=1, ge=1)
+    ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0.5})
+    max_ongoing_requests: int = Field(default=512, ge=1)
+
+
+class AppConfig(_Strict):
+    models: list[ModelConfig] = Field(min_length=1)
+    default_model: str | None = None
+    api_keys: list[str] = Field(default_factory=list)
+    api_keys_env: str | None = Field(default="PRISM_API_KEYS", description="comma-separated keys")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+
+    @model_validator(mode="after")
+    def _names(self):
+        names = [m.name for m in self.models]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise ValueError(f"models: duplicate names {sorted(dupes)}")
+        if self.default_model is None:
+            self.default_model = names[0]
+        elif self.default_model not in names:
+            raise ValueError(f"default_model {self.default_model!r} is not one of the models {names}")
+        return self
+
+    def resolved_api_keys(self) -> set[str]:
+        keys = set(self.api_keys)
+        if self.api_keys_env and os.environ.get(self.api_keys_env):
+            keys |= {k.strip() for k in os.environ[self.api_keys_env].split(",") if k.strip()}
+        return keys
+
+    def find_model(self, key: str | None) -> ModelConfig | None:
+        """By configured name, hub id / path, or size ("0.8b"); None picks the default."""
+        if key is None or key == "":
+            key = self.default_model
+        k = key.strip().lower()
+        for by in (lambda m: m.name.lower(), lambda m: m.model.lower(), lambda m: m.size or ""):
+            for m in self.models:
+                if by(m) == k:
+                    return m
+        return None
