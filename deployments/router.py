@@ -48,16 +48,6 @@ async def _api_error(request: Request, exc: ApiError):
     return JSONResponse({"message": exc.message}, status_code=exc.status, headers=exc.headers)
 
 
-@app.middleware("http")
-async def _limit_body(request: Request, call_next):
-    limit = getattr(app.state, "max_body_bytes", None)
-    length = request.headers.get("content-length")
-    if limit is not None and length is not None and length.isdigit() and int(length) > limit:
-        return JSONResponse({"message": f"body is {length} bytes; the limit is {limit} (max_body_bytes)"},
-                            status_code=413)
-    return await call_next(request)
-
-
 def _sse(event: str, data) -> str:
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
@@ -86,7 +76,6 @@ class Router:
         self.limits = self.config.limits
         self.in_flight = 0
         self._prompts: dict = {}
-        app.state.max_body_bytes = self.limits.max_body_bytes
 
     # -- endpoints ---------------------------------------------------------------------------------
     @app.get("/health")
@@ -117,6 +106,8 @@ class Router:
     @app.post("/rerank")
     async def rerank(self, request: Request):
         """Jina body (`documents`) or TEI body (`texts`)."""
+        self._authorize(request)
+        self._check_body_size(request)
         try:
             body = await request.json()
         except ValueError:
@@ -133,6 +124,7 @@ class Router:
     # -- the one path every shape takes ---------------------------------------------------------------
     async def _serve(self, request: Request, job: RerankJob, endpoint: str):
         self._authorize(request)
+        self._check_body_size(request)
         if self.in_flight >= self.limits.max_in_flight:
             metrics.count("prism_errors_total", kind="overload", model=job.model or "")
             raise ApiError(429, f"server is at its limit of {self.limits.max_in_flight} requests in flight "
@@ -172,6 +164,12 @@ class Router:
         if scheme.lower() != "bearer" or token.strip() not in self.keys:
             raise ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                            {"WWW-Authenticate": "Bearer"}, kind="auth")
+
+    def _check_body_size(self, request: Request) -> None:
+        length = request.headers.get("content-length", "")
+        limit = self.limits.max_body_bytes
+        if length.isdigit() and int(length) > limit:
+            raise ApiError(413, f"body is {length} bytes; the limit is {limit} (max_body_bytes)", kind="too_large")
 
     def _model(self, key: str | None) -> ModelConfig:
         model = self.config.find_model(key)

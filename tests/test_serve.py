@@ -1,0 +1,271 @@
+"""The Serve application on a real local Ray cluster, over HTTP on 127.0.0.1.
+
+One cluster and two applications for the whole module: `prism` (two models, both tiers) and
+`guarded` (API keys, tight limits) under /guarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+
+import httpx
+import pytest
+
+from prism_ray.engine import EvidenceEngine, ScoreEngine
+
+from conftest import english_texts
+
+QUERY = "What is the boiling point of water at sea level?"
+TOL = 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tier(**extra):
+    return {"ray_actor_options": {"num_cpus": 0.5}, "num_replicas": 1, "torch_threads": 1, **extra}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ckpt, qwen3_ckpt):
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    ray.init(num_cpus=8, object_store_memory=128 * 1024**2, include_dashboard=False, log_to_driver=False)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    main = {
+        "default_model": "prism-tiny",
+        "models": [
+            {"name": "prism-tiny", "model": str(tiny_ckpt), "size": "0.8b", "dtype": "float32", "max_length": 512,
+             "scorer": _tier(max_batch_tokens=1024), "evidence": _tier(max_batch_tokens=8)},
+            {"name": "prism-qwen3", "model": str(qwen3_ckpt), "size": "4b-exp", "dtype": "float32",
+             "scorer": _tier(), "evidence": None},
+        ],
+        "limits": {"max_documents": 40, "max_query_tokens": 64, "max_body_bytes": 65536, "max_new_tokens": 64},
+    }
+    guarded = {
+        "models": [{"name": "prism-tiny", "model": str(tiny_ckpt), "dtype": "float32", "scorer": _tier(),
+                    "evidence": None}],
+        "api_keys": ["secret-key"],
+        "limits": {"max_in_flight": 1},
+    }
+    serve.run(build_app(main), name="prism", route_prefix="/")
+    serve.run(build_app(guarded), name="guarded", route_prefix="/guarded")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_ckpt):
+    from prism_ray.engine import load_model
+
+    return ScoreEngine(load_model(tiny_ckpt, dtype="float32", max_length=512))
+
+
+@pytest.fixture(scope="module")
+def qwen3_engine(qwen3_ckpt):
+    return ScoreEngine(qwen3_ckpt, dtype="float32")
+
+
+DOCS = english_texts(6, 5, 80)
+
+
+def test_cohere_sdk(server, tiny_engine):
+    import cohere
+
+    co = cohere.ClientV2(api_key="unused", base_url=server)
+    resp = co.rerank(model="prism-tiny", query=QUERY, documents=DOCS, top_n=4)
+    expected = tiny_engine.score_pairs(QUERY, DOCS)
+    assert len(resp.results) == 4
+    scores = [r.relevance_score for r in resp.results]
+    assert scores == sorted(scores, reverse=True)
+    assert scores[0] == pytest.approx(max(r.score for r in expected), abs=TOL)
+    for r in resp.results:
+        assert abs(r.relevance_score - expected[r.index].score) <= TOL
+    assert resp.meta.tokens.input_tokens == sum(r.num_tokens for r in expected)
+
+
+def test_jina_shape(client, tiny_engine):
+    body = {"model": "prism-tiny", "query": QUERY, "documents": [DOCS[0], {"text": DOCS[1]}], "top_n": 5}
+    for path in ("/v1/rerank", "/rerank"):
+        out = client.post(path, json=body).json()
+        expected = tiny_engine.score_pairs(QUERY, DOCS[:2])
+        assert out["model"] == "prism-tiny"
+        assert out["usage"]["total_tokens"] == sum(r.num_tokens for r in expected)
+        assert len(out["results"]) == 2
+        for r in out["results"]:
+            assert abs(r["relevance_score"] - expected[r["index"]].score) <= TOL
+            assert r["document"]["text"] == DOCS[r["index"]]
+
+
+def test_tei_shape(client, tiny_engine):
+    out = client.post("/rerank", json={"query": QUERY, "texts": DOCS[:3], "raw_scores": True, "return_text": True})
+    assert out.status_code == 200
+    expected = tiny_engine.score_pairs(QUERY, DOCS[:3])
+    for r in out.json():
+        assert abs(r["score"] - expected[r["index"]].logit) <= 1e-4
+        assert r["text"] == DOCS[r["index"]]
+    plain = client.post("/rerank", json={"query": QUERY, "texts": DOCS[:3]}).json()
+    assert all("text" not in r and 0 < r["score"] < 1 for r in plain)
+
+
+def test_tei_truncate_false_refuses_long_documents(client):
+    long_doc = " ".join(english_texts(4, 200, 200))
+    refused = client.post("/rerank", json={"query": QUERY, "texts": ["short", long_doc], "truncate": False})
+    assert refused.status_code == 413 and "texts.1" in refused.json()["message"]
+    assert client.post("/rerank", json={"query": QUERY, "texts": ["short", long_doc]}).status_code == 200
+
+
+def test_evidence_extension_equals_evidence_engine(client, tiny_ckpt):
+    body = {"query": QUERY, "documents": DOCS, "evidence": {"top_n": 2, "max_new_tokens": 12}}
+    out = client.post("/v2/rerank", json=body).json()
+    with_ev = [r for r in out["results"] if "generated_text" in r]
+    assert [r["index"] for r in with_ev] == [r["index"] for r in out["results"][:2]]
+    engine = EvidenceEngine(tiny_ckpt, dtype="float32")
+    ref = engine.generate([(QUERY, DOCS[r["index"]]) for r in with_ev], max_new_tokens=12)
+    for r, e in zip(with_ev, ref):
+        assert r["generated_text"] == e.text
+        assert (r["contribution"], r["evidence"], r["evidence_truncated"]) == (e.contribution, e.evidence, e.truncated)
+    min_score = client.post("/v2/rerank", json={**body, "evidence": {"top_n": 6, "min_score": 0.999, "max_new_tokens": 4}})
+    assert all("generated_text" not in r for r in min_score.json()["results"] if r["relevance_score"] < 0.999)
+
+
+def test_routing_by_name_size_default_and_unknown(client, tiny_engine, qwen3_engine):
+    q3 = qwen3_engine.score_pairs(QUERY, DOCS[:2])
+    t = tiny_engine.score_pairs(QUERY, DOCS[:2])
+    for model, expected in (("prism-qwen3", q3), ("4b-exp", q3), ("4B-EXP", q3), ("0.8b", t), (None, t)):
+        body = {"query": QUERY, "documents": DOCS[:2], **({"model": model} if model else {})}
+        for r in client.post("/v2/rerank", json=body).json()["results"]:
+            assert abs(r["relevance_score"] - expected[r["index"]].score) <= TOL, model
+    missing = client.post("/v2/rerank", json={"model": "13b", "query": QUERY, "documents": ["a"]})
+    assert missing.status_code == 404
+    assert "prism-tiny (0.8b)" in missing.json()["message"] and "prism-qwen3 (4b-exp)" in missing.json()["message"]
+
+
+def test_cascade(client, tiny_engine, qwen3_engine):
+    body = {"model": "4b-exp", "query": QUERY, "documents": DOCS, "cascade": {"screen": "0.8b", "rescore_top": 2}}
+    out = client.post("/v1/rerank", json=body).json()["results"]
+    screen = tiny_engine.score_pairs(QUERY, DOCS)
+    top2 = sorted(range(len(DOCS)), key=lambda i: -screen[i].score)[:2]
+    rescored = qwen3_engine.score_pairs(QUERY, [DOCS[i] for i in top2])
+    assert {r["index"] for r in out[:2]} == set(top2)
+    for r in out[:2]:
+        assert r["model"] == "prism-qwen3"
+        assert abs(r["relevance_score"] - rescored[top2.index(r["index"])].score) <= TOL
+    for r in out[2:]:
+        assert r["model"] == "prism-tiny" and abs(r["relevance_score"] - screen[r["index"]].score) <= TOL
+
+
+def test_streaming_scores_first_then_evidence(server):
+    body = {"query": QUERY, "documents": DOCS[:4], "stream": True, "evidence": {"top_n": 3, "max_new_tokens": 24}}
+    events, arrived = [], []
+    with httpx.stream("POST", f"{server}/v1/rerank", json=body, timeout=120) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        event = None
+        for line in resp.iter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                events.append((event, json.loads(line[6:])))
+                arrived.append(time.monotonic())
+    kinds = [e for e, _ in events]
+    assert kinds[0] == "scores" and kinds[-1] == "done" and kinds[1:-1] == ["evidence"] * 3
+    scores = events[0][1]["results"]
+    assert len(scores) == 4 and all("generated_text" not in r for r in scores)
+    assert {d["index"] for _, d in events[1:-1]} == {r["index"] for r in scores[:3]}
+    assert arrived[0] < arrived[-2]  # the scores were in the client's hands before the last evidence
+
+
+def test_concurrent_requests_equal_one_at_a_time(server, client):
+    bodies = [{"query": f"{QUERY} #{i % 5}", "documents": english_texts(1 + i % 9, 5, 60)} for i in range(50)]
+
+    async def fire():
+        async with httpx.AsyncClient(base_url=server, timeout=300) as ac:
+            return await asyncio.gather(*(ac.post("/v2/rerank", json=b) for b in bodies))
+
+    concurrent = asyncio.run(fire())
+    assert all(r.status_code == 200 for r in concurrent)
+    for body, resp in list(zip(bodies, concurrent))[:12]:  # spot-check against serial calls
+        serial = {r["index"]: r["relevance_score"] for r in client.post("/v2/rerank", json=body).json()["results"]}
+        for r in resp.json()["results"]:
+            assert abs(r["relevance_score"] - serial[r["index"]]) <= TOL
+
+
+@pytest.mark.parametrize("path,body,status,needle", [
+    ("/v2/rerank", {"query": QUERY, "documents": ["ok", 5]}, 422, "documents.1"),
+    ("/v2/rerank", {"query": "  ", "documents": ["ok"]}, 422, "query"),
+    ("/v2/rerank", {"query": QUERY, "documents": []}, 422, "documents"),
+    ("/v2/rerank", {"documents": ["ok"]}, 422, "query"),
+    ("/v2/rerank", {"query": QUERY, "documents": ["d"] * 41}, 413, "max_documents"),
+    ("/v2/rerank", {"query": "word " * 100, "documents": ["d"]}, 422, "max_query_tokens"),
+    ("/v2/rerank", {"query": QUERY, "documents": ["d"], "top_n": 0}, 422, "top_n"),
+    ("/v2/rerank", {"query": QUERY, "documents": ["d"], "evidence": {"max_new_tokens": 999}}, 422, "max_new_tokens"),
+    ("/v2/rerank", {"query": QUERY, "documents": ["d"], "evidence": {"top_nn": 1}}, 422, "evidence.top_nn"),
+    ("/v2/rerank", {"model": "4b-exp", "query": QUERY, "documents": ["d"], "evidence": {}}, 422, "no evidence tier"),
+    ("/rerank", {"query": QUERY, "texts": "not a list"}, 422, "texts"),
+    ("/rerank", [1, 2], 422, "JSON object"),
+])
+def test_bad_input_is_4xx_naming_the_field(client, path, body, status, needle):
+    resp = client.post(path, json=body)
+    assert resp.status_code == status, resp.text
+    assert needle in resp.json()["message"]
+
+
+def test_bad_json_and_huge_body(client):
+    bad = client.post("/v2/rerank", content=b"{not json", headers={"content-type": "application/json"})
+    assert bad.status_code == 422
+    huge = client.post("/v2/rerank", json={"query": QUERY, "documents": ["x" * 70000]})
+    assert huge.status_code == 413 and "max_body_bytes" in huge.json()["message"]
+    assert client.post("/rerank", content=b"[", headers={"content-type": "application/json"}).status_code == 422
+
+
+def test_models_health_docs(client):
+    models = client.get("/v1/models").json()["data"]
+    assert [(m["id"], m["size"], m["backbone"]) for m in models] == [
+        ("prism-tiny", "0.8b", "Qwen3.5"), ("prism-qwen3", "4b-exp", "Qwen3")]
+    assert models[0]["tiers"]["scorer"]["replicas"] == 1 and models[0]["tiers"]["evidence"]["replicas"] == 1
+    assert "evidence" not in models[1]["tiers"]
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/docs").status_code == 200
+    assert "/v2/rerank" in client.get("/openapi.json").json()["paths"]
+
+
+def test_auth(client):
+    body = {"query": QUERY, "documents": ["a", "b"]}
+    assert client.post("/guarded/v2/rerank", json=body).status_code == 401
+    wrong = client.post("/guarded/v2/rerank", json=body, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and "Bearer" in wrong.json()["message"]
+    ok = client.post("/guarded/v2/rerank", json=body, headers={"Authorization": "Bearer secret-key"})
+    assert ok.status_code == 200
+    assert client.get("/guarded/health").status_code == 200
+    assert client.post("/v2/rerank", json=body).status_code == 200  # the other app has no keys
+
+
+def test_overload_is_429_with_retry_after(server):
+    headers = {"Authorization": "Bearer secret-key"}
+    body = {"query": QUERY, "documents": english_texts(30, 40, 80)}
+
+    async def fire():
+        async with httpx.AsyncClient(base_url=server, timeout=300, headers=headers) as ac:
+            return await asyncio.gather(*(ac.post("/guarded/v2/rerank", json=body) for _ in range(8)))
+
+    codes = [r.status_code for r in asyncio.run(fire())]
+    assert set(codes) <= {200, 429} and 200 in codes and 429 in codes
+    rejected = next(r for r in asyncio.run(fire()) if r.status_code == 429)
+    assert rejected.headers["retry-after"] == "1" and "max_in_flight" in rejected.json()["message"]
