@@ -1,10 +1,10 @@
 # Two commands do everything on a fresh Linux machine with Python 3.11:
-#   make demo   - create .venv, install, build the offline test checkpoint, rerank the model card's example
+#   make demo   - create .venv, install, start the local Serve app (building its offline test checkpoints),
+#                 rerank the model card's example over HTTP with evidence, shut down
 #   make test   - same install, then the whole test suite (.ci/run calls exactly this)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-CKPT   := checkpoints/tiny
 
 .PHONY: install demo test bench clean
 
@@ -18,17 +18,16 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-$(CKPT)/config.json: $(VENV)/.installed
-	$(VENV)/bin/prism-ray checkpoint build --preset tiny --out $(CKPT)
-
-demo: $(CKPT)/config.json
-	$(VENV)/bin/prism-ray demo --model $(CKPT)
+demo: $(VENV)/.installed
+	$(PY) -m deployments.demo deployments/local.yaml
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_engines.py
+	$(PY) benchmarks/bench_engines.py --evidence
+	$(PY) benchmarks/bench_serve.py
 
 clean:
 	rm -rf $(VENV) checkpoints

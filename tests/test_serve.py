@@ -269,3 +269,47 @@ def test_overload_is_429_with_retry_after(server):
     assert set(codes) <= {200, 429} and 200 in codes and 429 in codes
     rejected = next(r for r in asyncio.run(fire()) if r.status_code == 429)
     assert rejected.headers["retry-after"] == "1" and "max_in_flight" in rejected.json()["message"]
+
+
+def _running(app: str, deployment: str) -> int:
+    from ray import serve
+
+    dep = serve.status().applications[app].deployments[deployment]
+    return sum(n for state, n in dep.replica_states.items() if str(state).endswith("RUNNING"))
+
+
+def test_autoscaling_up_under_load_and_back_down(server, tiny_ckpt):
+    from ray import serve
+
+    from deployments.app import build_app
+
+    scorer = _tier(max_batch_tokens=512)
+    del scorer["num_replicas"]
+    scorer["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+                                    "upscale_delay_s": 0.5, "downscale_delay_s": 3, "metrics_interval_s": 0.5,
+                                    "look_back_period_s": 2}
+    config = {"models": [{"name": "prism-tiny", "model": str(tiny_ckpt), "dtype": "float32", "scorer": scorer,
+                          "evidence": None}]}
+    serve.run(build_app(config), name="scaling", route_prefix="/scaling")
+    assert _running("scaling", "prism-tiny-scorer") == 1
+    body = {"query": QUERY, "documents": english_texts(20, 40, 80)}
+
+    async def load(deadline: float) -> int:
+        async with httpx.AsyncClient(base_url=server, timeout=120) as ac:
+            async def worker():
+                sent = 0
+                while time.monotonic() < deadline and _running("scaling", "prism-tiny-scorer") < 2:
+                    assert (await ac.post("/scaling/v2/rerank", json=body)).status_code == 200
+                    sent += 1
+                return sent
+            return sum(await asyncio.gather(*(worker() for _ in range(6))))
+
+    try:
+        sent = asyncio.run(load(time.monotonic() + 90))
+        assert sent > 0 and _running("scaling", "prism-tiny-scorer") == 2
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and _running("scaling", "prism-tiny-scorer") > 1:
+            time.sleep(1)
+        assert _running("scaling", "prism-tiny-scorer") == 1
+    finally:
+        serve.delete("scaling")

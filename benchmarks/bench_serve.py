@@ -1,0 +1,127 @@
+"""HTTP load against the local Serve app next to ScoreEngine in-process, same workload, one run.
+
+    python benchmarks/bench_serve.py [--clients 4] [--requests 32]
+
+Scorer tier only, `bench` preset (built on first use), one replica with the same torch thread
+count as the in-process engine. Each request: one query, 20 documents of 60-180 words of real
+English text. Prints throughput, p50/p99 latency, and the Serve path's single-request overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_engines import documents  # noqa: E402
+
+from prism_ray.checkpoints import build_checkpoint  # noqa: E402
+from prism_ray.engine import ScoreEngine, load_model  # noqa: E402
+
+QUERIES = [
+    "How do I iterate over the items of a sequence?",
+    "What does the with statement do?",
+    "How are exceptions raised and handled?",
+    "What is a generator expression?",
+]
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", default="checkpoints/bench")
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--requests", type=int, default=32, help="total requests in the load phase")
+    ap.add_argument("--single", type=int, default=8, help="sequential requests for the latency overhead")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = ap.parse_args()
+    ckpt = Path(args.checkpoint).resolve()
+    if not (ckpt / "config.json").is_file():
+        build_checkpoint("bench", ckpt)
+    docs = documents(20)
+    bodies = [{"query": QUERIES[i % len(QUERIES)], "documents": docs} for i in range(args.requests)]
+
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    config = {"models": [{"name": "bench", "model": str(ckpt), "dtype": "float32", "evidence": None,
+                          "scorer": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 1},
+                                     "torch_threads": args.threads, "max_batch_tokens": 1024}}]}
+    serve.run(build_app(config), name="bench", route_prefix="/")
+    url = f"http://127.0.0.1:{port}/v2/rerank"
+    try:
+        with httpx.Client(timeout=600) as c:
+            c.post(url, json=bodies[0]).raise_for_status()  # warm-up
+            single = []
+            for body in bodies[: args.single]:
+                t0 = time.perf_counter()
+                c.post(url, json=body).raise_for_status()
+                single.append(time.perf_counter() - t0)
+
+        async def load():
+            latencies: list[float] = []
+            queue = list(bodies)
+            async with httpx.AsyncClient(timeout=600) as ac:
+                async def client():
+                    while queue:
+                        body = queue.pop()
+                        t0 = time.perf_counter()
+                        (await ac.post(url, json=body)).raise_for_status()
+                        latencies.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                await asyncio.gather(*(client() for _ in range(args.clients)))
+                return time.perf_counter() - t0, latencies
+
+        http_time, latencies = asyncio.run(load())
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    torch.set_num_threads(args.threads)
+    engine = ScoreEngine(load_model(ckpt, dtype="float32"))
+    engine.score_pairs(bodies[0]["query"], docs)  # warm-up
+    engine_single = []
+    for body in bodies[: args.single]:
+        t0 = time.perf_counter()
+        engine.score_pairs(body["query"], body["documents"])
+        engine_single.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for body in bodies:
+        engine.score_pairs(body["query"], body["documents"])
+    engine_time = time.perf_counter() - t0
+
+    pairs = sum(len(b["documents"]) for b in bodies)
+    print(f"checkpoint: {ckpt}  dtype: float32  torch threads: {args.threads}  "
+          f"requests: {len(bodies)} x 20 documents  clients: {args.clients}")
+    print(f"  HTTP (Serve, 1 scorer replica): {pairs / http_time:7.2f} pairs/s  "
+          f"p50 {1000 * percentile(latencies, 0.5):.0f} ms  p99 {1000 * percentile(latencies, 0.99):.0f} ms")
+    print(f"  ScoreEngine in-process:         {pairs / engine_time:7.2f} pairs/s")
+    print(f"  HTTP / in-process throughput = {100 * engine_time / http_time:.0f}%")
+    overhead = statistics.median(single) - statistics.median(engine_single)
+    print(f"  single request: HTTP median {1000 * statistics.median(single):.0f} ms, engine median "
+          f"{1000 * statistics.median(engine_single):.0f} ms, Serve overhead {1000 * overhead:.0f} ms")
+
+
+if __name__ == "__main__":
+    main()
