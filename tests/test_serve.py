@@ -313,3 +313,22 @@ def test_autoscaling_up_under_load_and_back_down(server, tiny_ckpt):
         assert _running("scaling", "prism-tiny-scorer") == 1
     finally:
         serve.delete("scaling")
+
+
+def test_prometheus_metrics_per_model_and_tier(client):
+    import ray
+
+    client.post("/v2/rerank", json={"query": QUERY, "documents": DOCS[:3], "evidence": {"top_n": 1, "max_new_tokens": 2}})
+    client.post("/v2/rerank", json={"model": "13b", "query": QUERY, "documents": ["a"]})
+    port = ray.nodes()[0]["MetricsExportPort"]
+    wanted = ["prism_pairs_scored_total", "prism_tokens_total", "prism_batch_pairs", "prism_queue_wait_seconds",
+              "prism_evidence_generated_total", "prism_requests_total", "prism_errors_total"]
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if all(w in text for w in wanted):
+            break
+        time.sleep(2)
+    missing = [w for w in wanted if w not in text]
+    assert not missing, missing
+    assert 'model="prism-tiny"' in text and 'tier="evidence"' in text and 'kind="unknown_model"' in text
