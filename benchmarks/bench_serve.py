@@ -36,6 +36,9 @@ QUERIES = [
 ]
 
 
+TINY_BODY = {"query": "What is a generator expression?", "documents": ["A generator expression yields items lazily."]}
+
+
 def percentile(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
@@ -78,6 +81,11 @@ def main() -> None:
                 t0 = time.perf_counter()
                 c.post(url, json=body).raise_for_status()
                 single.append(time.perf_counter() - t0)
+            tiny = []  # a one-document request: mostly the fixed cost of the HTTP + Serve path
+            for _ in range(args.single):
+                t0 = time.perf_counter()
+                c.post(url, json=TINY_BODY).raise_for_status()
+                tiny.append(time.perf_counter() - t0)
 
         async def load():
             latencies: list[float] = []
@@ -110,6 +118,11 @@ def main() -> None:
     for body in bodies:
         engine.score_pairs(body["query"], body["documents"])
     engine_time = time.perf_counter() - t0
+    engine_tiny = []
+    for _ in range(args.single):
+        t0 = time.perf_counter()
+        engine.score_pairs(TINY_BODY["query"], TINY_BODY["documents"])
+        engine_tiny.append(time.perf_counter() - t0)
 
     pairs = sum(len(b["documents"]) for b in bodies)
     print(f"checkpoint: {ckpt}  dtype: float32  torch threads: {args.threads}  "
@@ -121,6 +134,9 @@ def main() -> None:
     overhead = statistics.median(single) - statistics.median(engine_single)
     print(f"  single request: HTTP median {1000 * statistics.median(single):.0f} ms, engine median "
           f"{1000 * statistics.median(engine_single):.0f} ms, Serve overhead {1000 * overhead:.0f} ms")
+    tiny_overhead = statistics.median(tiny) - statistics.median(engine_tiny)
+    print(f"  one-document request: HTTP median {1000 * statistics.median(tiny):.0f} ms, engine median "
+          f"{1000 * statistics.median(engine_tiny):.0f} ms, Serve overhead {1000 * tiny_overhead:.0f} ms")
 
 
 if __name__ == "__main__":
