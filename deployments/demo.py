@@ -12,15 +12,9 @@ import socket
 import sys
 
 import httpx
-import yaml
 
-CARD_QUERY = "What is the boiling point of water at sea level?"
-CARD_DOCUMENTS = [
-    "Water boils at 100 C (212 F) at standard atmospheric pressure (1 atm), "
-    "which corresponds to sea-level conditions.",
-    "Mount Everest is the highest mountain on Earth, with a peak elevation "
-    "of 8,848 meters above sea level.",
-]
+from prism_ray.prompt import CARD_DOCUMENTS, CARD_QUERY
+
 
 
 def _port_free(port: int) -> bool:

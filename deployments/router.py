@@ -22,6 +22,7 @@ from prism_ray.api import (
     job_from_jina, job_from_tei, render,
 )
 from prism_ray.config import AppConfig, ModelConfig
+from prism_ray.prompt import PromptTooLong
 
 app = FastAPI(title="prism-ray", description="Prism rerankers: scores, contributions and evidence.")
 
@@ -195,9 +196,14 @@ class Router:
         if len(job.documents) > lim.max_documents:
             raise ApiError(413, f"{job.documents_field}: {len(job.documents)} documents; the limit is "
                                 f"{lim.max_documents} (max_documents)")
-        query_tokens = len(self._prompts_for(model).encode_text(job.query))
+        prompts = self._prompts_for(model)
+        query_tokens = len(prompts.encode_text(job.query))
         if query_tokens > lim.max_query_tokens:
             raise ApiError(422, f"query: {query_tokens} tokens; the limit is {lim.max_query_tokens} (max_query_tokens)")
+        try:
+            prompts.encode(job.query, "")
+        except PromptTooLong as exc:
+            raise ApiError(422, f"query: {exc}") from None
         ev = job.evidence
         if ev is not None:
             if model.evidence is None and not self.evidences.get(model.name):
@@ -213,8 +219,6 @@ class Router:
 
     # -- scoring, cascade, evidence ------------------------------------------------------------------
     async def _score(self, model: ModelConfig, job: RerankJob, indices: list[int]) -> list[RankedDocument]:
-        from prism_ray.prompt import PromptTooLong  # noqa: F401  (raised only by misconfigured limits)
-
         docs = [job.documents[i] for i in indices]
         results = await self.scorers[model.name].score.remote(job.query, docs, job.max_tokens_per_doc)
         ranked = [RankedDocument(i, r["score"], r["logit"], r["num_tokens"], r["truncated"], model.name)

@@ -6,7 +6,7 @@ streaming are written once whatever API a client speaks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
@@ -96,7 +96,6 @@ class RerankJob:
     evidence: EvidenceOptions | None = None
     cascade: CascadeOptions | None = None
     stream: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 def _texts(docs: list) -> list[str]:

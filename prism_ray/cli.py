@@ -11,14 +11,8 @@ import sys
 from pathlib import Path
 
 from prism_ray import checkpoints
+from prism_ray.prompt import CARD_DOCUMENTS, CARD_QUERY
 
-CARD_QUERY = "What is the boiling point of water at sea level?"
-CARD_DOCUMENTS = [
-    "Water boils at 100 C (212 F) at standard atmospheric pressure (1 atm), "
-    "which corresponds to sea-level conditions.",
-    "Mount Everest is the highest mountain on Earth, with a peak elevation "
-    "of 8,848 meters above sea level.",
-]
 
 
 class UsageError(Exception):

@@ -42,6 +42,15 @@ PROMPT_TEMPLATE = (
 )
 DEFAULT_MAX_LENGTH = 10_240  # the card's training cap: whole prompt, in tokens
 
+# The model card's shared example, used by the demos.
+CARD_QUERY = "What is the boiling point of water at sea level?"
+CARD_DOCUMENTS = [
+    "Water boils at 100 C (212 F) at standard atmospheric pressure (1 atm), "
+    "which corresponds to sea-level conditions.",
+    "Mount Everest is the highest mountain on Earth, with a peak elevation "
+    "of 8,848 meters above sea level.",
+]
+
 
 def build_prompt(query: str, doc: str) -> str:
     """The full prompt string, exactly as the model card's `build_prompt`."""

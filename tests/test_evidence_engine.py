@@ -37,9 +37,10 @@ def test_result_fields_and_stop_at_end_of_turn(evidence_engines, tiny_ckpt):
     engine = evidence_engines[str(tiny_ckpt)]
     # Force an immediate end of turn: the stop set decides when a row finishes.
     first = engine.generate([(QUERY, "water")], max_new_tokens=1)[0]
+    first_token = engine.prompts.encode_text(first.text)[0]
     saved = engine._stop
     try:
-        engine._stop = saved | {first.__dict__ and engine.prompts.hf.encode(first.text, add_special_tokens=False)[0]}
+        engine._stop = saved | {first_token}
         r = engine.generate([(QUERY, "water")], max_new_tokens=10)[0]
     finally:
         engine._stop = saved

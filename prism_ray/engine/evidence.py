@@ -9,6 +9,7 @@ leave the batch, so one long answer does not make short ones pay.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +70,7 @@ class EvidenceEngine:
         for query, doc in pairs:
             validate_group(query, [doc])
         gen = torch.Generator(device=self.loaded.device)
-        gen.manual_seed(seed if seed is not None else torch.seed())
+        gen.manual_seed(seed if seed is not None else secrets.randbits(63))
         results: list[EvidenceResult | None] = [None] * len(pairs)
         for start in range(0, len(pairs), self.max_batch_size):
             chunk = list(range(start, min(start + self.max_batch_size, len(pairs))))
