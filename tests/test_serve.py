@@ -101,6 +101,14 @@ def test_cohere_sdk(server, tiny_engine):
     assert resp.meta.tokens.input_tokens == sum(r.num_tokens for r in expected)
 
 
+def test_cohere_max_tokens_per_doc(client, tiny_engine):
+    out = client.post("/v2/rerank", json={"query": QUERY, "documents": DOCS[:3], "max_tokens_per_doc": 4}).json()
+    expected = tiny_engine.score([(QUERY, DOCS[:3])], max_doc_tokens=4)[0]
+    assert out["meta"]["tokens"]["input_tokens"] == sum(r.num_tokens for r in expected)
+    for r in out["results"]:
+        assert abs(r["relevance_score"] - expected[r["index"]].score) <= TOL
+
+
 def test_jina_shape(client, tiny_engine):
     body = {"model": "prism-tiny", "query": QUERY, "documents": [DOCS[0], {"text": DOCS[1]}], "top_n": 5}
     for path in ("/v1/rerank", "/rerank"):
