@@ -23,9 +23,11 @@ from prism_ray.config import AppConfig
 def build_app(args: dict[str, Any]) -> Application:
     config = AppConfig.model_validate(args)
     for m in config.models:
-        # Replicas may start in another working directory: pin local checkpoint paths now.
+        # Replicas may start in another working directory: pin local checkpoint paths now. Test
+        # checkpoints are built here, once, rather than by several replicas racing on one directory.
         if m.build_preset or Path(m.model).exists():
             m.model = str(Path(m.model).resolve())
+            m.ensure_checkpoint()
     scorers, evidences = [], []
     for m in config.models:
         spec = m.model_dump(mode="json")
