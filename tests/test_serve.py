@@ -340,3 +340,28 @@ def test_prometheus_metrics_per_model_and_tier(client):
     missing = [w for w in wanted if w not in text]
     assert not missing, missing
     assert 'model="prism-tiny"' in text and 'tier="evidence"' in text and 'kind="unknown_model"' in text
+
+
+def test_saturated_tier_is_503_with_retry_after(server, tiny_ckpt):
+    from ray import serve
+
+    from deployments.app import build_app
+
+    scorer = _tier(max_ongoing_requests=1, max_queued_requests=1)
+    config = {"models": [{"name": "prism-tiny", "model": str(tiny_ckpt), "dtype": "float32", "scorer": scorer,
+                          "evidence": None}]}
+    serve.run(build_app(config), name="saturated", route_prefix="/saturated")
+    body = {"query": QUERY, "documents": english_texts(30, 40, 80)}
+
+    async def fire():
+        async with httpx.AsyncClient(base_url=server, timeout=300) as ac:
+            return await asyncio.gather(*(ac.post("/saturated/v2/rerank", json=body) for _ in range(8)))
+
+    try:
+        responses = asyncio.run(fire())
+        codes = [r.status_code for r in responses]
+        assert set(codes) <= {200, 503} and 200 in codes and 503 in codes, codes
+        rejected = next(r for r in responses if r.status_code == 503)
+        assert rejected.headers["retry-after"] == "1" and "saturated" in rejected.json()["message"]
+    finally:
+        serve.delete("saturated")
