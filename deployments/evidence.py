@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from ray import serve
 
 from prism_ray import metrics
+from deployments.threads import compute_thread
 from prism_ray.config import ModelConfig
 
 
@@ -28,14 +29,11 @@ class _Pair:
 @serve.deployment
 class Evidence:
     def __init__(self, model: dict):
-        import torch
-
         from prism_ray.engine import EvidenceEngine, load_model
 
         self.config = ModelConfig.model_validate(model)
         tier = self.config.evidence
-        if tier.torch_threads:
-            torch.set_num_threads(tier.torch_threads)
+        self._compute = compute_thread(tier.torch_threads)
         loaded = load_model(self.config.ensure_checkpoint(), dtype=self.config.dtype, max_length=self.config.max_length)
         self.engine = EvidenceEngine(loaded, max_batch_size=tier.max_batch_tokens)
         self._batched.set_max_batch_size(tier.max_batch_tokens)
@@ -52,7 +50,7 @@ class Evidence:
         for p in pairs:
             metrics.observe("prism_queue_wait_seconds", now - p.enqueued, metrics.SECONDS_BUCKETS, model=name, tier="evidence")
         metrics.observe("prism_batch_pairs", len(pairs), metrics.SIZE_BUCKETS, model=name, tier="evidence")
-        results = await asyncio.to_thread(self._generate, pairs)
+        results = await asyncio.get_running_loop().run_in_executor(self._compute, self._generate, pairs)
         metrics.count("prism_evidence_generated_total", len(results), model=name)
         metrics.count("prism_tokens_total", sum(r["generated_tokens"] for r in results), model=name, tier="evidence")
         return results

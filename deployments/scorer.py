@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from ray import serve
 
 from prism_ray import metrics
+from deployments.threads import compute_thread
 from prism_ray.config import ModelConfig, TierConfig
 
 
@@ -32,14 +33,11 @@ def _tokens(items: list[_Item]) -> int:
 @serve.deployment
 class Scorer:
     def __init__(self, model: dict):
-        import torch
-
         from prism_ray.engine import ScoreEngine, load_model
 
         self.config = ModelConfig.model_validate(model)
         tier: TierConfig = self.config.scorer
-        if tier.torch_threads:
-            torch.set_num_threads(tier.torch_threads)
+        self._compute = compute_thread(tier.torch_threads)
         loaded = load_model(self.config.ensure_checkpoint(), dtype=self.config.dtype, max_length=self.config.max_length)
         self.engine = ScoreEngine(loaded)
         # One pair always fits a batch, whatever the budget.
@@ -69,7 +67,7 @@ class Scorer:
         for item in items:
             metrics.observe("prism_queue_wait_seconds", now - item.enqueued, metrics.SECONDS_BUCKETS, model=name, tier="scorer")
         metrics.observe("prism_batch_pairs", sum(len(i.documents) for i in items), metrics.SIZE_BUCKETS, model=name, tier="scorer")
-        results = await asyncio.to_thread(self._score_items, items)
+        results = await asyncio.get_running_loop().run_in_executor(self._compute, self._score_items, items)
         metrics.count("prism_pairs_scored_total", sum(len(r) for r in results), model=name)
         metrics.count("prism_tokens_total", sum(x["num_tokens"] for r in results for x in r), model=name, tier="scorer")
         return results
