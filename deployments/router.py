@@ -49,6 +49,41 @@ async def _api_error(request: Request, exc: ApiError):
     return JSONResponse({"message": exc.message}, status_code=exc.status, headers=exc.headers)
 
 
+_SCHEMAS: dict = {}
+
+
+def _json_body(*models) -> dict:
+    """OpenAPI request body for endpoints that read their JSON themselves."""
+    refs = []
+    for model in models:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        _SCHEMAS.update(schema.pop("$defs", {}))
+        _SCHEMAS[model.__name__] = schema
+        refs.append({"$ref": f"#/components/schemas/{model.__name__}"})
+    body_schema = refs[0] if len(refs) == 1 else {"oneOf": refs}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": body_schema}}}}
+
+
+def _openapi() -> dict:
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version="0.1.0", description=app.description, routes=app.routes)
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(_SCHEMAS)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+app.openapi = _openapi
+
+
+def _parse(model, body: dict):
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+
+
 def _sse(event: str, data) -> str:
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
@@ -96,36 +131,40 @@ class Router:
                          "default": m.name == self.config.default_model, "tiers": tiers})
         return {"object": "list", "data": data}
 
-    @app.post("/v2/rerank")
-    async def cohere_rerank(self, body: CohereRerankRequest, request: Request):
-        return await self._serve(request, job_from_cohere(body), "v2/rerank")
+    @app.post("/v2/rerank", openapi_extra=_json_body(CohereRerankRequest))
+    async def cohere_rerank(self, request: Request):
+        """Cohere v2 rerank."""
+        body = await self._read_body(request)
+        return await self._serve(request, job_from_cohere(_parse(CohereRerankRequest, body)), "v2/rerank")
 
-    @app.post("/v1/rerank")
-    async def jina_rerank(self, body: JinaRerankRequest, request: Request):
-        return await self._serve(request, job_from_jina(body), "v1/rerank")
+    @app.post("/v1/rerank", openapi_extra=_json_body(JinaRerankRequest))
+    async def jina_rerank(self, request: Request):
+        """Jina rerank."""
+        body = await self._read_body(request)
+        return await self._serve(request, job_from_jina(_parse(JinaRerankRequest, body)), "v1/rerank")
 
-    @app.post("/rerank")
+    @app.post("/rerank", openapi_extra=_json_body(JinaRerankRequest, TeiRerankRequest))
     async def rerank(self, request: Request):
         """Jina body (`documents`) or TEI body (`texts`)."""
+        body = await self._read_body(request)
+        job = job_from_tei(_parse(TeiRerankRequest, body)) if "texts" in body \
+            else job_from_jina(_parse(JinaRerankRequest, body))
+        return await self._serve(request, job, "rerank")
+
+    async def _read_body(self, request: Request) -> dict:
+        """The JSON object body, whatever the content type says (`curl -d` sends a form type)."""
         self._authorize(request)
         self._check_body_size(request)
         try:
-            body = await request.json()
+            body = json.loads(await request.body())
         except ValueError:
             raise RequestValidationError([{"loc": ("body",), "msg": "body is not valid JSON", "type": "json_invalid"}])
         if not isinstance(body, dict):
             raise RequestValidationError([{"loc": ("body",), "msg": "body must be a JSON object", "type": "dict_type"}])
-        try:
-            job = job_from_tei(TeiRerankRequest.model_validate(body)) if "texts" in body \
-                else job_from_jina(JinaRerankRequest.model_validate(body))
-        except ValidationError as exc:
-            raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()])
-        return await self._serve(request, job, "rerank")
+        return body
 
     # -- the one path every shape takes ---------------------------------------------------------------
     async def _serve(self, request: Request, job: RerankJob, endpoint: str):
-        self._authorize(request)
-        self._check_body_size(request)
         if self.in_flight >= self.limits.max_in_flight:
             metrics.count("prism_errors_total", kind="overload", model=job.model or "")
             raise ApiError(429, f"server is at its limit of {self.limits.max_in_flight} requests in flight "

@@ -241,6 +241,10 @@ def test_bad_json_and_huge_body(client):
     huge = client.post("/v2/rerank", json={"query": QUERY, "documents": ["x" * 70000]})
     assert huge.status_code == 413 and "max_body_bytes" in huge.json()["message"]
     assert client.post("/rerank", content=b"[", headers={"content-type": "application/json"}).status_code == 422
+    # `curl -d` sends a form content type; the JSON body is still read.
+    form = client.post("/v2/rerank", content=json.dumps({"query": QUERY, "documents": ["a"]}).encode(),
+                       headers={"content-type": "application/x-www-form-urlencoded"})
+    assert form.status_code == 200 and len(form.json()["results"]) == 1
 
 
 def test_models_health_docs(client):
@@ -251,7 +255,9 @@ def test_models_health_docs(client):
     assert "evidence" not in models[1]["tiers"]
     assert client.get("/health").json() == {"status": "ok"}
     assert client.get("/docs").status_code == 200
-    assert "/v2/rerank" in client.get("/openapi.json").json()["paths"]
+    spec = client.get("/openapi.json").json()
+    assert "/v2/rerank" in spec["paths"]
+    assert {"CohereRerankRequest", "JinaRerankRequest", "TeiRerankRequest", "TextObject"} <= set(spec["components"]["schemas"])
 
 
 def test_auth(client):
