@@ -3,9 +3,10 @@
 Per query, the prefix (system prompt + instruction + query, ~200 tokens) is run once; its state
 (attention K/V and Gated DeltaNet conv/recurrent states) is copied into each batch, and only the
 document + suffix tokens (plus the few prefix tokens past the last 64-token chunk boundary, see
-`loading.prefix_state`) are run per pair; the final layer runs only on each row's last token (`last_token`). Rows are right-padded: a causal model never lets a real
-token see the pads after it, so each row's last real token is exact, whereas pads placed between
-the prefix and the document would decay the recurrent state. Only `(w_yes - w_no) · h_last` is
+`loading.prefix_state`) are run per pair; the final layer runs only on each row's last token
+(`last_token`). Rows are right-padded: a causal model never lets a real token see the pads after
+it, so each row's last real token is exact, whereas pads placed between the prefix and the
+document would decay the recurrent state. Only `(w_yes - w_no) · h_last` is
 computed, never the full vocabulary.
 """
 
@@ -23,8 +24,8 @@ from prism_ray.engine.last_token import LastTokenForward
 from prism_ray.engine.loading import LoadedModel, PrefixState, expand_state, load_model, prefix_state
 from prism_ray.prompt import DEFAULT_MAX_LENGTH, EncodedPair
 
-# Padded tokens per forward. On CPU, batches past ~1k tokens get slower per token (cache misses in
-# the Gated DeltaNet scan and the big activations); GPUs want far larger batches.
+# Padded tokens per forward. On a 2-core CPU, 512-1024 was fastest of 512-8192 (bench preset; 8192
+# took twice as long per pair); GPUs want far larger batches.
 DEFAULT_TOKEN_BUDGET = {"cpu": 1024, "cuda": 16384}
 
 
