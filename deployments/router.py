@@ -283,8 +283,7 @@ class Router:
         ev = job.evidence
         if ev is None:
             return []
-        chosen = [r for r in ranked[: ev.top_n] if ev.min_score is None or r.score >= ev.min_score]
-        return chosen
+        return [r for r in ranked[: ev.top_n] if ev.min_score is None or r.score >= ev.min_score]
 
     async def _evidence_one(self, job: RerankJob, model: ModelConfig, r: RankedDocument) -> RankedDocument:
         max_new = job.evidence.max_new_tokens or self.limits.max_new_tokens

@@ -41,8 +41,7 @@ class Scorer:
         loaded = load_model(self.config.ensure_checkpoint(), dtype=self.config.dtype, max_length=self.config.max_length)
         self.engine = ScoreEngine(loaded)
         # One pair always fits a batch, whatever the budget.
-        self._limit = max(tier.max_batch_tokens, self.config.max_length)
-        self._batched.set_max_batch_size(self._limit)
+        self._batched.set_max_batch_size(max(tier.max_batch_tokens, self.config.max_length))
         self._batched.set_batch_wait_timeout_s(tier.batch_wait_timeout_s)
 
     async def score(self, query: str, documents: list[str], max_doc_tokens: int | None = None) -> list[dict]:
@@ -85,7 +84,3 @@ class Scorer:
                 out[i] = [{"score": r.score, "logit": r.logit, "num_tokens": r.num_tokens, "truncated": r.truncated}
                           for r, _ in zip(res, items[i].documents)]
         return out
-
-    def info(self) -> dict:
-        return {"name": self.config.name, "device": str(self.engine.loaded.device),
-                "dtype": str(self.engine.loaded.dtype).removeprefix("torch.")}
