@@ -121,29 +121,12 @@ def cmd_checkpoint_list(args) -> None:
 
 def validate_serve_config(path: str) -> dict:
     """Load a Serve config file and validate every prism-ray application's args."""
-    import yaml
-    from pydantic import ValidationError
-
-    from prism_ray.config import AppConfig
+    from prism_ray.config import ConfigFileError, read_serve_config
 
     try:
-        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise UsageError(f"{path} is not valid YAML: {exc}".splitlines()[0]) from None
-    apps = (doc or {}).get("applications") if isinstance(doc, dict) else None
-    if not apps:
-        raise UsageError(f"{path}: no 'applications' list; expected a Serve config file")
-    for i, application in enumerate(apps):
-        if str(application.get("import_path", "")).startswith("deployments.app:"):
-            try:
-                AppConfig.model_validate(application.get("args") or {})
-            except ValidationError as exc:
-                first = exc.errors()[0]
-                field = ".".join(str(p) for p in first["loc"])
-                raise UsageError(f"{path}: applications.{i}.args.{field}: {first['msg']}") from None
-    return doc
+        return read_serve_config(path)
+    except ConfigFileError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def cmd_serve(args) -> None:
@@ -154,6 +137,71 @@ def cmd_serve(args) -> None:
     validate_serve_config(args.config)
     serve_bin = shutil.which("serve") or str(Path(sys.executable).with_name("serve"))
     os.execv(serve_bin, [serve_bin, "run", args.config, *(["--non-blocking"] if args.non_blocking else [])])
+
+
+LOCAL_SERVE_CONFIG = "deployments/local.yaml"
+
+
+def batch_config_from_args(args) -> "BatchConfig":
+    """Flags over the optional --config file; a bad value names its field, exit 2."""
+    from prism_ray.batch.config import BatchConfig
+    from prism_ray.config import ConfigFileError, find_model, read_yaml, serve_config_models, validated
+
+    flags = {k: v for k, v in {
+        "input": args.input, "output": args.output, "model": args.model, "serve_config": args.serve_config,
+        "dtype": args.dtype, "layout": args.layout, "serve_app": args.serve_app,
+        "pairs_per_file": args.pairs_per_file, "overwrite": args.overwrite or None,
+        "scorer_actors": _actor_range(args.scorer_actors, "--scorer-actors"),
+        "evidence_actors": _actor_range(args.evidence_actors, "--evidence-actors"),
+    }.items() if v is not None}
+    columns = {k: getattr(args, f"{k}_column") for k in ("query_id", "query", "doc_id", "text", "documents", "doc_ids")
+               if getattr(args, f"{k}_column") is not None}
+    evidence = {k: v for k, v in {"top_k": args.evidence_top_k, "min_score": args.evidence_min_score,
+                                  "max_new_tokens": args.max_new_tokens}.items() if v is not None}
+    try:
+        data = read_yaml(args.config) or {} if args.config else {}
+        if not isinstance(data, dict):
+            raise UsageError(f"{args.config}: expected a mapping of job settings")
+        data.update(flags)
+        if columns:
+            data["columns"] = {**data.get("columns", {}), **columns}
+        if evidence:
+            data["evidence"] = {**(data.get("evidence") or {}), **evidence}
+        model = data.get("model")
+        if (model and not data.get("serve_config") and not Path(model).exists()
+                and Path(LOCAL_SERVE_CONFIG).is_file()):
+            if find_model(serve_config_models(LOCAL_SERVE_CONFIG), model):
+                data["serve_config"] = LOCAL_SERVE_CONFIG
+        return validated(BatchConfig, data, args.config or "batch")
+    except ConfigFileError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _actor_range(value: str | None, flag: str) -> dict | None:
+    if value is None:
+        return None
+    try:
+        lo, _, hi = value.partition(":")
+        return {"min": int(lo), "max": int(hi or lo)}
+    except ValueError:
+        raise UsageError(f"{flag} must be N or MIN:MAX, not {value!r}") from None
+
+
+def cmd_batch(args) -> None:
+    import ray
+
+    from prism_ray.batch import run_batch
+    from prism_ray.batch.rows import InputError
+    from prism_ray.batch.store import OutputMismatch
+    from prism_ray.config import ConfigFileError
+
+    cfg = batch_config_from_args(args)
+    ray.init(address=args.address, log_to_driver=False)
+    try:
+        summary = run_batch(cfg, progress=not args.no_progress)
+    except (InputError, OutputMismatch, ConfigFileError) as exc:
+        raise UsageError(str(exc)) from None
+    print("\n".join(summary.lines()))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,6 +230,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config", help="e.g. deployments/local.yaml")
     s.add_argument("--non-blocking", action="store_true")
     s.set_defaults(func=cmd_serve)
+
+    bt = sub.add_parser("batch", help="rerank a parquet dataset on Ray Data",
+                        description="Rerank a parquet dataset of (query, document) pairs on Ray Data. Flags override "
+                                    "--config. A rerun with the same --output resumes where the last one stopped.")
+    bt.add_argument("--config", help="job YAML (see jobs/example.yaml)")
+    bt.add_argument("--input", help="parquet file or directory (local, s3://, gs://, hdfs://, ...)")
+    bt.add_argument("--output", help="output directory")
+    bt.add_argument("--model", help="a model name/size from --serve-config (default: deployments/local.yaml when it "
+                                    "has that name), a local checkpoint dir, or a hub id")
+    bt.add_argument("--serve-config", help="Serve config file whose model settings and resources to reuse")
+    bt.add_argument("--dtype", default=None)
+    bt.add_argument("--layout", choices=["auto", "long", "wide"], default=None)
+    for col in ("query-id", "query", "doc-id", "text", "documents", "doc-ids"):
+        bt.add_argument(f"--{col}-column", default=None, metavar="NAME")
+    bt.add_argument("--evidence-top-k", type=int, default=None, help="contribution/evidence for each query's top k")
+    bt.add_argument("--evidence-min-score", type=float, default=None)
+    bt.add_argument("--max-new-tokens", type=int, default=None)
+    bt.add_argument("--scorer-actors", default=None, metavar="N|MIN:MAX")
+    bt.add_argument("--evidence-actors", default=None, metavar="N|MIN:MAX")
+    bt.add_argument("--serve-app", default=None, metavar="NAME", help="use a running Serve app's deployments")
+    bt.add_argument("--pairs-per-file", type=int, default=None)
+    bt.add_argument("--overwrite", action="store_true", help="replace the output instead of resuming it")
+    bt.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local one)")
+    bt.add_argument("--no-progress", action="store_true")
+    bt.set_defaults(func=cmd_batch)
 
     c = sub.add_parser("checkpoint", help="released checkpoints and offline test checkpoints")
     csub = c.add_subparsers(dest="checkpoint_command", required=True)

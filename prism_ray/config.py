@@ -148,11 +148,63 @@ class AppConfig(_Strict):
 
     def find_model(self, key: str | None) -> ModelConfig | None:
         """By configured name, hub id / path, or size ("0.8b"); None picks the default."""
-        if key is None or key == "":
-            key = self.default_model
-        k = key.strip().lower()
-        for by in (lambda m: m.name.lower(), lambda m: m.model.lower(), lambda m: m.size or ""):
-            for m in self.models:
-                if by(m) == k:
-                    return m
-        return None
+        return find_model(self.models, key or self.default_model)
+
+
+def find_model(models: list[ModelConfig], key: str) -> ModelConfig | None:
+    """By configured name first, then hub id / path, then size ("0.8b")."""
+    k = key.strip().lower()
+    for by in (lambda m: m.name.lower(), lambda m: m.model.lower(), lambda m: m.size or ""):
+        for m in models:
+            if by(m) == k:
+                return m
+    return None
+
+
+class ConfigFileError(ValueError):
+    """A config file cannot be read or validated; the message names the file and the field."""
+
+
+APP_IMPORT_PATH = "deployments.app:build_app"
+
+
+def read_serve_config(path: str | Path) -> dict:
+    """A Serve config file, with every prism-ray application's `args` validated as an AppConfig."""
+    doc = read_yaml(path)
+    apps = doc.get("applications") if isinstance(doc, dict) else None
+    if not apps:
+        raise ConfigFileError(f"{path}: no 'applications' list; expected a Serve config file")
+    for i, application in enumerate(apps):
+        if str(application.get("import_path", "")) == APP_IMPORT_PATH:
+            validated(AppConfig, application.get("args") or {}, f"{path}: applications.{i}.args")
+    return doc
+
+
+def serve_config_models(path: str | Path) -> list[ModelConfig]:
+    """Every model of every prism-ray application in a Serve config file (batch jobs reuse them)."""
+    return [m for application in read_serve_config(path)["applications"]
+            if application.get("import_path") == APP_IMPORT_PATH
+            for m in AppConfig.model_validate(application.get("args") or {}).models]
+
+
+def validated(schema: type[BaseModel], data: Any, where: str):
+    """`schema.model_validate(data)`, with the first error as one line naming the field."""
+    from pydantic import ValidationError
+
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise ConfigFileError(f"{where}.{field}: {first['msg']}" if field else f"{where}: {first['msg']}") from None
+
+
+def read_yaml(path: str | Path):
+    import yaml
+
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigFileError(f"{path} is not valid YAML: {exc}".splitlines()[0]) from None

@@ -1,0 +1,217 @@
+"""What a Ray Data actor does with one bucket: score it (and rank), generate evidence, write it.
+
+Two backends do the model work: `EngineBackend` wraps the same ScoreEngine / EvidenceEngine classes
+the Serve tiers wrap, loaded inside the actor; `ServeBackend` sends the same calls to a running
+Serve app's scorer and evidence deployments through deployment handles. Everything else (grouping
+by query, ranks, which rows get evidence, error rows, the output file) is shared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from prism_ray.batch.rows import output_schema, ranks
+from prism_ray.batch.store import OutputStore
+from prism_ray.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What the actors of one job need to know, besides the model."""
+
+    output: str
+    metadata: dict
+    qid_type: pa.DataType
+    did_type: pa.DataType
+    evidence_top_k: int | None = None
+    evidence_min_score: float | None = None
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    serve_app: str | None = None  # None: load the engines in this actor
+
+
+# -- backends ---------------------------------------------------------------------------------------
+
+class EngineBackend:
+    """The engines, in this process. Each actor loads only the engine its stage needs."""
+
+    def __init__(self, model: ModelConfig, tier: str):
+        import torch
+
+        from prism_ray.engine import EvidenceEngine, ScoreEngine, load_model
+
+        tier_cfg = model.scorer if tier == "scorer" else model.evidence
+        if tier_cfg is not None and tier_cfg.torch_threads:
+            torch.set_num_threads(tier_cfg.torch_threads)
+        loaded = load_model(model.model, dtype=model.dtype, max_length=model.max_length)
+        self.scorer = ScoreEngine(loaded) if tier == "scorer" else None
+        self.evidence = EvidenceEngine(loaded) if tier == "evidence" else None
+
+    def score(self, groups: list[tuple[str, list[str]]]) -> list[list[dict] | Exception]:
+        out: list[list[dict] | Exception] = []
+        for query, docs in groups:  # one group at a time: a bad one fails alone
+            try:
+                out.append([dataclasses.asdict(r) for r in self.scorer.score([(query, docs)])[0]])
+            except Exception as exc:  # noqa: BLE001 - recorded in the rows' error column
+                out.append(exc)
+        return out
+
+    def generate(self, pairs: list[tuple[str, str]], max_new_tokens: int, temperature: float) -> list[dict | Exception]:
+        try:
+            return [dataclasses.asdict(r) for r in self.evidence.generate(pairs, max_new_tokens, temperature)]
+        except Exception:  # noqa: BLE001 - retry one by one so one bad pair fails alone
+            out: list[dict | Exception] = []
+            for pair in pairs:
+                try:
+                    out.append(dataclasses.asdict(self.evidence.generate([pair], max_new_tokens, temperature)[0]))
+                except Exception as exc:  # noqa: BLE001
+                    out.append(exc)
+            return out
+
+
+class ServeBackend:
+    """A running Serve app's `<model>-scorer` / `<model>-evidence` deployments; requests go out together
+    so the deployments' own batching gathers them with online traffic."""
+
+    def __init__(self, model: ModelConfig, tier: str, app: str):
+        from ray import serve
+
+        self.handle = serve.get_deployment_handle(f"{model.name}-{tier}", app_name=app)
+
+    def score(self, groups):
+        return _gather([self.handle.score.remote(q, docs) for q, docs in groups])
+
+    def generate(self, pairs, max_new_tokens, temperature):
+        return _gather([self.handle.generate.remote(q, d, max_new_tokens, temperature) for q, d in pairs])
+
+
+def _gather(responses) -> list:
+    out = []
+    for r in responses:
+        try:
+            out.append(r.result())
+        except Exception as exc:  # noqa: BLE001 - recorded in the rows' error column
+            out.append(exc)
+    return out
+
+
+def _describe(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+
+
+# -- the two stages -----------------------------------------------------------------------------------
+
+def score_bucket(pairs: pa.Table, backend, stage: Stage) -> dict[str, list]:
+    """Scores, ranks within each query, and marks the rows that get evidence. Column lists out."""
+    rows = pairs.to_pylist()
+    by_query: dict[object, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_query.setdefault(r["query_id"], []).append(i)
+    groups, members = [], []  # one engine group per (query_id, query text)
+    for idxs in by_query.values():
+        by_text: dict[str, list[int]] = {}
+        for i in idxs:
+            if rows[i]["_error"] is None:
+                by_text.setdefault(rows[i]["query"], []).append(i)
+        for query, text_idxs in by_text.items():
+            groups.append((query, [rows[i]["text"] for i in text_idxs]))
+            members.append(text_idxs)
+    n = len(rows)
+    out = {"score": [None] * n, "logit": [None] * n, "truncated": [None] * n, "num_tokens": [None] * n,
+           "error": [r["_error"] for r in rows], "rank": [None] * n, "_evidence": [False] * n}
+    for idxs, result in zip(members, backend.score(groups) if groups else []):
+        for j, i in enumerate(idxs):
+            if isinstance(result, Exception):
+                out["error"][i] = f"scoring failed: {_describe(result)}"
+            else:
+                for key in ("score", "logit", "truncated", "num_tokens"):
+                    out[key][i] = result[j][key]
+    for idxs in by_query.values():
+        for i, rank in zip(idxs, ranks([out["score"][i] for i in idxs])):
+            out["rank"][i] = rank
+            out["_evidence"][i] = (stage.evidence_top_k is not None and rank is not None
+                                   and rank <= stage.evidence_top_k
+                                   and (stage.evidence_min_score is None or out["score"][i] >= stage.evidence_min_score))
+    return out
+
+
+def add_evidence(rows: list[dict], backend, stage: Stage) -> None:
+    """Fills contribution/evidence for the marked rows, in place."""
+    for r in rows:
+        r.update(contribution=None, evidence=None, evidence_truncated=None, generation=None)
+    want = [r for r in rows if r["_evidence"]]
+    if not want:
+        return
+    results = backend.generate([(r["query"], r["text"]) for r in want], stage.max_new_tokens, stage.temperature)
+    for r, res in zip(want, results):
+        if isinstance(res, Exception):
+            r["error"] = f"evidence failed: {_describe(res)}"
+        else:
+            r.update(contribution=res["contribution"], evidence=res["evidence"],
+                     evidence_truncated=res["truncated"], generation=res["text"])
+
+
+def finish_bucket(rows: list[dict], stage: Stage, started: float) -> pa.Table:
+    """Writes the bucket's output file and returns the one-row summary the driver counts."""
+    schema = output_schema(stage.qid_type, stage.did_type, evidence=stage.evidence_top_k is not None)
+    table = pa.Table.from_pylist([{f: r[f] for f in schema.names} for r in rows], schema=schema)
+    bucket = rows[0]["_bucket"]
+    OutputStore(stage.output).write_bucket(bucket, table, stage.metadata)
+    return pa.table({
+        "bucket": [bucket], "pairs": [len(rows)],
+        "failed": [sum(r["error"] is not None for r in rows)],
+        "tokens": [sum(r["num_tokens"] or 0 for r in rows)],
+        "evidence": [sum(bool(r.get("_evidence")) and r.get("generation") is not None for r in rows)],
+        "seconds": [time.monotonic() - started],
+    })
+
+
+class ScoreActor:
+    """map_groups UDF over buckets: score + rank; write the bucket unless evidence comes next."""
+
+    def __init__(self, model: dict, stage: Stage):
+        self.stage = stage
+        cfg = ModelConfig.model_validate(model)
+        self.backend = (ServeBackend(cfg, "scorer", stage.serve_app) if stage.serve_app
+                        else EngineBackend(cfg, "scorer"))
+
+    def __call__(self, pairs: pa.Table) -> pa.Table:
+        started = time.monotonic()
+        scored = score_bucket(pairs, self.backend, self.stage)
+        if self.stage.evidence_top_k is None:
+            rows = [{**p, **{k: v[i] for k, v in scored.items()}} for i, p in enumerate(pairs.to_pylist())]
+            return finish_bucket(rows, self.stage, started)
+        # Evidence comes next: keep the text only where it will be read.
+        keep = scored["_evidence"]
+        texts = [t if k else None for t, k in zip(pairs.column("text").to_pylist(), keep)]
+        table = pairs.set_column(pairs.schema.get_field_index("text"), "text", pa.array(texts, pa.string()))
+        table = table.drop_columns(["_error"])
+        for key, values in scored.items():
+            table = table.append_column(key, pa.array(values, _SCORED_TYPES[key]))
+        return table
+
+
+_SCORED_TYPES: dict[str, pa.DataType] = {
+    "score": pa.float64(), "logit": pa.float64(), "truncated": pa.bool_(), "num_tokens": pa.int32(),
+    "error": pa.string(), "rank": pa.int32(), "_evidence": pa.bool_(),
+}
+
+
+class EvidenceActor:
+    """map_groups UDF over scored buckets: evidence for the marked rows, then write the bucket."""
+
+    def __init__(self, model: dict, stage: Stage):
+        self.stage = stage
+        cfg = ModelConfig.model_validate(model)
+        self.backend = (ServeBackend(cfg, "evidence", stage.serve_app) if stage.serve_app
+                        else EngineBackend(cfg, "evidence"))
+
+    def __call__(self, scored: pa.Table) -> pa.Table:
+        started = time.monotonic()
+        rows = scored.to_pylist()
+        add_evidence(rows, self.backend, self.stage)
+        return finish_bucket(rows, self.stage, started)
