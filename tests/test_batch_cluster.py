@@ -1,0 +1,71 @@
+"""A batch job survives losing a worker node: a head and two worker nodes on this machine."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from prism_ray.batch import BatchConfig, run_batch
+
+from batch_data import long_rows, write_files
+
+
+@pytest.fixture(scope="module")
+def three_nodes():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    store = 96 * 1024**2
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": store})
+    workers = [cluster.add_node(num_cpus=3, object_store_memory=store) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster, workers
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def _scorer_nodes() -> set[str]:
+    from ray.util.state import list_actors
+
+    return {a.node_id for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+            if "ScoreActor" in (a.class_name or "")}
+
+
+def test_job_finishes_with_every_pair_once_after_a_worker_node_is_removed(three_nodes, tiny_ckpt, tmp_path):
+    cluster, workers = three_nodes
+    rows = long_rows(48, 8)
+    write_files(pa.table(rows), tmp_path / "in", num_files=4)
+    out = tmp_path / "out"
+    cfg = BatchConfig(input=str(tmp_path / "in"), output=str(out), model=str(tiny_ckpt), dtype="float32",
+                      pairs_per_file=16, scorer_actors={"min": 2, "max": 2})
+    result: dict = {}
+
+    def run():
+        try:
+            result["summary"] = run_batch(cfg, progress=False)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            result["error"] = exc
+
+    job = threading.Thread(target=run, daemon=True)
+    job.start()
+    deadline = time.monotonic() + 240
+    while not list(out.glob("part-*.parquet")) and job.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert job.is_alive(), f"the job ended before a node could be removed: {result}"
+    busy = _scorer_nodes()
+    victim = next((w for w in workers if w.node_id in busy), None)
+    assert victim is not None, "no scorer actor is running on a worker node"
+    written_before = len(list(out.glob("part-*.parquet")))
+    cluster.remove_node(victim)
+    job.join(timeout=420)
+    assert not job.is_alive(), "the job did not finish after losing a node"
+    assert "error" not in result, result.get("error")
+    assert written_before < 48, "every bucket was written before the node went away"
+    keys = [(r["query_id"], r["doc_id"]) for r in pq.read_table(out).select(["query_id", "doc_id"]).to_pylist()]
+    assert len(keys) == len(set(keys))
+    assert set(keys) == set(zip(rows["query_id"], rows["doc_id"]))
