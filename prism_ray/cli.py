@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -191,13 +192,16 @@ def cmd_batch(args) -> None:
     import ray
 
     from prism_ray.batch import run_batch
+    from prism_ray.batch.config import resolve_model
     from prism_ray.batch.rows import InputError
     from prism_ray.batch.store import OutputMismatch
     from prism_ray.config import ConfigFileError
 
     cfg = batch_config_from_args(args)
-    ray.init(address=args.address, log_to_driver=False)
     try:
+        resolve_model(cfg)  # a config mistake is reported before a cluster starts
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # our progress bar and summary say enough
+        ray.init(address=args.address, log_to_driver=False)
         summary = run_batch(cfg, progress=not args.no_progress)
     except (InputError, OutputMismatch, ConfigFileError) as exc:
         raise UsageError(str(exc)) from None

@@ -70,3 +70,44 @@ def test_demo_says_weights_are_random(tiny_ckpt):
     assert "RANDOM weights" in proc.stdout
     assert "infgrad/Prism-Qwen3.5-Reranker-0.8B" in proc.stdout
     assert proc.stdout.count("score=") == 2
+
+
+def _batch_args(*args):
+    from prism_ray.cli import build_parser
+
+    return build_parser().parse_args(["batch", *args])
+
+
+def test_batch_flags_override_the_job_file_and_reuse_the_serve_config(monkeypatch):
+    from pathlib import Path
+
+    from prism_ray.batch.config import resolve_model
+    from prism_ray.cli import batch_config_from_args
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    cfg = batch_config_from_args(_batch_args("--config", "jobs/example.yaml", "--output", "/tmp/elsewhere",
+                                             "--evidence-top-k", "5", "--query-column", "question"))
+    assert cfg.output == "/tmp/elsewhere" and cfg.input == "data/pairs/"
+    assert cfg.evidence.top_k == 5 and cfg.evidence.max_new_tokens == 128
+    assert cfg.columns.query == "question" and cfg.columns.text == "text"
+    model = resolve_model(cfg)
+    assert model.name == "prism-tiny" and model.scorer.ray_actor_options == {"num_cpus": 0.25}
+    assert cfg.scorer_actors.resolve(model.scorer) == (1, 2)
+    # Without --config or --serve-config, a model name is looked up in deployments/local.yaml.
+    plain = batch_config_from_args(_batch_args("--model", "0.8b", "--input", "in/", "--output", "out/"))
+    assert plain.serve_config == "deployments/local.yaml" and resolve_model(plain).name == "prism-tiny"
+    assert plain.scorer_actors.resolve(resolve_model(plain).scorer) == (1, 2)
+    assert plain.evidence is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--input", "in/", "--model", "m"], "batch.output: Field required"),
+    (["--input", "in/", "--output", "o/", "--model", "m", "--scorer-actors", "two"], "--scorer-actors must be N or MIN:MAX"),
+    (["--input", "in/", "--output", "o/", "--model", "m", "--evidence-top-k", "0"], "batch.evidence.top_k: Input should be greater than or equal to 1"),
+    (["--config", "nope.yaml"], "cannot read nope.yaml"),
+    (["--input", "in/", "--output", "o/", "--model", "huge", "--serve-config", "deployments/local.yaml"], "model 'huge' is not in deployments/local.yaml"),
+])
+def test_batch_mistakes_are_one_line_and_exit_2(args, message):
+    proc = run("batch", *args, "--no-progress")
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr

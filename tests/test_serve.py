@@ -371,3 +371,32 @@ def test_saturated_tier_is_503_with_retry_after(server, tiny_ckpt):
         assert rejected.headers["retry-after"] == "1" and "saturated" in rejected.json()["message"]
     finally:
         serve.delete("saturated")
+
+
+def test_batch_job_through_the_serve_app_equals_actor_mode(server, tiny_ckpt, tmp_path):
+    """`--serve-app`: the job's batches go to the app's scorer and evidence deployments."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from prism_ray.batch import BatchConfig, run_batch
+    from prism_ray.batch.rows import InputError
+
+    from batch_data import long_rows, write_files
+
+    rows = long_rows(4, 5)
+    write_files(pa.table(rows), tmp_path / "in", num_files=2)
+    common = {"input": str(tmp_path / "in"), "evidence": {"top_k": 1, "max_new_tokens": 8}, "pairs_per_file": 10}
+    served = run_batch(BatchConfig(output=str(tmp_path / "served"), model="prism-tiny", serve_app="prism", **common),
+                       progress=False)
+    run_batch(BatchConfig(output=str(tmp_path / "actors"), model=str(tiny_ckpt), dtype="float32", **common),
+              progress=False)
+    assert served.pairs == 20 and served.evidence == 4 and served.failed == 0
+    a = {(r["query_id"], r["doc_id"]): r for r in pq.read_table(tmp_path / "served").to_pylist()}
+    b = {(r["query_id"], r["doc_id"]): r for r in pq.read_table(tmp_path / "actors").to_pylist()}
+    assert set(a) == set(b) == set(zip(rows["query_id"], rows["doc_id"]))
+    for key in a:
+        assert abs(a[key]["score"] - b[key]["score"]) <= TOL and a[key]["rank"] == b[key]["rank"]
+        assert a[key]["generation"] == b[key]["generation"]
+    with pytest.raises(InputError, match="no deployment prism-qwen3-evidence"):
+        run_batch(BatchConfig(output=str(tmp_path / "x"), model="prism-qwen3", serve_app="prism", **common),
+                  progress=False)

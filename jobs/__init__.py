@@ -1,0 +1,1 @@
+"""Ray Data batch entrypoints; the logic lives in `prism_ray.batch`."""
