@@ -28,6 +28,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_engines.py
 	$(PY) benchmarks/bench_engines.py --evidence
 	$(PY) benchmarks/bench_serve.py
+	$(PY) benchmarks/bench_batch.py
 
 clean:
 	rm -rf $(VENV) checkpoints

@@ -4,7 +4,10 @@
 
 Scorer tier only, `bench` preset (built on first use), one replica with the same torch thread
 count as the in-process engine. Each request: one query, 20 documents of 60-180 words of real
-English text. Prints throughput, p50/p99 latency, and the Serve path's single-request overhead.
+English text. Prints throughput, p50/p99 latency, and the Serve path's single-request overhead: the
+end-to-end latency minus the replica's own engine time, which the router reports per request in a
+`Server-Timing: scorer;dur=<ms>` header. The in-process engine is also timed while the Serve cluster
+sits idle, which shows what Ray's own processes cost the compute on a small machine.
 """
 
 from __future__ import annotations
@@ -58,6 +61,18 @@ def main() -> None:
     docs = documents(20)
     bodies = [{"query": QUERIES[i % len(QUERIES)], "documents": docs} for i in range(args.requests)]
 
+    torch.set_num_threads(args.threads)
+    engine = ScoreEngine(load_model(ckpt, dtype="float32"))
+    engine.score_pairs(bodies[0]["query"], docs)  # warm-up
+
+    def engine_singles(items) -> list[float]:
+        times = []
+        for body in items:
+            t0 = time.perf_counter()
+            engine.score_pairs(body["query"], body["documents"])
+            times.append(time.perf_counter() - t0)
+        return times
+
     import ray
     from ray import serve
 
@@ -76,16 +91,20 @@ def main() -> None:
     try:
         with httpx.Client(timeout=600) as c:
             c.post(url, json=bodies[0]).raise_for_status()  # warm-up
-            single = []
+            single, replica = [], []  # end-to-end latency; the replica's own engine time (Server-Timing)
             for body in bodies[: args.single]:
                 t0 = time.perf_counter()
-                c.post(url, json=body).raise_for_status()
+                resp = c.post(url, json=body).raise_for_status()
                 single.append(time.perf_counter() - t0)
-            tiny = []  # a one-document request: mostly the fixed cost of the HTTP + Serve path
+                replica.append(float(resp.headers["server-timing"].split("dur=")[1]) / 1000)
+            tiny, tiny_replica = [], []  # a one-document request: mostly the fixed cost of the HTTP + Serve path
             for _ in range(args.single):
                 t0 = time.perf_counter()
-                c.post(url, json=TINY_BODY).raise_for_status()
+                resp = c.post(url, json=TINY_BODY).raise_for_status()
                 tiny.append(time.perf_counter() - t0)
+                tiny_replica.append(float(resp.headers["server-timing"].split("dur=")[1]) / 1000)
+        # The same engine in this process while the cluster sits idle: what Ray's own processes cost it.
+        engine_up = engine_singles(bodies[: args.single])
 
         async def load():
             latencies: list[float] = []
@@ -106,37 +125,31 @@ def main() -> None:
         serve.shutdown()
         ray.shutdown()
 
-    torch.set_num_threads(args.threads)
-    engine = ScoreEngine(load_model(ckpt, dtype="float32"))
-    engine.score_pairs(bodies[0]["query"], docs)  # warm-up
-    engine_single = []
-    for body in bodies[: args.single]:
-        t0 = time.perf_counter()
-        engine.score_pairs(body["query"], body["documents"])
-        engine_single.append(time.perf_counter() - t0)
+    engine_single = engine_singles(bodies[: args.single])
     t0 = time.perf_counter()
     for body in bodies:
         engine.score_pairs(body["query"], body["documents"])
     engine_time = time.perf_counter() - t0
-    engine_tiny = []
-    for _ in range(args.single):
-        t0 = time.perf_counter()
-        engine.score_pairs(TINY_BODY["query"], TINY_BODY["documents"])
-        engine_tiny.append(time.perf_counter() - t0)
+    engine_tiny = engine_singles([TINY_BODY] * args.single)
 
+    med = statistics.median
+    ms = lambda x: f"{1000 * x:.0f} ms"  # noqa: E731
     pairs = sum(len(b["documents"]) for b in bodies)
     print(f"checkpoint: {ckpt}  dtype: float32  torch threads: {args.threads}  "
           f"requests: {len(bodies)} x 20 documents  clients: {args.clients}")
     print(f"  HTTP (Serve, 1 scorer replica): {pairs / http_time:7.2f} pairs/s  "
-          f"p50 {1000 * percentile(latencies, 0.5):.0f} ms  p99 {1000 * percentile(latencies, 0.99):.0f} ms")
+          f"p50 {ms(percentile(latencies, 0.5))}  p99 {ms(percentile(latencies, 0.99))}")
     print(f"  ScoreEngine in-process:         {pairs / engine_time:7.2f} pairs/s")
     print(f"  HTTP / in-process throughput = {100 * engine_time / http_time:.0f}%")
-    overhead = statistics.median(single) - statistics.median(engine_single)
-    print(f"  single request: HTTP median {1000 * statistics.median(single):.0f} ms, engine median "
-          f"{1000 * statistics.median(engine_single):.0f} ms, Serve overhead {1000 * overhead:.0f} ms")
-    tiny_overhead = statistics.median(tiny) - statistics.median(engine_tiny)
-    print(f"  one-document request: HTTP median {1000 * statistics.median(tiny):.0f} ms, engine median "
-          f"{1000 * statistics.median(engine_tiny):.0f} ms, Serve overhead {1000 * tiny_overhead:.0f} ms")
+    print(f"  single 20-document request ({args.single} sequential):")
+    print(f"    HTTP median {ms(med(single))}; the replica's engine time (Server-Timing) median {ms(med(replica))}")
+    print(f"    Serve path overhead (HTTP - replica engine time, median over requests): "
+          f"{ms(med([a - b for a, b in zip(single, replica)]))}")
+    print(f"    in-process engine median: {ms(med(engine_single))} with Ray down, {ms(med(engine_up))} with the "
+          f"Serve cluster up and idle; HTTP - in-process (Ray down): {ms(med(single) - med(engine_single))}")
+    print(f"  one-document request: HTTP median {ms(med(tiny))}, replica engine {ms(med(tiny_replica))}, "
+          f"Serve path overhead {ms(med([a - b for a, b in zip(tiny, tiny_replica)]))}; "
+          f"in-process engine {ms(med(engine_tiny))}")
 
 
 if __name__ == "__main__":

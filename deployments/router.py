@@ -19,7 +19,7 @@ from ray import serve
 from prism_ray import metrics
 from prism_ray.api import (
     CohereRerankRequest, JinaRerankRequest, RankedDocument, RerankJob, TeiRerankRequest, job_from_cohere,
-    job_from_jina, job_from_tei, render,
+    job_from_jina, job_from_tei, render, server_timing,
 )
 from prism_ray.config import AppConfig, ModelConfig
 from prism_ray.prompt import PromptTooLong
@@ -182,7 +182,8 @@ class Router:
             ranked = await self._rank(job, model)
             await self._add_evidence(job, model, ranked)
             metrics.count("prism_requests_total", model=model.name, endpoint=endpoint, status="200")
-            return render(job, ranked, str(uuid.uuid4()), cascade=job.cascade is not None)
+            return JSONResponse(render(job, ranked, str(uuid.uuid4()), cascade=job.cascade is not None),
+                                headers={"Server-Timing": server_timing(ranked)})
         except ApiError as exc:
             metrics.count("prism_errors_total", kind=exc.kind, model=model.name if model else "")
             raise
@@ -260,8 +261,8 @@ class Router:
     async def _score(self, model: ModelConfig, job: RerankJob, indices: list[int]) -> list[RankedDocument]:
         docs = [job.documents[i] for i in indices]
         results = await self.scorers[model.name].score.remote(job.query, docs, job.max_tokens_per_doc)
-        ranked = [RankedDocument(i, r["score"], r["logit"], r["num_tokens"], r["truncated"], model.name)
-                  for i, r in zip(indices, results)]
+        ranked = [RankedDocument(i, r["score"], r["logit"], r["num_tokens"], r["truncated"], model.name,
+                                 compute_ms=r["compute_ms"]) for i, r in zip(indices, results)]
         if not job.truncate:
             for r in ranked:
                 if r.truncated:

@@ -45,7 +45,8 @@ class Scorer:
         self._batched.set_batch_wait_timeout_s(tier.batch_wait_timeout_s)
 
     async def score(self, query: str, documents: list[str], max_doc_tokens: int | None = None) -> list[dict]:
-        """Per document: score, logit, num_tokens, truncated — in the documents' order."""
+        """Per document: score, logit, num_tokens, truncated — in the documents' order — and compute_ms,
+        the wall time of the engine call that scored it (the router reports it as Server-Timing)."""
         prompts = self.engine.prompts
         prefix = prompts.prefix(query)
         sizes = [prompts.encode(query, d, prefix=prefix, max_doc_tokens=max_doc_tokens).num_tokens for d in documents]
@@ -66,7 +67,12 @@ class Scorer:
         for item in items:
             metrics.observe("prism_queue_wait_seconds", now - item.enqueued, metrics.SECONDS_BUCKETS, model=name, tier="scorer")
         metrics.observe("prism_batch_pairs", sum(len(i.documents) for i in items), metrics.SIZE_BUCKETS, model=name, tier="scorer")
+        started = time.perf_counter()
         results = await asyncio.get_running_loop().run_in_executor(self._compute, self._score_items, items)
+        compute_ms = 1000 * (time.perf_counter() - started)
+        for item_results in results:
+            for r in item_results:
+                r["compute_ms"] = compute_ms
         metrics.count("prism_pairs_scored_total", sum(len(r) for r in results), model=name)
         metrics.count("prism_tokens_total", sum(x["num_tokens"] for r in results for x in r), model=name, tier="scorer")
         return results

@@ -132,6 +132,7 @@ class RankedDocument:
     evidence_truncated: bool | None = None
     generated_text: str | None = None
     has_evidence: bool = False
+    compute_ms: float = 0.0  # wall time of the scorer's engine call that scored this document
 
     def prism_fields(self) -> dict:
         out: dict = {}
@@ -165,3 +166,12 @@ def render(job: RerankJob, ranked: list[RankedDocument], request_id: str, cascad
                 "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1},
                          "tokens": {"input_tokens": tokens, "output_tokens": 0}}}
     return {"model": job.model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}, "results": results}
+
+
+def server_timing(ranked: list[RankedDocument]) -> str:
+    """A Server-Timing header value: the scorer's engine time for this request (the slowest batch of
+    each model that scored it), so a client can tell compute from the serving path's own cost."""
+    per_model: dict[str, float] = {}
+    for r in ranked:
+        per_model[r.model] = max(per_model.get(r.model, 0.0), r.compute_ms)
+    return f"scorer;dur={sum(per_model.values()):.1f}"

@@ -133,6 +133,14 @@ def test_tei_shape(client, tiny_engine):
     assert all("text" not in r and 0 < r["score"] < 1 for r in plain)
 
 
+def test_server_timing_reports_the_scorer_engine_time(client):
+    t0 = time.perf_counter()
+    resp = client.post("/v2/rerank", json={"query": QUERY, "documents": DOCS})
+    elapsed_ms = 1000 * (time.perf_counter() - t0)
+    name, _, dur = resp.headers["server-timing"].partition(";dur=")
+    assert name == "scorer" and 0 < float(dur) < elapsed_ms
+
+
 def test_tei_truncate_false_refuses_long_documents(client):
     long_doc = " ".join(english_texts(4, 200, 200))
     refused = client.post("/rerank", json={"query": QUERY, "texts": ["short", long_doc], "truncate": False})

@@ -62,6 +62,7 @@ class BatchConfig(_Strict):
     output: str = Field(min_length=1, description="directory for the output parquet dataset")
     model: str = Field(min_length=1, description="a model name or size from serve_config, a local dir, or a hub id")
     serve_config: str | None = Field(default=None, description="Serve config file whose model settings to reuse")
+    models: list[ModelConfig] = Field(default_factory=list, description="models inline, as in a Serve app's args")
     dtype: str = Field(default="auto", description="when `model` is a dir or hub id")
     layout: Literal["auto", "long", "wide"] = "auto"
     columns: ColumnNames = Field(default_factory=ColumnNames)
@@ -74,11 +75,11 @@ class BatchConfig(_Strict):
 
 
 def resolve_model(cfg: BatchConfig) -> ModelConfig:
-    """The job's ModelConfig: from the Serve config file when there is one, else a dir or hub id."""
+    """The job's ModelConfig: inline `models` or the Serve config file by name/path/size, else a dir or hub id."""
+    models = [*cfg.models, *(serve_config_models(cfg.serve_config) if cfg.serve_config else [])]
+    found = find_model(models, cfg.model)
+    if found is not None:
+        return found.model_copy(deep=True)
     if cfg.serve_config:
-        models = serve_config_models(cfg.serve_config)
-        found = find_model(models, cfg.model)
-        if found is not None:
-            return found
         raise ConfigFileError(f"model {cfg.model!r} is not in {cfg.serve_config}; its models: {[m.name for m in models]}")
     return ModelConfig(name=Path(cfg.model).name or cfg.model, model=cfg.model, dtype=cfg.dtype)

@@ -27,6 +27,7 @@ from prism_ray.batch.work import EvidenceActor, ScoreActor, Stage
 from prism_ray.config import ModelConfig
 
 SERVE_CLIENT_OPTIONS = {"num_cpus": 0.25}  # an actor that only holds deployment handles
+MAX_SHUFFLE_PARTITIONS = 64  # a partition holds whole buckets; more only adds shuffle tasks
 
 
 @dataclass
@@ -77,17 +78,16 @@ def run_batch(cfg: BatchConfig, progress: bool = True) -> Summary:
         "cols": cols, "layout": layout, "num_buckets": job["num_buckets"], "qid_type": qid_type,
         "did_type": did_type, "skip": frozenset(done)})
     spec = model.model_dump(mode="json")
-    out = pairs.groupby("_bucket").map_groups(
-        ScoreActor, fn_constructor_args=(spec, stage), batch_format="pyarrow", concurrency=scorer_range,
+    partitions = min(job["num_buckets"], MAX_SHUFFLE_PARTITIONS)
+    out = pairs.groupby("_bucket", num_partitions=partitions).map_groups(
+        ScoreActor, fn_constructor_args=(spec, stage), batch_format="pyarrow", compute=_pool(scorer_range),
         **_actor_options(model.scorer, cfg.serve_app))
     if cfg.evidence:
-        if model.evidence is None and not cfg.serve_app:
-            raise InputError(f"model {model.name!r} has no evidence tier configured, so it cannot generate evidence")
-        out = out.groupby("_bucket").map_groups(
+        out = out.groupby("_bucket", num_partitions=partitions).map_groups(
             EvidenceActor, fn_constructor_args=(spec, stage), batch_format="pyarrow",
-            concurrency=cfg.evidence_actors.resolve(model.evidence),
+            compute=_pool(cfg.evidence_actors.resolve(model.evidence)),
             **_actor_options(model.evidence, cfg.serve_app))
-    summary = Summary(output=cfg.output, skipped=sum(done.values()))
+    summary = Summary(output=store.location, skipped=sum(done.values()))
     started = time.monotonic()
     bar = _progress_bar(progress, _rows_to_do(ds, layout, sum(done.values())))
     for row in out.iter_rows():
@@ -109,7 +109,10 @@ def _prepare_model(cfg: BatchConfig) -> ModelConfig:
     model = resolve_model(cfg)
     if cfg.serve_app:
         _check_serve_app(cfg.serve_app, model, evidence=cfg.evidence is not None)
-    elif model.build_preset or Path(model.model).exists():
+        return model
+    if cfg.evidence and model.evidence is None:
+        raise InputError(f"model {model.name!r} has no evidence tier configured, so it cannot generate evidence")
+    if model.build_preset or Path(model.model).exists():
         # Actors may start elsewhere: pin local paths; build a test checkpoint here, once.
         model.model = str(Path(model.model).resolve())
         model.ensure_checkpoint()
@@ -162,6 +165,12 @@ def _job_record(cfg: BatchConfig, model: ModelConfig, layout: str, num_buckets: 
         "evidence": cfg.evidence.model_dump() if cfg.evidence else None,
         "num_buckets": num_buckets, "prism_ray_version": __version__,
     }
+
+
+def _pool(size: tuple[int, int]):
+    import ray.data
+
+    return ray.data.ActorPoolStrategy(min_size=size[0], max_size=size[1])
 
 
 def _actor_options(tier, serve_app: str | None) -> dict:

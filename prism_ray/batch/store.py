@@ -39,6 +39,11 @@ class OutputStore:
         else:
             self.fs, self.root = pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
 
+    @property
+    def location(self) -> str:
+        """Where the output is, as a user would type it (an absolute path for local output)."""
+        return self.uri if "://" in self.uri else self.root
+
     def _path(self, name: str) -> str:
         return f"{self.root.rstrip('/')}/{name}"
 

@@ -157,17 +157,23 @@ def add_evidence(rows: list[dict], backend, stage: Stage) -> None:
 
 def finish_bucket(rows: list[dict], stage: Stage, started: float) -> pa.Table:
     """Writes the bucket's output file and returns the one-row summary the driver counts."""
+    if not rows:
+        return SUMMARY_SCHEMA.empty_table()
     schema = output_schema(stage.qid_type, stage.did_type, evidence=stage.evidence_top_k is not None)
     table = pa.Table.from_pylist([{f: r[f] for f in schema.names} for r in rows], schema=schema)
     bucket = rows[0]["_bucket"]
     OutputStore(stage.output).write_bucket(bucket, table, stage.metadata)
-    return pa.table({
-        "bucket": [bucket], "pairs": [len(rows)],
-        "failed": [sum(r["error"] is not None for r in rows)],
-        "tokens": [sum(r["num_tokens"] or 0 for r in rows)],
-        "evidence": [sum(bool(r.get("_evidence")) and r.get("generation") is not None for r in rows)],
-        "seconds": [time.monotonic() - started],
-    })
+    return pa.Table.from_pylist([{
+        "bucket": bucket, "pairs": len(rows),
+        "failed": sum(r["error"] is not None for r in rows),
+        "tokens": sum(r["num_tokens"] or 0 for r in rows),
+        "evidence": sum(bool(r.get("_evidence")) and r.get("generation") is not None for r in rows),
+        "seconds": time.monotonic() - started,
+    }], schema=SUMMARY_SCHEMA)
+
+
+SUMMARY_SCHEMA = pa.schema([("bucket", pa.int64()), ("pairs", pa.int64()), ("failed", pa.int64()),
+                            ("tokens", pa.int64()), ("evidence", pa.int64()), ("seconds", pa.float64())])
 
 
 class ScoreActor:
