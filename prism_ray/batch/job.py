@@ -68,7 +68,7 @@ def run_batch(cfg: BatchConfig, progress: bool = True) -> Summary:
     job = _job_record(cfg, model, layout, num_buckets=_num_buckets(ds, layout, cols, cfg, scorer_range[1]))
     job = store.start(job)
     done = store.done()
-    stage = Stage(output=cfg.output, metadata=job, qid_type=qid_type, did_type=did_type,
+    stage = Stage(output=store.location, metadata=job, qid_type=qid_type, did_type=did_type,
                   evidence_top_k=cfg.evidence.top_k if cfg.evidence else None,
                   evidence_min_score=cfg.evidence.min_score if cfg.evidence else None,
                   max_new_tokens=cfg.evidence.max_new_tokens if cfg.evidence else 256,
@@ -160,7 +160,8 @@ def _rows_to_do(ds, layout: str, skipped: int) -> int | None:
 def _job_record(cfg: BatchConfig, model: ModelConfig, layout: str, num_buckets: int) -> dict:
     """What the output's manifest and every file's parquet metadata say about the run."""
     return {
-        "input": cfg.input, "layout": layout, "columns": cfg.columns.model_dump(),
+        "input": cfg.input if "://" in cfg.input else str(Path(cfg.input).expanduser().resolve()),
+        "layout": layout, "columns": cfg.columns.model_dump(),
         "model": model.name, "checkpoint": model.model, "dtype": model.dtype, "max_length": model.max_length,
         "evidence": cfg.evidence.model_dump() if cfg.evidence else None,
         "num_buckets": num_buckets, "prism_ray_version": __version__,
