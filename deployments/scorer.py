@@ -15,15 +15,21 @@ from ray import serve
 from prism_ray import metrics
 from deployments.threads import compute_thread
 from prism_ray.config import ModelConfig, TierConfig
+from prism_ray.prompt import EncodedPair
 
 
 @dataclass
 class _Item:
-    query: str
-    documents: list[str]
-    tokens: int
-    max_doc_tokens: int | None
+    """Some documents of one request, already tokenized (sizing the batch needs the token counts, and
+    the engine then reuses the encoding)."""
+
+    prefix: list[int]
+    pairs: list[EncodedPair]
     enqueued: float = field(default_factory=time.monotonic)
+
+    @property
+    def tokens(self) -> int:
+        return sum(p.num_tokens for p in self.pairs)
 
 
 def _tokens(items: list[_Item]) -> int:
@@ -49,14 +55,14 @@ class Scorer:
         the wall time of the engine call that scored it (the router reports it as Server-Timing)."""
         prompts = self.engine.prompts
         prefix = prompts.prefix(query)
-        sizes = [prompts.encode(query, d, prefix=prefix, max_doc_tokens=max_doc_tokens).num_tokens for d in documents]
+        pairs = [prompts.encode(query, d, prefix=prefix, max_doc_tokens=max_doc_tokens) for d in documents]
         items, start, acc = [], 0, 0
-        for i, n in enumerate(sizes):
-            if i > start and acc + n > self.config.scorer.max_batch_tokens:
-                items.append(_Item(query, documents[start:i], acc, max_doc_tokens))
+        for i, pair in enumerate(pairs):
+            if i > start and acc + pair.num_tokens > self.config.scorer.max_batch_tokens:
+                items.append(_Item(prefix, pairs[start:i]))
                 start, acc = i, 0
-            acc += n
-        items.append(_Item(query, documents[start:], acc, max_doc_tokens))
+            acc += pair.num_tokens
+        items.append(_Item(prefix, pairs[start:]))
         parts = await asyncio.gather(*(self._batched(item) for item in items))
         return [r for part in parts for r in part]
 
@@ -66,7 +72,7 @@ class Scorer:
         name = self.config.name
         for item in items:
             metrics.observe("prism_queue_wait_seconds", now - item.enqueued, metrics.SECONDS_BUCKETS, model=name, tier="scorer")
-        metrics.observe("prism_batch_pairs", sum(len(i.documents) for i in items), metrics.SIZE_BUCKETS, model=name, tier="scorer")
+        metrics.observe("prism_batch_pairs", sum(len(i.pairs) for i in items), metrics.SIZE_BUCKETS, model=name, tier="scorer")
         started = time.perf_counter()
         results = await asyncio.get_running_loop().run_in_executor(self._compute, self._score_items, items)
         compute_ms = 1000 * (time.perf_counter() - started)
@@ -78,15 +84,14 @@ class Scorer:
         return results
 
     def _score_items(self, items: list[_Item]) -> list[list[dict]]:
-        """Items of one query (and truncation) become one engine group: its prefix runs once."""
-        groups: dict[tuple, list[int]] = {}
+        """Items of one query (same prefix tokens) become one engine call: its prefix runs once."""
+        groups: dict[tuple[int, ...], list[int]] = {}
         for idx, item in enumerate(items):
-            groups.setdefault((item.query, item.max_doc_tokens), []).append(idx)
+            groups.setdefault(tuple(item.prefix), []).append(idx)
         out: list[list[dict]] = [[] for _ in items]
-        for (query, max_doc_tokens), idxs in groups.items():
-            docs = [d for i in idxs for d in items[i].documents]
-            res = iter(self.engine.score([(query, docs)], max_doc_tokens=max_doc_tokens)[0])
+        for prefix, idxs in groups.items():
+            res = iter(self.engine.score_encoded(list(prefix), [p for i in idxs for p in items[i].pairs]))
             for i in idxs:
                 out[i] = [{"score": r.score, "logit": r.logit, "num_tokens": r.num_tokens, "truncated": r.truncated}
-                          for r, _ in zip(res, items[i].documents)]
+                          for r, _ in zip(res, items[i].pairs)]
         return out

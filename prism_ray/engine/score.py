@@ -85,7 +85,15 @@ class ScoreEngine:
     def _score_group(self, query: str, docs: Sequence[str], max_doc_tokens: int | None) -> list[ScoreResult]:
         prompts = self.loaded.prompts
         prefix = prompts.prefix(query)
-        pairs = [prompts.encode(query, d, prefix=prefix, max_doc_tokens=max_doc_tokens) for d in docs]
+        return self.score_encoded(prefix, [prompts.encode(query, d, prefix=prefix, max_doc_tokens=max_doc_tokens)
+                                           for d in docs])
+
+    @torch.inference_mode()
+    def score_encoded(self, prefix: list[int], pairs: Sequence[EncodedPair]) -> list[ScoreResult]:
+        """Scores pairs of one query that the caller already encoded (`prompts.encode(..., prefix=prefix)`).
+
+        For callers that tokenize anyway, such as a Serve replica sizing its batches by tokens.
+        """
         state = prefix_state(self.loaded, prefix)
         logits: list[float] = [0.0] * len(pairs)
         tails = [state.tail(p.ids) for p in pairs]
