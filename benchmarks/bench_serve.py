@@ -5,8 +5,8 @@
 Scorer tier only, `bench` preset (built on first use), one replica with the same torch thread
 count as the in-process engine. Each request: one query, 20 documents of 60-180 words of real
 English text. Prints throughput, p50/p99 latency, and the Serve path's single-request overhead: the
-end-to-end latency minus the replica's own engine time, which the router reports per request in a
-`Server-Timing: scorer;dur=<ms>` header. The in-process engine is also timed while the Serve cluster
+end-to-end latency minus the replica's own compute (tokenizing + engine, what ScoreEngine.score does
+in-process), which the router reports per request in a `Server-Timing: scorer;dur=<ms>` header. The in-process engine is also timed while the Serve cluster
 sits idle, which shows what Ray's own processes cost the compute on a small machine.
 """
 
@@ -91,7 +91,7 @@ def main() -> None:
     try:
         with httpx.Client(timeout=600) as c:
             c.post(url, json=bodies[0]).raise_for_status()  # warm-up
-            single, replica = [], []  # end-to-end latency; the replica's own engine time (Server-Timing)
+            single, replica = [], []  # end-to-end latency; the replica's own compute (Server-Timing)
             for body in bodies[: args.single]:
                 t0 = time.perf_counter()
                 resp = c.post(url, json=body).raise_for_status()
@@ -142,12 +142,13 @@ def main() -> None:
     print(f"  ScoreEngine in-process:         {pairs / engine_time:7.2f} pairs/s")
     print(f"  HTTP / in-process throughput = {100 * engine_time / http_time:.0f}%")
     print(f"  single 20-document request ({args.single} sequential):")
-    print(f"    HTTP median {ms(med(single))}; the replica's engine time (Server-Timing) median {ms(med(replica))}")
-    print(f"    Serve path overhead (HTTP - replica engine time, median over requests): "
+    print(f"    HTTP median {ms(med(single))}; replica compute (tokenizing + engine, Server-Timing) median "
+          f"{ms(med(replica))}")
+    print(f"    Serve path overhead (HTTP - replica compute, median over requests): "
           f"{ms(med([a - b for a, b in zip(single, replica)]))}")
     print(f"    in-process engine median: {ms(med(engine_single))} with Ray down, {ms(med(engine_up))} with the "
           f"Serve cluster up and idle; HTTP - in-process (Ray down): {ms(med(single) - med(engine_single))}")
-    print(f"  one-document request: HTTP median {ms(med(tiny))}, replica engine {ms(med(tiny_replica))}, "
+    print(f"  one-document request: HTTP median {ms(med(tiny))}, replica compute {ms(med(tiny_replica))}, "
           f"Serve path overhead {ms(med([a - b for a, b in zip(tiny, tiny_replica)]))}; "
           f"in-process engine {ms(med(engine_tiny))}")
 

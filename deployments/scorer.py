@@ -51,11 +51,14 @@ class Scorer:
         self._batched.set_batch_wait_timeout_s(tier.batch_wait_timeout_s)
 
     async def score(self, query: str, documents: list[str], max_doc_tokens: int | None = None) -> list[dict]:
-        """Per document: score, logit, num_tokens, truncated — in the documents' order — and compute_ms,
-        the wall time of the engine call that scored it (the router reports it as Server-Timing)."""
+        """Per document: score, logit, num_tokens, truncated — in the documents' order — and compute_ms:
+        tokenizing this request plus the engine call that scored the document, i.e. what ScoreEngine.score
+        does in-process (the router reports it as Server-Timing)."""
+        started = time.perf_counter()
         prompts = self.engine.prompts
         prefix = prompts.prefix(query)
         pairs = [prompts.encode(query, d, prefix=prefix, max_doc_tokens=max_doc_tokens) for d in documents]
+        tokenize_ms = 1000 * (time.perf_counter() - started)
         items, start, acc = [], 0, 0
         for i, pair in enumerate(pairs):
             if i > start and acc + pair.num_tokens > self.config.scorer.max_batch_tokens:
@@ -64,7 +67,10 @@ class Scorer:
             acc += pair.num_tokens
         items.append(_Item(prefix, pairs[start:]))
         parts = await asyncio.gather(*(self._batched(item) for item in items))
-        return [r for part in parts for r in part]
+        results = [r for part in parts for r in part]
+        for r in results:
+            r["compute_ms"] += tokenize_ms
+        return results
 
     @serve.batch(max_batch_size=4096, batch_wait_timeout_s=0.005, batch_size_fn=_tokens)
     async def _batched(self, items: list[_Item]) -> list[list[dict]]:

@@ -132,7 +132,7 @@ class RankedDocument:
     evidence_truncated: bool | None = None
     generated_text: str | None = None
     has_evidence: bool = False
-    compute_ms: float = 0.0  # wall time of the scorer's engine call that scored this document
+    compute_ms: float = 0.0  # the scorer's compute for it: tokenizing the request + the engine call
 
     def prism_fields(self) -> dict:
         out: dict = {}
@@ -169,8 +169,9 @@ def render(job: RerankJob, ranked: list[RankedDocument], request_id: str, cascad
 
 
 def server_timing(ranked: list[RankedDocument]) -> str:
-    """A Server-Timing header value: the scorer's engine time for this request (the slowest batch of
-    each model that scored it), so a client can tell compute from the serving path's own cost."""
+    """A Server-Timing header value: the scorer's compute for this request (tokenizing it and the
+    slowest engine call, per model that scored it), so a client can tell compute from the serving
+    path's own cost."""
     per_model: dict[str, float] = {}
     for r in ranked:
         per_model[r.model] = max(per_model.get(r.model, 0.0), r.compute_ms)
