@@ -160,7 +160,7 @@ def batch_config_from_args(args) -> "BatchConfig":
     evidence = {k: v for k, v in {"top_k": args.evidence_top_k, "min_score": args.evidence_min_score,
                                   "max_new_tokens": args.max_new_tokens}.items() if v is not None}
     try:
-        data = read_yaml(args.config) or {} if args.config else {}
+        data = (read_yaml(args.config) or {}) if args.config else {}
         if not isinstance(data, dict):
             raise UsageError(f"{args.config}: expected a mapping of job settings")
         data.update(flags)
