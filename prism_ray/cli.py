@@ -200,8 +200,10 @@ def cmd_batch(args) -> None:
     cfg = batch_config_from_args(args)
     try:
         resolve_model(cfg)  # a config mistake is reported before a cluster starts
-        logging.getLogger("ray.data").setLevel(logging.WARNING)  # our progress bar and summary say enough
         ray.init(address=args.address, log_to_driver=False)
+        import ray.data  # configures its loggers on import; quiet them after that
+
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # our progress bar and summary say enough
         summary = run_batch(cfg, progress=not args.no_progress)
     except (InputError, OutputMismatch, ConfigFileError) as exc:
         raise UsageError(str(exc)) from None
