@@ -96,8 +96,10 @@ class Scorer:
             groups.setdefault(tuple(item.prefix), []).append(idx)
         out: list[list[dict]] = [[] for _ in items]
         for prefix, idxs in groups.items():
-            res = iter(self.engine.score_encoded(list(prefix), [p for i in idxs for p in items[i].pairs]))
-            for i in idxs:
+            results = self.engine.score_encoded(list(prefix), [p for i in idxs for p in items[i].pairs])
+            start = 0
+            for i in idxs:  # each item takes back exactly as many results as it brought pairs
+                mine, start = results[start:start + len(items[i].pairs)], start + len(items[i].pairs)
                 out[i] = [{"score": r.score, "logit": r.logit, "num_tokens": r.num_tokens, "truncated": r.truncated}
-                          for r, _ in zip(res, items[i].pairs)]
+                          for r in mine]
         return out

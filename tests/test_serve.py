@@ -223,6 +223,24 @@ def test_concurrent_requests_equal_one_at_a_time(server, client):
             assert abs(r["relevance_score"] - serial[r["index"]]) <= TOL
 
 
+def test_requests_of_one_query_batched_together_each_get_their_own_scores(server, tiny_engine):
+    """Concurrent requests with the same query share one engine call in the scorer; each must get back
+    exactly its own documents' scores."""
+    docs = english_texts(24, 3, 12)
+    bodies = [{"query": QUERY, "documents": docs[i:i + 1 + i % 3]} for i in range(16)]
+
+    async def fire():
+        async with httpx.AsyncClient(base_url=server, timeout=300) as ac:
+            return await asyncio.gather(*(ac.post("/v2/rerank", json=b) for b in bodies))
+
+    for body, resp in zip(bodies, asyncio.run(fire())):
+        expected = tiny_engine.score_pairs(QUERY, body["documents"])
+        results = resp.json()["results"]
+        assert sorted(r["index"] for r in results) == list(range(len(body["documents"])))
+        for r in results:
+            assert abs(r["relevance_score"] - expected[r["index"]].score) <= TOL
+
+
 @pytest.mark.parametrize("path,body,status,needle", [
     ("/v2/rerank", {"query": QUERY, "documents": ["ok", 5]}, 422, "documents.1"),
     ("/v2/rerank", {"query": "  ", "documents": ["ok"]}, 422, "query"),
