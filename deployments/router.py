@@ -112,6 +112,8 @@ class Router:
         self.limits = self.config.limits
         self.in_flight = 0
         self._prompts: dict = {}
+        for m in self.config.models:  # load tokenizers now: a first request must not stall the event loop
+            self._prompts_for(m)
 
     # -- endpoints ---------------------------------------------------------------------------------
     @app.get("/health")
