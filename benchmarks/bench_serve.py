@@ -96,6 +96,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 resp = c.post(url, json=body).raise_for_status()
                 single.append(time.perf_counter() - t0)
+                assert len(resp.json()["results"]) == len(body["documents"]), "a response lost documents"
                 replica.append(float(resp.headers["server-timing"].split("dur=")[1]) / 1000)
             tiny, tiny_replica = [], []  # a one-document request: mostly the fixed cost of the HTTP + Serve path
             for _ in range(args.single):
@@ -114,8 +115,9 @@ def main() -> None:
                     while queue:
                         body = queue.pop()
                         t0 = time.perf_counter()
-                        (await ac.post(url, json=body)).raise_for_status()
+                        resp = (await ac.post(url, json=body)).raise_for_status()
                         latencies.append(time.perf_counter() - t0)
+                        assert len(resp.json()["results"]) == len(body["documents"]), "a response lost documents"
                 t0 = time.perf_counter()
                 await asyncio.gather(*(client() for _ in range(args.clients)))
                 return time.perf_counter() - t0, latencies

@@ -264,7 +264,7 @@ class Router:
         docs = [job.documents[i] for i in indices]
         results = await self.scorers[model.name].score.remote(job.query, docs, job.max_tokens_per_doc)
         ranked = [RankedDocument(i, r["score"], r["logit"], r["num_tokens"], r["truncated"], model.name,
-                                 compute_ms=r["compute_ms"]) for i, r in zip(indices, results)]
+                                 compute_ms=r["compute_ms"]) for i, r in zip(indices, results, strict=True)]
         if not job.truncate:
             for r in ranked:
                 if r.truncated:
