@@ -12,24 +12,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from prism_ray.batch.rows import Columns
+from prism_ray.batch.rows import ColumnNames
 from prism_ray.config import (ConfigFileError, ModelConfig, TierConfig, find_model, serve_config_models)
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class ColumnNames(_Strict):
-    query_id: str = "query_id"
-    query: str = "query"
-    doc_id: str = "doc_id"
-    text: str = "text"
-    documents: str = "documents"
-    doc_ids: str = "doc_ids"
-
-    def to_columns(self) -> Columns:
-        return Columns(**self.model_dump())
 
 
 class EvidenceOptions(_Strict):

@@ -59,13 +59,15 @@ def run_batch(cfg: BatchConfig, progress: bool = True) -> Summary:
         ray.init()
     model = _prepare_model(cfg)
     ds, layout, schema = _read_input(cfg)
-    cols = cfg.columns.to_columns()
+    cols = cfg.columns
     qid_type, did_type = id_types(schema, cols, layout)
     scorer_range = cfg.scorer_actors.resolve(model.scorer)
     store = OutputStore(cfg.output)
     if cfg.overwrite:
         store.clear()
-    job = _job_record(cfg, model, layout, num_buckets=_num_buckets(ds, layout, cols, cfg, scorer_range[1]))
+    input_rows = ds.count()  # parquet footers: no data is read
+    num_buckets = _num_buckets(ds, input_rows, layout, cols, cfg, scorer_range[1])
+    job = _job_record(cfg, model, layout, num_buckets=num_buckets)
     job = store.start(job)
     done = store.done()
     stage = Stage(output=store.location, metadata=job, qid_type=qid_type, did_type=did_type,
@@ -89,7 +91,7 @@ def run_batch(cfg: BatchConfig, progress: bool = True) -> Summary:
             **_actor_options(model.evidence, cfg.serve_app))
     summary = Summary(output=store.location, skipped=sum(done.values()))
     started = time.monotonic()
-    bar = _progress_bar(progress, _rows_to_do(ds, layout, sum(done.values())))
+    bar = _progress_bar(progress, max(input_rows - summary.skipped, 0) if layout == "long" else None)
     for row in out.iter_rows():
         summary.pairs += row["pairs"]
         summary.failed += row["failed"]
@@ -139,22 +141,17 @@ def _read_input(cfg: BatchConfig):
         schema = probe.schema().base_schema
     except (FileNotFoundError, OSError, ValueError) as exc:
         raise InputError(f"cannot read input {cfg.input}: {exc}".splitlines()[0]) from None
-    cols = cfg.columns.to_columns()
+    cols = cfg.columns
     layout = detect_layout(schema, cols, cfg.layout)
     return probe.select_columns(input_columns(schema, cols, layout)), layout, schema
 
 
-def _num_buckets(ds, layout: str, cols, cfg: BatchConfig, max_actors: int) -> int:
+def _num_buckets(ds, rows: int, layout: str, cols, cfg: BatchConfig, max_actors: int) -> int:
     """About `pairs_per_file` pairs per bucket, and enough buckets to keep every actor busy."""
-    rows = ds.count()
     if layout == "wide" and rows:
         sample = ds.limit(64).take_all()
         rows = math.ceil(rows * sum(len(r[cols.documents] or []) for r in sample) / len(sample))
     return max(math.ceil(rows / cfg.pairs_per_file), 4 * max_actors, 1)
-
-
-def _rows_to_do(ds, layout: str, skipped: int) -> int | None:
-    return max(ds.count() - skipped, 0) if layout == "long" else None
 
 
 def _job_record(cfg: BatchConfig, model: ModelConfig, layout: str, num_buckets: int) -> dict:

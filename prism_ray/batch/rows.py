@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
-
 import pyarrow as pa
+from pydantic import BaseModel, ConfigDict
 
 LONG, WIDE = "long", "wide"
 
 
-@dataclass(frozen=True)
-class Columns:
-    """Names of the input columns (each a CLI option / config field)."""
+class ColumnNames(BaseModel):
+    """Names of the input columns (each a CLI option / job config field)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     query_id: str = "query_id"
     query: str = "query"
@@ -37,7 +37,7 @@ class InputError(ValueError):
     """The input dataset does not have the columns the job needs; the message names the option."""
 
 
-def detect_layout(schema: pa.Schema, cols: Columns, layout: str = "auto") -> str:
+def detect_layout(schema: pa.Schema, cols: ColumnNames, layout: str = "auto") -> str:
     """long or wide, from the columns present (or checked against the layout asked for)."""
     names = set(schema.names)
     if layout == "auto":
@@ -57,14 +57,14 @@ def detect_layout(schema: pa.Schema, cols: Columns, layout: str = "auto") -> str
     return layout
 
 
-def input_columns(schema: pa.Schema, cols: Columns, layout: str) -> list[str]:
+def input_columns(schema: pa.Schema, cols: ColumnNames, layout: str) -> list[str]:
     if layout == LONG:
         return [cols.query_id, cols.query, cols.doc_id, cols.text]
     extra = [cols.doc_ids] if cols.doc_ids in schema.names else []
     return [cols.query_id, cols.query, cols.documents, *extra]
 
 
-def id_types(schema: pa.Schema, cols: Columns, layout: str) -> tuple[pa.DataType, pa.DataType]:
+def id_types(schema: pa.Schema, cols: ColumnNames, layout: str) -> tuple[pa.DataType, pa.DataType]:
     """Arrow types of the output's query_id and doc_id: the input's, so ids round-trip unchanged."""
     qtype = schema.field(cols.query_id).type
     if layout == LONG:
@@ -96,7 +96,7 @@ def pair_error(query, text) -> str | None:
     return None
 
 
-def to_pairs(table: pa.Table, cols: Columns, layout: str, num_buckets: int,
+def to_pairs(table: pa.Table, cols: ColumnNames, layout: str, num_buckets: int,
              qid_type: pa.DataType, did_type: pa.DataType) -> pa.Table:
     """One row per (query, document) pair, with its bucket and its error (if any)."""
     qids = table.column(cols.query_id).to_pylist()

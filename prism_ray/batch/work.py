@@ -105,9 +105,8 @@ def _describe(exc: Exception) -> str:
 
 # -- the two stages -----------------------------------------------------------------------------------
 
-def score_bucket(pairs: pa.Table, backend, stage: Stage) -> dict[str, list]:
+def score_bucket(rows: list[dict], backend, stage: Stage) -> dict[str, list]:
     """Scores, ranks within each query, and marks the rows that get evidence. Column lists out."""
-    rows = pairs.to_pylist()
     by_query: dict[object, list[int]] = {}
     for i, r in enumerate(rows):
         by_query.setdefault(r["query_id"], []).append(i)
@@ -176,24 +175,32 @@ SUMMARY_SCHEMA = pa.schema([("bucket", pa.int64()), ("pairs", pa.int64()), ("fai
                             ("tokens", pa.int64()), ("evidence", pa.int64()), ("seconds", pa.float64())])
 
 
-class ScoreActor:
-    """map_groups UDF over buckets: score + rank; write the bucket unless evidence comes next."""
+class _BucketActor:
+    """A map_groups UDF over buckets, holding the backend of its tier."""
+
+    tier = ""
 
     def __init__(self, model: dict, stage: Stage):
         self.stage = stage
         cfg = ModelConfig.model_validate(model)
-        self.backend = (ServeBackend(cfg, "scorer", stage.serve_app) if stage.serve_app
-                        else EngineBackend(cfg, "scorer"))
+        self.backend = (ServeBackend(cfg, self.tier, stage.serve_app) if stage.serve_app
+                        else EngineBackend(cfg, self.tier))
+
+
+class ScoreActor(_BucketActor):
+    """Score + rank a bucket; write it unless evidence comes next."""
+
+    tier = "scorer"
 
     def __call__(self, pairs: pa.Table) -> pa.Table:
         started = time.monotonic()
-        scored = score_bucket(pairs, self.backend, self.stage)
+        rows = pairs.to_pylist()
+        scored = score_bucket(rows, self.backend, self.stage)
         if self.stage.evidence_top_k is None:
-            rows = [{**p, **{k: v[i] for k, v in scored.items()}} for i, p in enumerate(pairs.to_pylist())]
+            rows = [{**p, **{k: v[i] for k, v in scored.items()}} for i, p in enumerate(rows)]
             return finish_bucket(rows, self.stage, started)
         # Evidence comes next: keep the text only where it will be read.
-        keep = scored["_evidence"]
-        texts = [t if k else None for t, k in zip(pairs.column("text").to_pylist(), keep)]
+        texts = [r["text"] if keep else None for r, keep in zip(rows, scored["_evidence"])]
         table = pairs.set_column(pairs.schema.get_field_index("text"), "text", pa.array(texts, pa.string()))
         table = table.drop_columns(["_error"])
         for key, values in scored.items():
@@ -207,14 +214,10 @@ _SCORED_TYPES: dict[str, pa.DataType] = {
 }
 
 
-class EvidenceActor:
-    """map_groups UDF over scored buckets: evidence for the marked rows, then write the bucket."""
+class EvidenceActor(_BucketActor):
+    """Evidence for a scored bucket's marked rows, then write the bucket."""
 
-    def __init__(self, model: dict, stage: Stage):
-        self.stage = stage
-        cfg = ModelConfig.model_validate(model)
-        self.backend = (ServeBackend(cfg, "evidence", stage.serve_app) if stage.serve_app
-                        else EngineBackend(cfg, "evidence"))
+    tier = "evidence"
 
     def __call__(self, scored: pa.Table) -> pa.Table:
         started = time.monotonic()
