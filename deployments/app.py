@@ -9,7 +9,6 @@ autoscaling, behind one router.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from ray.serve import Application
@@ -18,22 +17,19 @@ from deployments.evidence import Evidence
 from deployments.router import Router
 from deployments.scorer import Scorer
 from prism_ray.config import AppConfig
+from prism_ray.factory import deployment_name, pin_checkpoint
 
 
 def build_app(args: dict[str, Any]) -> Application:
     config = AppConfig.model_validate(args)
     for m in config.models:
-        # Replicas may start in another working directory: pin local checkpoint paths now. Test
-        # checkpoints are built here, once, rather than by several replicas racing on one directory.
-        if m.build_preset or Path(m.model).exists():
-            m.model = str(Path(m.model).resolve())
-            m.ensure_checkpoint()
+        pin_checkpoint(m)
     scorers, evidences = [], []
     for m in config.models:
         spec = m.model_dump(mode="json")
-        scorers.append(Scorer.options(**m.scorer.deployment_options(f"{m.name}-scorer")).bind(spec))
+        scorers.append(Scorer.options(**m.scorer.deployment_options(deployment_name(m.name, "scorer"))).bind(spec))
         evidences.append(
-            Evidence.options(**m.evidence.deployment_options(f"{m.name}-evidence")).bind(spec)
+            Evidence.options(**m.evidence.deployment_options(deployment_name(m.name, "evidence"))).bind(spec)
             if m.evidence is not None else None
         )
     r = config.router

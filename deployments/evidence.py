@@ -15,6 +15,7 @@ from ray import serve
 from prism_ray import metrics
 from deployments.threads import compute_thread
 from prism_ray.config import ModelConfig
+from prism_ray.factory import build_engine
 
 
 @dataclass
@@ -29,14 +30,11 @@ class _Pair:
 @serve.deployment
 class Evidence:
     def __init__(self, model: dict):
-        from prism_ray.engine import EvidenceEngine, load_model
-
         self.config = ModelConfig.model_validate(model)
         tier = self.config.evidence
         self._compute = compute_thread(tier.torch_threads)
-        loaded = load_model(self.config.ensure_checkpoint(), dtype=self.config.dtype, max_length=self.config.max_length)
-        self.engine = EvidenceEngine(loaded, max_batch_size=tier.max_batch_tokens)
-        self._batched.set_max_batch_size(tier.max_batch_tokens)
+        self.engine = build_engine(self.config, "evidence")
+        self._batched.set_max_batch_size(tier.max_batch_pairs)
         self._batched.set_batch_wait_timeout_s(tier.batch_wait_timeout_s)
 
     async def generate(self, query: str, document: str, max_new_tokens: int, temperature: float = 0.0) -> dict:

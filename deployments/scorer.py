@@ -14,7 +14,8 @@ from ray import serve
 
 from prism_ray import metrics
 from deployments.threads import compute_thread
-from prism_ray.config import ModelConfig, TierConfig
+from prism_ray.config import ModelConfig, ScorerTierConfig
+from prism_ray.factory import build_engine
 from prism_ray.prompt import EncodedPair
 
 
@@ -39,13 +40,10 @@ def _tokens(items: list[_Item]) -> int:
 @serve.deployment
 class Scorer:
     def __init__(self, model: dict):
-        from prism_ray.engine import ScoreEngine, load_model
-
         self.config = ModelConfig.model_validate(model)
-        tier: TierConfig = self.config.scorer
+        tier: ScorerTierConfig = self.config.scorer
         self._compute = compute_thread(tier.torch_threads)
-        loaded = load_model(self.config.ensure_checkpoint(), dtype=self.config.dtype, max_length=self.config.max_length)
-        self.engine = ScoreEngine(loaded)
+        self.engine = build_engine(self.config, "scorer")
         # One pair always fits a batch, whatever the budget.
         self._batched.set_max_batch_size(max(tier.max_batch_tokens, self.config.max_length))
         self._batched.set_batch_wait_timeout_s(tier.batch_wait_timeout_s)

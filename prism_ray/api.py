@@ -9,7 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+# A query holds at least one character other than space, tab, CR and LF. The class is spelled out so
+# that the JSON Schema regex, Python's and pydantic's agree on it (their `\s` differ).
+NON_BLANK = r"[^\t\n\r ]"
+Query = Annotated[StrictStr, Field(min_length=1, pattern=NON_BLANK,
+                                   description="the search query; not blank")]
 
 
 class TextObject(BaseModel):
@@ -21,7 +29,7 @@ class EvidenceOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     top_n: StrictInt = Field(default=3, ge=1, description="evidence for this many of the top documents")
-    min_score: float | None = Field(default=None, ge=0, le=1, description="only documents scoring at least this")
+    min_score: StrictFloat | None = Field(default=None, ge=0, le=1, description="only documents scoring at least this")
     max_new_tokens: StrictInt | None = Field(default=None, ge=1)
 
 
@@ -39,44 +47,32 @@ class _PrismExtension(BaseModel):
     stream: StrictBool = False
 
 
-def _non_empty(v: str) -> str:
-    if not v.strip():
-        raise ValueError("query must not be empty")
-    return v
-
-
 class CohereRerankRequest(_PrismExtension):
     model: StrictStr | None = None
-    query: StrictStr
-    documents: list[StrictStr | TextObject]
+    query: Query
+    documents: list[StrictStr | TextObject] = Field(min_length=1, description="at least one")
     top_n: StrictInt | None = Field(default=None, ge=1)
     max_tokens_per_doc: StrictInt | None = Field(default=None, ge=1)
     return_documents: StrictBool = False
 
-    _query = field_validator("query")(_non_empty)
-
 
 class JinaRerankRequest(_PrismExtension):
     model: StrictStr | None = None
-    query: StrictStr
-    documents: list[StrictStr | TextObject]
+    query: Query
+    documents: list[StrictStr | TextObject] = Field(min_length=1, description="at least one")
     top_n: StrictInt | None = Field(default=None, ge=1)
     return_documents: StrictBool = True
     truncate: StrictBool = True
 
-    _query = field_validator("query")(_non_empty)
-
 
 class TeiRerankRequest(_PrismExtension):
     model: StrictStr | None = None
-    query: StrictStr
-    texts: list[StrictStr]
+    query: Query
+    texts: list[StrictStr] = Field(min_length=1, description="at least one")
     raw_scores: StrictBool = False
     return_text: StrictBool = False
     truncate: StrictBool = True
     truncation_direction: Literal["Right", "right"] = "Right"
-
-    _query = field_validator("query")(_non_empty)
 
 
 @dataclass
@@ -176,3 +172,46 @@ def server_timing(ranked: list[RankedDocument]) -> str:
     for r in ranked:
         per_model[r.model] = max(per_model.get(r.model, 0.0), r.compute_ms)
     return f"scorer;dur={sum(per_model.values()):.1f}"
+
+
+# -- response models: the OpenAPI contract of what `render` writes ---------------------------------------
+
+class _PrismResult(BaseModel):
+    """Prism's additions to a result: present for the documents evidence was generated for; `model`
+    only on a cascade (which checkpoint gave this score)."""
+
+    contribution: str | None = Field(default=None, description="one sentence; null when the model judged it irrelevant")
+    evidence: str | None = Field(default=None, description="a self-contained rewrite of the relevant part")
+    evidence_truncated: bool | None = Field(default=None, description="generation hit max_new_tokens")
+    generated_text: str | None = Field(default=None, description="everything the model wrote")
+    model: str | None = Field(default=None, description="on a cascade: the model whose score this is")
+
+
+class RankedResult(_PrismResult):
+    index: int
+    relevance_score: float = Field(ge=0, le=1)
+    document: TextObject | None = None
+
+
+class CohereRerankResponse(BaseModel):
+    id: str
+    results: list[RankedResult]
+    meta: dict
+
+
+class JinaRerankResponse(BaseModel):
+    model: str
+    usage: dict
+    results: list[RankedResult]
+
+
+class TeiRank(_PrismResult):
+    index: int
+    score: float = Field(description="sigmoid score, or the raw logit with raw_scores")
+    text: str | None = None
+
+
+STREAM_DESCRIPTION = (
+    "With `stream: true`: Server-Sent Events. `scores` (the whole ranked response, without evidence), then "
+    "one `evidence` event per evidence document as it finishes (`index` + the Prism fields) or an `error` "
+    "event for that index, then `done`.")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from prism_ray import checkpoints
 from prism_ray.prompt import CARD_DOCUMENTS, CARD_QUERY
+from prism_ray.ranking import best_first
 
 
 
@@ -62,8 +63,7 @@ def rerank(model: str, query: str, docs: list[str], evidence: bool, max_new_toke
     else:
         for i, r in enumerate(ScoreEngine(loaded).score_pairs(query, docs)):
             results.append({"index": i, "relevance_score": r.score, "logit": r.logit, "truncated": r.truncated})
-    results.sort(key=lambda r: -r["relevance_score"])
-    return {"model": model, "results": results}
+    return {"model": model, "results": [results[i] for i in best_first([r["relevance_score"] for r in results])]}
 
 
 def _print_table(out: dict, docs: list[str]) -> None:

@@ -22,7 +22,7 @@ class _Strict(BaseModel):
 
 
 class TierConfig(_Strict):
-    """One Serve deployment: its replicas, resources and batching."""
+    """One Serve deployment (or one batch actor pool): its replicas, resources and compute threads."""
 
     ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 1})
     num_replicas: int | None = Field(default=None, ge=1, description="fixed count; omit to autoscale")
@@ -30,7 +30,6 @@ class TierConfig(_Strict):
         default_factory=lambda: {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 4})
     max_ongoing_requests: int = Field(default=32, ge=1)
     max_queued_requests: int = Field(default=256, ge=-1, description="-1: unbounded")
-    max_batch_tokens: int = Field(default=4096, gt=0, description="token budget of one gathered batch")
     batch_wait_timeout_s: float = Field(default=0.005, ge=0)
     torch_threads: int | None = Field(default=None, ge=1)
 
@@ -54,6 +53,42 @@ class TierConfig(_Strict):
         return opts
 
 
+class ScorerTierConfig(TierConfig):
+    """The scorer tier: one forward pass per document.
+
+    Two token limits, named by what they count:
+
+    - `max_batch_tokens`: prompt tokens that `@serve.batch` gathers from concurrent requests into one
+      engine call. 4096 gathers, say, two requests of 10 documents x 200 tokens; a request larger than
+      the budget is split into items that each fit (one pair always fits, whatever its length).
+    - `engine_token_budget`: padded tokens in one forward pass inside that call (rows x longest row).
+      Unset, the engine picks by device: 1024 on CPU, 16384 on CUDA. A gathered batch of 4096 tokens
+      at a budget of 1024 runs as about four forwards.
+    """
+
+    max_batch_tokens: int = Field(default=4096, gt=0, description="prompt tokens gathered per @serve.batch call")
+    engine_token_budget: int | None = Field(
+        default=None, gt=0, description="padded tokens per forward pass; unset: 1024 on CPU, 16384 on CUDA")
+
+
+class EvidenceTierConfig(TierConfig):
+    """The evidence tier: generation for the few documents a caller asks evidence for.
+
+    - `max_batch_pairs`: (query, document) pairs that `@serve.batch` gathers and the engine decodes
+      together in one loop. 16 lets 16 concurrent evidence requests share each decode step.
+    """
+
+    max_batch_pairs: int = Field(default=16, gt=0, description="pairs gathered and decoded together")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_fields(cls, data):
+        if isinstance(data, dict) and "max_batch_tokens" in data:
+            raise ValueError("max_batch_tokens is not an evidence-tier setting: the evidence tier batches pairs, "
+                             "not tokens; use max_batch_pairs (pairs decoded together, default 16)")
+        return data
+
+
 class ModelConfig(_Strict):
     """A checkpoint and its two tiers."""
 
@@ -61,10 +96,11 @@ class ModelConfig(_Strict):
     model: str = Field(min_length=1, description="local checkpoint dir or hub id")
     size: str | None = Field(default=None, description='routing key such as "0.8b"; from the registry if omitted')
     build_preset: str | None = Field(default=None, description="build this test preset at `model` if missing")
-    dtype: str = "auto"
-    max_length: int = Field(default=DEFAULT_MAX_LENGTH, ge=64)
-    scorer: TierConfig = Field(default_factory=TierConfig)
-    evidence: TierConfig | None = Field(default_factory=lambda: TierConfig(max_batch_tokens=16))
+    dtype: str = Field(default="auto", description='"auto", "float32" or "bfloat16"')
+    device: str | None = Field(default=None, description='"cpu", "cuda", "cuda:1"; unset: CUDA when present')
+    max_length: int = Field(default=DEFAULT_MAX_LENGTH, ge=64, description="tokens of a whole prompt")
+    scorer: ScorerTierConfig = Field(default_factory=ScorerTierConfig)
+    evidence: EvidenceTierConfig | None = Field(default_factory=EvidenceTierConfig)
 
     @field_validator("build_preset")
     @classmethod
@@ -95,23 +131,27 @@ class ModelConfig(_Strict):
             return {"qwen3": "Qwen3", "qwen3_5_text": "Qwen3.5", "qwen3_5": "Qwen3.5"}.get(model_type, model_type)
         return None
 
-    def ensure_checkpoint(self) -> str:
-        """The model path, building the test checkpoint first when configured and missing."""
-        if self.build_preset and not (Path(self.model) / "config.json").is_file():
-            from prism_ray.checkpoints import build_checkpoint
-
-            build_checkpoint(self.build_preset, self.model)
-        return self.model
-
 
 class LimitsConfig(_Strict):
-    max_documents: int = Field(default=1000, ge=1)
-    max_query_tokens: int = Field(default=2048, ge=1)
-    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
-    max_new_tokens: int = Field(default=512, ge=1)
-    max_evidence_documents: int = Field(default=32, ge=1)
+    """What one request may ask. Each is stated in the OpenAPI schema and enforced with a 4xx naming it."""
+
+    max_documents: int = Field(default=1000, ge=1, description="documents in one request (413 past it)")
+    max_query_chars: int = Field(
+        default=2048, ge=1, description="characters (Unicode code points) in a query (422 past it); a query "
+                                        "must also leave room for a document under the model's max_length")
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description="bytes of a request body (413)")
+    max_new_tokens: int = Field(default=512, ge=1, description="tokens generated per evidence document")
+    max_evidence_documents: int = Field(default=32, ge=1, description="evidence.top_n per request")
     max_in_flight: int = Field(default=256, ge=1, description="requests a router replica holds before 429")
-    retry_after_s: int = Field(default=1, ge=1)
+    retry_after_s: int = Field(default=1, ge=1, description="the Retry-After of a 429 or 503")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_fields(cls, data):
+        if isinstance(data, dict) and "max_query_tokens" in data:
+            raise ValueError("max_query_tokens is gone: a query is limited in characters, the unit the API "
+                             "schema can state; use max_query_chars")
+        return data
 
 
 class RouterConfig(_Strict):
@@ -152,13 +192,18 @@ class AppConfig(_Strict):
 
 
 def find_model(models: list[ModelConfig], key: str) -> ModelConfig | None:
-    """By configured name first, then hub id / path, then size ("0.8b")."""
-    k = key.strip().lower()
-    for by in (lambda m: m.name.lower(), lambda m: m.model.lower(), lambda m: m.size or ""):
+    """By configured name first, then hub id / path, then size ("0.8b"); ASCII letters in any case."""
+    k = _fold(key)
+    for by in (lambda m: m.name, lambda m: m.model, lambda m: m.size or ""):
         for m in models:
-            if by(m) == k:
+            if _fold(by(m)) == k:
                 return m
     return None
+
+
+def _fold(s: str) -> str:
+    """Lower-cases ASCII letters only, exactly what the API schema's model pattern admits."""
+    return "".join(c.lower() if c.isascii() else c for c in s)
 
 
 class ConfigFileError(ValueError):

@@ -46,11 +46,11 @@ def server(tiny_ckpt, qwen3_ckpt):
         "default_model": "prism-tiny",
         "models": [
             {"name": "prism-tiny", "model": str(tiny_ckpt), "size": "0.8b", "dtype": "float32", "max_length": 512,
-             "scorer": _tier(max_batch_tokens=1024), "evidence": _tier(max_batch_tokens=8)},
+             "scorer": _tier(max_batch_tokens=1024), "evidence": _tier(max_batch_pairs=8)},
             {"name": "prism-qwen3", "model": str(qwen3_ckpt), "size": "4b-exp", "dtype": "float32",
              "scorer": _tier(), "evidence": None},
         ],
-        "limits": {"max_documents": 40, "max_query_tokens": 64, "max_body_bytes": 65536, "max_new_tokens": 64},
+        "limits": {"max_documents": 40, "max_query_chars": 64, "max_body_bytes": 65536, "max_new_tokens": 64},
     }
     guarded = {
         "models": [{"name": "prism-tiny", "model": str(tiny_ckpt), "dtype": "float32", "scorer": _tier(),
@@ -247,7 +247,7 @@ def test_requests_of_one_query_batched_together_each_get_their_own_scores(server
     ("/v2/rerank", {"query": QUERY, "documents": []}, 422, "documents"),
     ("/v2/rerank", {"documents": ["ok"]}, 422, "query"),
     ("/v2/rerank", {"query": QUERY, "documents": ["d"] * 41}, 413, "max_documents"),
-    ("/v2/rerank", {"query": "word " * 100, "documents": ["d"]}, 422, "max_query_tokens"),
+    ("/v2/rerank", {"query": "word " * 100, "documents": ["d"]}, 422, "max_query_chars"),
     ("/v2/rerank", {"query": QUERY, "documents": ["d"], "top_n": 0}, 422, "top_n"),
     ("/v2/rerank", {"query": QUERY, "documents": ["d"], "evidence": {"max_new_tokens": 999}}, 422, "max_new_tokens"),
     ("/v2/rerank", {"query": QUERY, "documents": ["d"], "evidence": {"top_nn": 1}}, 422, "evidence.top_nn"),

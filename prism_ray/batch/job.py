@@ -25,6 +25,7 @@ from prism_ray.batch.rows import InputError, detect_layout, id_types, input_colu
 from prism_ray.batch.store import OutputStore
 from prism_ray.batch.work import EvidenceActor, ScoreActor, Stage
 from prism_ray.config import ModelConfig
+from prism_ray.factory import deployment_name, pin_checkpoint
 
 SERVE_CLIENT_OPTIONS = {"num_cpus": 0.25}  # an actor that only holds deployment handles
 MAX_SHUFFLE_PARTITIONS = 64  # a partition holds whole buckets; more only adds shuffle tasks
@@ -114,11 +115,7 @@ def _prepare_model(cfg: BatchConfig) -> ModelConfig:
         return model
     if cfg.evidence and model.evidence is None:
         raise InputError(f"model {model.name!r} has no evidence tier configured, so it cannot generate evidence")
-    if model.build_preset or Path(model.model).exists():
-        # Actors may start elsewhere: pin local paths; build a test checkpoint here, once.
-        model.model = str(Path(model.model).resolve())
-        model.ensure_checkpoint()
-    return model
+    return pin_checkpoint(model)
 
 
 def _check_serve_app(app: str, model: ModelConfig, evidence: bool) -> None:
@@ -129,8 +126,9 @@ def _check_serve_app(app: str, model: ModelConfig, evidence: bool) -> None:
         raise InputError(f"no running Serve app {app!r}; running apps: {sorted(apps)}")
     deployments = apps[app].deployments
     for tier in ("scorer", "evidence") if evidence else ("scorer",):
-        if f"{model.name}-{tier}" not in deployments:
-            raise InputError(f"Serve app {app!r} has no deployment {model.name}-{tier}; it has {sorted(deployments)}")
+        name = deployment_name(model.name, tier)
+        if name not in deployments:
+            raise InputError(f"Serve app {app!r} has no deployment {name}; it has {sorted(deployments)}")
 
 
 def _read_input(cfg: BatchConfig):

@@ -148,12 +148,3 @@ def output_schema(qid_type: pa.DataType, did_type: pa.DataType, evidence: bool) 
                    ("generation", pa.string())]
     fields += [("error", pa.string())]
     return pa.schema(fields)
-
-
-def ranks(scores: Sequence[float | None]) -> list[int | None]:
-    """1 = best within one query; ties keep input order; unscored rows get no rank."""
-    order = sorted((i for i, s in enumerate(scores) if s is not None), key=lambda i: -scores[i])
-    out: list[int | None] = [None] * len(scores)
-    for r, i in enumerate(order, 1):
-        out[i] = r
-    return out

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from prism_ray.batch.rows import output_schema, ranks
+from prism_ray.batch.rows import output_schema
 from prism_ray.batch.store import OutputStore
 from prism_ray.config import ModelConfig
+from prism_ray.factory import Tier, build_engine, deployment_name
+from prism_ray.ranking import ranks, wants_evidence
 
 
 @dataclass(frozen=True)
@@ -39,17 +41,10 @@ class Stage:
 class EngineBackend:
     """The engines, in this process. Each actor loads only the engine its stage needs."""
 
-    def __init__(self, model: ModelConfig, tier: str):
-        import torch
-
-        from prism_ray.engine import EvidenceEngine, ScoreEngine, load_model
-
-        tier_cfg = model.scorer if tier == "scorer" else model.evidence
-        if tier_cfg is not None and tier_cfg.torch_threads:
-            torch.set_num_threads(tier_cfg.torch_threads)
-        loaded = load_model(model.model, dtype=model.dtype, max_length=model.max_length)
-        self.scorer = ScoreEngine(loaded) if tier == "scorer" else None
-        self.evidence = EvidenceEngine(loaded) if tier == "evidence" else None
+    def __init__(self, model: ModelConfig, tier: Tier):
+        engine = build_engine(model, tier)  # the very factory the Serve tiers call
+        self.scorer = engine if tier == "scorer" else None
+        self.evidence = engine if tier == "evidence" else None
 
     def score(self, groups: list[tuple[str, list[str]]]) -> list[list[dict] | Exception]:
         out: list[list[dict] | Exception] = []
@@ -80,7 +75,7 @@ class ServeBackend:
     def __init__(self, model: ModelConfig, tier: str, app: str):
         from ray import serve
 
-        self.handle = serve.get_deployment_handle(f"{model.name}-{tier}", app_name=app)
+        self.handle = serve.get_deployment_handle(deployment_name(model.name, tier), app_name=app)
 
     def score(self, groups):
         return _gather([self.handle.score.remote(q, docs) for q, docs in groups])
@@ -132,9 +127,9 @@ def score_bucket(rows: list[dict], backend, stage: Stage) -> dict[str, list]:
     for idxs in by_query.values():
         for i, rank in zip(idxs, ranks([out["score"][i] for i in idxs])):
             out["rank"][i] = rank
-            out["_evidence"][i] = (stage.evidence_top_k is not None and rank is not None
-                                   and rank <= stage.evidence_top_k
-                                   and (stage.evidence_min_score is None or out["score"][i] >= stage.evidence_min_score))
+            out["_evidence"][i] = (stage.evidence_top_k is not None
+                                   and wants_evidence(rank, out["score"][i], stage.evidence_top_k,
+                                                      stage.evidence_min_score))
     return out
 
 

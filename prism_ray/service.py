@@ -1,0 +1,201 @@
+"""What a rerank request means, in plain async Python: limits, model choice, ranking, cascade,
+evidence targets and the order of stream events.
+
+The tiers come in as async callables, so this module knows nothing of Ray: the Serve router passes
+calls to deployment handles, tests pass plain functions. Errors are `PrismError`s of a kind
+(`prism_ray.errors`); the HTTP layer maps kinds to statuses.
+
+    service = RerankService(config, prompts, score=score_call, evidence=evidence_call)
+    with service.admission():
+        model = service.prepare(job)              # sync: tokenizes; run it off the event loop
+        body = await service.respond(job, model)  # or: async for event, data in service.events(...)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+
+from prism_ray.api import RankedDocument, RerankJob, render
+from prism_ray.config import AppConfig, ModelConfig
+from prism_ray.errors import ErrorKind, PrismError, retry_later
+from prism_ray.prompt import PrismPromptTokenizer, PromptTooLong
+from prism_ray.ranking import best_first, wants_evidence
+
+# (model name, query, documents, max tokens per document) -> per document, in order: a dict with
+# score, logit, num_tokens, truncated and compute_ms.
+ScoreCall = Callable[[str, str, list[str], "int | None"], Awaitable[list[dict]]]
+# (model name, query, document, max new tokens) -> contribution, evidence, truncated, text.
+EvidenceCall = Callable[[str, str, str, int], Awaitable[dict]]
+
+
+class RerankService:
+    def __init__(self, config: AppConfig, prompts: Mapping[str, PrismPromptTokenizer],
+                 score: ScoreCall, evidence: EvidenceCall, evidence_models: set[str] | None = None):
+        """`prompts`: each model's prompt tokenizer (limits count its tokens). `evidence_models`: models
+        that have an evidence tier (default: those whose config has one)."""
+        self.config = config
+        self.limits = config.limits
+        self.prompts = prompts
+        self._score = score
+        self._evidence = evidence
+        self.evidence_models = (evidence_models if evidence_models is not None
+                                else {m.name for m in config.models if m.evidence is not None})
+        self.in_flight = 0
+
+    # -- admission ------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def admission(self):
+        """Holds one of `max_in_flight` slots for the body of the `with`; 429 when none is free."""
+        if self.in_flight >= self.limits.max_in_flight:
+            raise retry_later(ErrorKind.OVERLOAD, f"server is at its limit of {self.limits.max_in_flight} "
+                                                  "requests in flight (max_in_flight); retry later",
+                              self.limits.retry_after_s)
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+    # -- model choice and limits ------------------------------------------------------------------------
+    def model(self, key: str | None, param: str = "model") -> ModelConfig:
+        found = self.config.find_model(key)
+        if found is None:
+            names = ", ".join(f"{m.name} ({m.size})" if m.size else m.name for m in self.config.models)
+            raise PrismError(ErrorKind.UNKNOWN_MODEL, f"{param}: model {key!r} not found; available: {names}", param)
+        return found
+
+    def prepare(self, job: RerankJob) -> ModelConfig:
+        """The model the job asks for, after every limit is checked; sets `job.model` to its name.
+
+        Synchronous (it tokenizes the query): an async host runs it in an executor.
+        """
+        model = self.model(job.model)
+        job.model = model.name
+        lim, field = self.limits, job.documents_field
+        if not job.documents:
+            raise PrismError(ErrorKind.BAD_REQUEST, f"{field}: must hold at least one document", field)
+        if len(job.documents) > lim.max_documents:
+            raise PrismError(ErrorKind.TOO_LARGE, f"{field}: {len(job.documents)} documents; the limit is "
+                                                  f"{lim.max_documents} (max_documents)", field)
+        if len(job.query) > lim.max_query_chars:
+            raise PrismError(ErrorKind.BAD_REQUEST, f"query: {len(job.query)} characters; the limit is "
+                                                    f"{lim.max_query_chars} (max_query_chars)", "query")
+        screen = self.model(job.cascade.screen, "cascade.screen") if job.cascade is not None else None
+        for m in {model.name: model, **({screen.name: screen} if screen else {})}.values():
+            try:
+                self.prompts[m.name].encode(job.query, "")
+            except PromptTooLong as exc:
+                raise PrismError(ErrorKind.BAD_REQUEST, f"query: {exc} of model {m.name!r}", "query") from None
+        ev = job.evidence
+        if ev is not None:
+            if model.name not in self.evidence_models:
+                raise PrismError(ErrorKind.BAD_REQUEST, f"evidence: model {model.name!r} has no evidence tier",
+                                 "evidence")
+            if ev.top_n > lim.max_evidence_documents:
+                raise PrismError(ErrorKind.BAD_REQUEST, f"evidence.top_n: {ev.top_n}; the limit is "
+                                                        f"{lim.max_evidence_documents} (max_evidence_documents)",
+                                 "evidence.top_n")
+            if ev.max_new_tokens is not None and ev.max_new_tokens > lim.max_new_tokens:
+                raise PrismError(ErrorKind.BAD_REQUEST, f"evidence.max_new_tokens: {ev.max_new_tokens}; the limit "
+                                                        f"is {lim.max_new_tokens} (max_new_tokens)",
+                                 "evidence.max_new_tokens")
+        return model
+
+    # -- scoring and cascade ----------------------------------------------------------------------------
+    async def _score_some(self, model: ModelConfig, job: RerankJob, indices: list[int]) -> list[RankedDocument]:
+        results = await self._score(model.name, job.query, [job.documents[i] for i in indices],
+                                    job.max_tokens_per_doc)
+        if len(results) != len(indices):
+            raise PrismError(ErrorKind.INTERNAL, f"the {model.name} scorer returned {len(results)} results "
+                                                 f"for {len(indices)} documents")
+        ranked = [RankedDocument(i, r["score"], r["logit"], r["num_tokens"], r["truncated"], model.name,
+                                 compute_ms=r.get("compute_ms", 0.0)) for i, r in zip(indices, results)]
+        if not job.truncate:
+            for r in ranked:
+                if r.truncated:
+                    param = f"{job.documents_field}.{r.index}"
+                    raise PrismError(ErrorKind.TOO_LARGE, f"{param}: longer than the model's max_length of "
+                                                          f"{model.max_length} tokens with the prompt, and "
+                                                          "truncate is false", param)
+        return _best_first(ranked)
+
+    async def rank(self, job: RerankJob, model: ModelConfig) -> list[RankedDocument]:
+        """Every document, best first. With a cascade, the screen model scores all of them and `model`
+        re-scores the screen's top `rescore_top`, which then lead the list."""
+        every = list(range(len(job.documents)))
+        if job.cascade is None:
+            return await self._score_some(model, job, every)
+        screened = await self._score_some(self.model(job.cascade.screen, "cascade.screen"), job, every)
+        top = screened[: job.cascade.rescore_top]
+        rescored = await self._score_some(model, job, [r.index for r in top])
+        return rescored + screened[len(top):]
+
+    # -- evidence ---------------------------------------------------------------------------------------
+    def evidence_targets(self, job: RerankJob, ranked: list[RankedDocument]) -> list[RankedDocument]:
+        ev = job.evidence
+        if ev is None:
+            return []
+        return [r for rank, r in enumerate(ranked, 1) if wants_evidence(rank, r.score, ev.top_n, ev.min_score)]
+
+    async def _evidence_one(self, job: RerankJob, model: ModelConfig, r: RankedDocument) -> RankedDocument:
+        max_new = job.evidence.max_new_tokens or self.limits.max_new_tokens
+        out = await self._evidence(model.name, job.query, job.documents[r.index], max_new)
+        r.contribution, r.evidence, r.evidence_truncated = out["contribution"], out["evidence"], out["truncated"]
+        r.generated_text = out["text"]
+        r.has_evidence = True
+        return r
+
+    async def respond(self, job: RerankJob, model: ModelConfig,
+                      ranked: list[RankedDocument] | None = None) -> tuple[dict | list, list[RankedDocument]]:
+        """The whole answer at once: the response body in the client's shape, and the ranked documents
+        (pass `ranked` when the ranking is already computed)."""
+        if ranked is None:
+            ranked = await self.rank(job, model)
+        await asyncio.gather(*(self._evidence_one(job, model, r) for r in self.evidence_targets(job, ranked)))
+        return render(job, ranked, str(uuid.uuid4()), cascade=job.cascade is not None), ranked
+
+    async def events(self, job: RerankJob, model: ModelConfig,
+                     ranked: list[RankedDocument] | None = None) -> AsyncIterator[tuple[str, dict | list]]:
+        """The stream: one `scores` event (every score, ranked, no evidence yet), then one `evidence` event
+        per target as it finishes (or an `error` event for that index if its generation failed), then
+        `done`. Pass `ranked` to stream a ranking already computed (a host that must fail before it
+        starts a stream does so)."""
+        if ranked is None:
+            ranked = await self.rank(job, model)
+        yield "scores", render(job, ranked, str(uuid.uuid4()), cascade=job.cascade is not None)
+        targets = self.evidence_targets(job, ranked)
+        tasks = [asyncio.ensure_future(self._evidence_or_error(job, model, r)) for r in targets]
+        failed = 0
+        try:
+            for next_done in asyncio.as_completed(tasks):
+                r, exc = await next_done
+                if exc is None:
+                    yield "evidence", {"index": r.index, **r.prism_fields()}
+                else:
+                    failed += 1
+                    yield "error", {"index": r.index, **_error_body(exc)}
+        finally:  # a client that leaves mid-stream leaves no generation behind
+            for t in tasks:
+                t.cancel()
+        yield "done", {"evidence_documents": len(targets) - failed, "failed": failed}
+
+    async def _evidence_or_error(self, job: RerankJob, model: ModelConfig,
+                                 r: RankedDocument) -> tuple[RankedDocument, Exception | None]:
+        try:
+            return await self._evidence_one(job, model, r), None
+        except Exception as exc:  # noqa: BLE001 - one document's failure must not cut the stream
+            return r, exc
+
+
+def _best_first(ranked: list[RankedDocument]) -> list[RankedDocument]:
+    return [ranked[i] for i in best_first([r.score for r in ranked])]
+
+
+def _error_body(exc: Exception) -> dict:
+    if isinstance(exc, PrismError):
+        return exc.body()
+    return {"message": f"evidence generation failed: {type(exc).__name__}", "type": ErrorKind.INTERNAL.value,
+            "param": None}

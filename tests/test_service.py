@@ -1,0 +1,210 @@
+"""The rerank service without Ray: tiers are plain async functions."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from transformers import AutoTokenizer
+
+from prism_ray.api import CascadeOptions, EvidenceOptions, RerankJob
+from prism_ray.config import AppConfig
+from prism_ray.errors import ErrorKind, PrismError
+from prism_ray.prompt import PrismPromptTokenizer
+from prism_ray.service import RerankService
+
+QUERY = "What is the boiling point of water?"
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_ckpt):
+    tok = AutoTokenizer.from_pretrained(tiny_ckpt)
+    return {"small": PrismPromptTokenizer(tok, max_length=512), "big": PrismPromptTokenizer(tok, max_length=512)}
+
+
+def _config(**limits):
+    return AppConfig.model_validate({
+        "models": [{"name": "small", "model": "/m/small", "size": "0.8b"},
+                   {"name": "big", "model": "/m/big", "size": "9b", "evidence": None}],
+        "limits": {"max_documents": 5, "max_query_chars": 40, "max_new_tokens": 32, "max_evidence_documents": 3,
+                   "max_in_flight": 2, **limits}})
+
+
+class FakeTiers:
+    """Scores a document by a per-model table; records every call."""
+
+    def __init__(self, scores: dict[str, dict[str, float]], fail_evidence_for: set[str] = frozenset()):
+        self.scores, self.fail = scores, fail_evidence_for
+        self.score_calls: list[tuple[str, list[str]]] = []
+        self.evidence_calls: list[tuple[str, str, int]] = []
+
+    async def score(self, model, query, documents, max_doc_tokens):
+        self.score_calls.append((model, list(documents)))
+        await asyncio.sleep(0)
+        return [{"score": self.scores[model][d], "logit": 0.0, "num_tokens": 10, "truncated": d.startswith("long"),
+                 "compute_ms": 1.0} for d in documents]
+
+    async def evidence(self, model, query, document, max_new_tokens):
+        self.evidence_calls.append((model, document, max_new_tokens))
+        await asyncio.sleep(0.01 * len(document))  # longer documents finish later
+        if document in self.fail:
+            raise RuntimeError("replica died")
+        return {"contribution": f"c:{document}", "evidence": f"e:{document}", "truncated": False, "text": document}
+
+
+def _job(docs, **kw):
+    return RerankJob(shape=kw.pop("shape", "cohere"), model=kw.pop("model", None), query=kw.pop("query", QUERY),
+                     documents=list(docs), documents_field="documents", **kw)
+
+
+def _service(prompts, tiers, **limits):
+    return RerankService(_config(**limits), prompts, score=tiers.score, evidence=tiers.evidence)
+
+
+SCORES = {"small": {"a": 0.1, "b": 0.9, "c": 0.5, "d": 0.7, "long": 0.3},
+          "big": {"a": 0.2, "b": 0.3, "c": 0.8, "d": 0.6, "long": 0.1}}
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_ranks_best_first_and_renders_the_shape(prompts):
+    tiers = FakeTiers(SCORES)
+    svc = _service(prompts, tiers)
+    job = _job("abcd", top_n=3)
+    model = svc.prepare(job)
+    body, ranked = run(svc.respond(job, model))
+    assert job.model == "small" and [r.index for r in ranked] == [1, 3, 2, 0]
+    assert [r["index"] for r in body["results"]] == [1, 3, 2]
+    assert body["meta"]["tokens"]["input_tokens"] == 40
+
+
+def test_model_by_size_any_case_and_unknown(prompts):
+    svc = _service(prompts, FakeTiers(SCORES))
+    assert svc.prepare(_job("a", model="9B")).name == "big"
+    with pytest.raises(PrismError) as err:
+        svc.prepare(_job("a", model="13b"))
+    assert err.value.kind is ErrorKind.UNKNOWN_MODEL and err.value.status == 404 and err.value.param == "model"
+    assert "small (0.8b)" in err.value.message
+
+
+def test_cascade_rescored_top_leads_the_rest_keep_screen_order(prompts):
+    tiers = FakeTiers(SCORES)
+    svc = _service(prompts, tiers)
+    job = _job("abcd", model="big", cascade=CascadeOptions(screen="0.8b", rescore_top=2))
+    _, ranked = run(svc.respond(job, svc.prepare(job)))
+    # the screen (small) ranks b, d, c, a; big rescores b, d -> d (0.6) before b (0.3)
+    assert [(r.index, r.model) for r in ranked] == [(3, "big"), (1, "big"), (2, "small"), (0, "small")]
+    assert tiers.score_calls == [("small", list("abcd")), ("big", ["b", "d"])]
+
+
+@pytest.mark.parametrize("job,kind,param,needle", [
+    (_job("a" * 6), ErrorKind.TOO_LARGE, "documents", "max_documents"),
+    (_job([]), ErrorKind.BAD_REQUEST, "documents", "at least one"),
+    (_job("a", query="q" * 41), ErrorKind.BAD_REQUEST, "query", "max_query_chars"),
+    (_job("a", evidence=EvidenceOptions(top_n=4)), ErrorKind.BAD_REQUEST, "evidence.top_n", "max_evidence_documents"),
+    (_job("a", evidence=EvidenceOptions(max_new_tokens=33)), ErrorKind.BAD_REQUEST, "evidence.max_new_tokens",
+     "max_new_tokens"),
+    (_job("a", model="big", evidence=EvidenceOptions()), ErrorKind.BAD_REQUEST, "evidence", "no evidence tier"),
+    (_job("a", cascade=CascadeOptions(screen="1b")), ErrorKind.UNKNOWN_MODEL, "cascade.screen", "not found"),
+])
+def test_limits_name_the_field_and_the_limit(prompts, job, kind, param, needle):
+    tiers = FakeTiers(SCORES)
+    with pytest.raises(PrismError) as err:
+        _service(prompts, tiers).prepare(job)
+    assert (err.value.kind, err.value.param) == (kind, param) and needle in err.value.message
+    assert err.value.body() == {"message": err.value.message, "type": kind.value, "param": param}
+    assert tiers.score_calls == []
+
+
+def test_a_query_that_leaves_no_room_under_max_length(prompts):
+    svc = _service(prompts, FakeTiers(SCORES), max_query_chars=5000)
+    with pytest.raises(PrismError, match="max_length=512") as err:
+        svc.prepare(_job("a", query="word " * 400))
+    assert err.value.status == 422
+
+
+def test_truncate_false_refuses_a_cut_document(prompts):
+    svc = _service(prompts, FakeTiers(SCORES))
+    job = _job(["a", "long"], truncate=False, shape="jina")
+    with pytest.raises(PrismError) as err:
+        run(svc.respond(job, svc.prepare(job)))
+    assert err.value.status == 413 and err.value.param == "documents.1"
+
+
+def test_evidence_targets_top_n_and_min_score(prompts):
+    tiers = FakeTiers(SCORES)
+    svc = _service(prompts, tiers)
+    job = _job("abcd", evidence=EvidenceOptions(top_n=3, min_score=0.6, max_new_tokens=7))
+    body, _ = run(svc.respond(job, svc.prepare(job)))
+    assert sorted(d for _, d, _ in tiers.evidence_calls) == ["b", "d"]  # c (0.5) is in the top 3 but under 0.6
+    assert {n for _, _, n in tiers.evidence_calls} == {7}
+    by_index = {r["index"]: r for r in body["results"]}
+    assert by_index[1]["evidence"] == "e:b" and "evidence" not in by_index[2]
+
+
+def test_stream_scores_then_evidence_as_it_finishes_then_done(prompts):
+    tiers = FakeTiers({**SCORES, "small": {"a": 0.1, "bbbb": 0.9, "cc": 0.5}})
+    svc = _service(prompts, tiers)
+    job = _job(["a", "bbbb", "cc"], evidence=EvidenceOptions(top_n=2), stream=True)
+    model = svc.prepare(job)
+
+    async def collect():
+        return [e async for e in svc.events(job, model)]
+
+    events = run(collect())
+    assert [e for e, _ in events] == ["scores", "evidence", "evidence", "done"]
+    assert [r["index"] for r in events[0][1]["results"]] == [1, 2, 0]
+    assert all("evidence" not in r for r in events[0][1]["results"])
+    assert [d["index"] for _, d in events[1:3]] == [2, 1]  # "cc" finishes before "bbbb"
+    assert events[-1][1] == {"evidence_documents": 2, "failed": 0}
+
+
+def test_stream_a_failing_evidence_is_an_error_event_and_the_stream_still_ends(prompts):
+    tiers = FakeTiers(SCORES, fail_evidence_for={"b"})
+    svc = _service(prompts, tiers)
+    job = _job("abcd", evidence=EvidenceOptions(top_n=2), stream=True)
+    model = svc.prepare(job)
+
+    async def collect():
+        return [e async for e in svc.events(job, model)]
+
+    events = run(collect())
+    kinds = [e for e, _ in events]
+    assert kinds[0] == "scores" and sorted(kinds[1:3]) == ["error", "evidence"] and kinds[3] == "done"
+    error = next(d for e, d in events if e == "error")
+    assert error["index"] == 1 and error["type"] == "internal"
+    assert events[-1][1] == {"evidence_documents": 1, "failed": 1}
+
+
+def test_a_scorer_that_raises_fails_the_request(prompts):
+    async def broken(*args):
+        raise PrismError(ErrorKind.SATURATED, "saturated", headers={"Retry-After": "1"})
+
+    svc = RerankService(_config(), prompts, score=broken, evidence=FakeTiers(SCORES).evidence)
+    job = _job("ab")
+    with pytest.raises(PrismError) as err:
+        run(svc.respond(job, svc.prepare(job)))
+    assert err.value.status == 503 and err.value.headers == {"Retry-After": "1"}
+
+
+def test_a_scorer_returning_the_wrong_count_is_an_internal_error(prompts):
+    async def short(model, query, documents, max_doc_tokens):
+        return []
+
+    svc = RerankService(_config(), prompts, score=short, evidence=FakeTiers(SCORES).evidence)
+    job = _job("ab")
+    with pytest.raises(PrismError, match="0 results for 2 documents"):
+        run(svc.respond(job, svc.prepare(job)))
+
+
+def test_admission_holds_max_in_flight_slots(prompts):
+    svc = _service(prompts, FakeTiers(SCORES))
+    with svc.admission(), svc.admission():
+        with pytest.raises(PrismError) as err, svc.admission():
+            pass
+        assert err.value.status == 429 and err.value.headers == {"Retry-After": "1"}
+    assert svc.in_flight == 0
+    with svc.admission():
+        assert svc.in_flight == 1
