@@ -2,11 +2,12 @@
 #   make demo   - create .venv, install, start the local Serve app (building its offline test checkpoints),
 #                 rerank the model card's example over HTTP with evidence, shut down
 #   make test   - same install, then the whole test suite (.ci/run calls exactly this)
+#   make test-fast - the Ray-free, non-slow tests (under a minute); make lint - ruff
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +24,12 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not cluster and not slow"
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_engines.py

@@ -16,7 +16,6 @@ import httpx
 from prism_ray.prompt import CARD_DOCUMENTS, CARD_QUERY
 
 
-
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) != 0

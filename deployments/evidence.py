@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from ray import serve
 
-from prism_ray import metrics
 from deployments.threads import compute_thread
+from prism_ray import metrics
 from prism_ray.config import ModelConfig
 from prism_ray.factory import build_engine
 

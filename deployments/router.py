@@ -18,8 +18,17 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from prism_ray import metrics
 from prism_ray.api import (
-    CohereRerankRequest, CohereRerankResponse, JinaRerankRequest, JinaRerankResponse, RerankJob, TeiRank,
-    TeiRerankRequest, job_from_cohere, job_from_jina, job_from_tei, server_timing,
+    CohereRerankRequest,
+    CohereRerankResponse,
+    JinaRerankRequest,
+    JinaRerankResponse,
+    RerankJob,
+    TeiRank,
+    TeiRerankRequest,
+    job_from_cohere,
+    job_from_jina,
+    job_from_tei,
+    server_timing,
 )
 from prism_ray.config import AppConfig
 from prism_ray.errors import ErrorBody, ErrorKind, PrismError, retry_later
@@ -30,7 +39,9 @@ from prism_ray.service import RerankService
 REQUESTS = [CohereRerankRequest, JinaRerankRequest, TeiRerankRequest]
 RESPONSES = [CohereRerankResponse, JinaRerankResponse]
 
-app = FastAPI(title="prism-ray", description="Prism rerankers: scores, contributions and evidence.")
+# The OpenAPI document and its docs page are the Router's own routes: each app states its own config.
+app = FastAPI(title="prism-ray", description="Prism rerankers: scores, contributions and evidence.",
+              openapi_url=None, docs_url=None, redoc_url=None)
 
 
 def _field(loc) -> str:
@@ -83,6 +94,16 @@ def _load_prompts(config: AppConfig) -> dict:
             for m in config.models}
 
 
+def _openapi() -> dict:
+    """The config-free document (what every app shares); each Router serves it with its config applied."""
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(title=app.title, version="0.1.0", description=app.description, routes=app.routes)
+    schema.setdefault("components", {}).setdefault("schemas", {}).update(
+        component_schemas(*REQUESTS, *RESPONSES, TeiRank, ErrorBody))
+    return schema
+
+
 @serve.deployment
 @serve.ingress(app)
 class Router:
@@ -94,8 +115,7 @@ class Router:
         # Tokenizers load now: a first request must not stall the event loop.
         self.service = RerankService(self.config, _load_prompts(self.config), score=self._call_scorer,
                                      evidence=self._call_evidence, evidence_models=set(self.evidences))
-        # This process serves one app: its OpenAPI document states this config's limits, models and auth.
-        app.openapi_schema = apply_config(app.openapi(), self.config, [m.__name__ for m in REQUESTS])
+        self._openapi = apply_config(_openapi(), self.config, [m.__name__ for m in REQUESTS])
 
     # -- the tiers, as the service sees them ------------------------------------------------------------
     async def _call_scorer(self, model: str, query: str, documents: list[str], max_doc_tokens):
@@ -115,6 +135,20 @@ class Router:
     @app.get("/health", responses={200: {"description": "The router is alive"}})
     async def health(self) -> dict:
         return {"status": "ok"}
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> dict:
+        """The contract of this app: the limits, models and auth of its config; an app under a route
+        prefix names it as its server, so clients and fuzzers call the right paths."""
+        root = request.scope.get("root_path", "")
+        return {**self._openapi, "servers": [{"url": root}]} if root else self._openapi
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request):
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        return get_swagger_ui_html(openapi_url=request.scope.get("root_path", "") + "/openapi.json",
+                                   title="prism-ray")
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict:
@@ -158,7 +192,7 @@ class Router:
         try:
             body = json.loads(await request.body())
         except ValueError:
-            raise RequestValidationError([{"loc": ("body",), "msg": "body is not valid JSON", "type": "json_invalid"}])
+            raise RequestValidationError([{"loc": ("body",), "msg": "body is not valid JSON", "type": "json_invalid"}]) from None
         if not isinstance(body, dict):
             raise RequestValidationError([{"loc": ("body",), "msg": "body must be a JSON object", "type": "dict_type"}])
         return body
@@ -222,18 +256,3 @@ class Router:
         if length.isdigit() and int(length) > limit:
             raise PrismError(ErrorKind.TOO_LARGE, f"body is {length} bytes; the limit is {limit} (max_body_bytes)",
                              "body")
-
-
-def _openapi() -> dict:
-    """The config-free document (what every app shares); each Router serves it with its config applied."""
-    if app.openapi_schema is None:
-        from fastapi.openapi.utils import get_openapi
-
-        schema = get_openapi(title=app.title, version="0.1.0", description=app.description, routes=app.routes)
-        schema.setdefault("components", {}).setdefault("schemas", {}).update(
-            component_schemas(*REQUESTS, *RESPONSES, TeiRank, ErrorBody))
-        app.openapi_schema = schema
-    return app.openapi_schema
-
-
-app.openapi = _openapi

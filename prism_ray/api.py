@@ -7,11 +7,22 @@ streaming are written once whatever API a client speaks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
-from typing import Annotated
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+class _Request(BaseModel):
+    """A request body part. Its integer fields take what JSON Schema calls an integer: an int or a float
+    with no fractional part (`5.0`), never a bool or a numeric string."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_floats(cls, data):
+        if not isinstance(data, dict):
+            return data
+        ints = {name for name, f in cls.model_fields.items() if "int" in str(f.annotation)}
+        return {k: int(v) if k in ints and isinstance(v, float) and v.is_integer() else v for k, v in data.items()}
 
 # A query holds at least one character other than space, tab, CR and LF. The class is spelled out so
 # that the JSON Schema regex, Python's and pydantic's agree on it (their `\s` differ).
@@ -24,7 +35,7 @@ class TextObject(BaseModel):
     text: StrictStr
 
 
-class EvidenceOptions(BaseModel):
+class EvidenceOptions(_Request):
     """Prism extension: generate contribution/evidence for the best documents."""
 
     model_config = ConfigDict(extra="forbid")
@@ -33,7 +44,7 @@ class EvidenceOptions(BaseModel):
     max_new_tokens: StrictInt | None = Field(default=None, ge=1)
 
 
-class CascadeOptions(BaseModel):
+class CascadeOptions(_Request):
     """Screen every document with a small checkpoint; re-score the best with the requested one."""
 
     model_config = ConfigDict(extra="forbid")
@@ -41,7 +52,7 @@ class CascadeOptions(BaseModel):
     rescore_top: StrictInt = Field(default=50, ge=1)
 
 
-class _PrismExtension(BaseModel):
+class _PrismExtension(_Request):
     evidence: EvidenceOptions | None = None
     cascade: CascadeOptions | None = None
     stream: StrictBool = False

@@ -10,11 +10,14 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prism_ray import checkpoints
 from prism_ray.prompt import CARD_DOCUMENTS, CARD_QUERY
 from prism_ray.ranking import best_first
 
+if TYPE_CHECKING:  # imported where used: `prism-ray --help` stays fast
+    from prism_ray.batch.config import BatchConfig
 
 
 class UsageError(Exception):
@@ -143,7 +146,7 @@ def cmd_serve(args) -> None:
 LOCAL_SERVE_CONFIG = "deployments/local.yaml"
 
 
-def batch_config_from_args(args) -> "BatchConfig":
+def batch_config_from_args(args) -> BatchConfig:
     """Flags over the optional --config file; a bad value names its field, exit 2."""
     from prism_ray.batch.config import BatchConfig
     from prism_ray.config import ConfigFileError, find_model, read_yaml, serve_config_models, validated

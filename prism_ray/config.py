@@ -188,15 +188,15 @@ class AppConfig(_Strict):
 
     def find_model(self, key: str | None) -> ModelConfig | None:
         """By configured name, hub id / path, or size ("0.8b"); None picks the default."""
-        return find_model(self.models, key or self.default_model)
+        return find_model(self.models, self.default_model if key is None else key)
 
 
 def find_model(models: list[ModelConfig], key: str) -> ModelConfig | None:
     """By configured name first, then hub id / path, then size ("0.8b"); ASCII letters in any case."""
     k = _fold(key)
-    for by in (lambda m: m.name, lambda m: m.model, lambda m: m.size or ""):
+    for by in (lambda m: m.name, lambda m: m.model, lambda m: m.size):
         for m in models:
-            if _fold(by(m)) == k:
+            if by(m) and _fold(by(m)) == k:
                 return m
     return None
 

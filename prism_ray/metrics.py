@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _metric(kind: str, name: str, description: str, tags: tuple[str, ...], boundaries: tuple[float, ...] = ()):
     from ray.util import metrics
 

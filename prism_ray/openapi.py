@@ -21,6 +21,11 @@ from prism_ray.errors import DESCRIPTIONS, ErrorBody
 
 REF = "#/components/schemas/{model}"
 RERANK_ERRORS = (404, 413, 422, 429, 503)
+SSE_EVENT = {  # one Server-Sent Event of a streamed answer (see RerankService.events)
+    "type": "object", "required": ["event", "data"],
+    "properties": {"event": {"enum": ["scores", "evidence", "error", "done"]},
+                   "data": {"type": "string", "contentMediaType": "application/json"}},
+}
 
 
 def component_schemas(*models: type[BaseModel]) -> dict[str, dict]:
@@ -56,7 +61,7 @@ def rerank_operation(requests: list[type[BaseModel]], responses: list) -> dict:
         "responses": {
             "200": {"description": "Ranked results, best first. " + STREAM_DESCRIPTION,
                     "content": {"application/json": {"schema": ok_schema},
-                                "text/event-stream": {"schema": {"type": "string"}}}},
+                                "text/event-stream": {"schema": SSE_EVENT}}},
             **error_responses(RERANK_ERRORS),
         },
     }

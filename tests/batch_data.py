@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
 from conftest import english_texts
 
 QUESTIONS = ["How are exceptions handled in Python?", "What does the with statement do?",

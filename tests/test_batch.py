@@ -12,15 +12,16 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from batch_data import groups, long_rows, write_files
 
 from prism_ray.batch import BatchConfig, run_batch
 from prism_ray.batch.store import METADATA_KEY
 from prism_ray.engine import EvidenceEngine, ScoreEngine
 
-from batch_data import groups, long_rows, write_files
-
 TOL = 1e-5
 ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.cluster  # starts a Ray cluster
 
 
 @pytest.fixture(scope="module")

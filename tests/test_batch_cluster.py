@@ -8,10 +8,11 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from batch_data import long_rows, write_files
 
 from prism_ray.batch import BatchConfig, run_batch
 
-from batch_data import long_rows, write_files
+pytestmark = pytest.mark.cluster  # starts a Ray cluster
 
 
 @pytest.fixture(scope="module")

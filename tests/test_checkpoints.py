@@ -6,13 +6,12 @@ import hashlib
 import json
 
 import pytest
+from conftest import english_texts
 from transformers import AutoConfig, GenerationConfig
 
 from prism_ray import checkpoints
 from prism_ray.checkpoints import PRESETS, RELEASED, build_checkpoint, find_released
 from prism_ray.engine import ScoreEngine
-
-from conftest import english_texts
 
 
 def test_registry_matches_model_card():

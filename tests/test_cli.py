@@ -20,6 +20,7 @@ def run(*args, check_rc=None):
     return proc
 
 
+@pytest.mark.slow  # the CLI in a subprocess
 def test_rerank_json_sorted_and_equal_to_engine(tiny_ckpt, tmp_path):
     docs_file = tmp_path / "docs.jsonl"
     docs_file.write_text(json.dumps({"text": "Mount Everest is high."}) + "\n" + json.dumps("沸点是100度") + "\n")
@@ -35,6 +36,7 @@ def test_rerank_json_sorted_and_equal_to_engine(tiny_ckpt, tmp_path):
         assert abs(r["relevance_score"] - engine[r["index"]].score) <= 1e-6
 
 
+@pytest.mark.slow  # the CLI in a subprocess
 def test_rerank_with_evidence(tiny_ckpt):
     out = json.loads(run("rerank", "--model", str(tiny_ckpt), "--query", QUERY, "--doc", "a", "--doc", "b",
                          "--evidence", "--max-new-tokens", "5", "--json", check_rc=0).stdout)
@@ -43,6 +45,7 @@ def test_rerank_with_evidence(tiny_ckpt):
         assert isinstance(r["text"], str) and r["text"]
 
 
+@pytest.mark.slow  # the CLI in a subprocess
 @pytest.mark.parametrize("args,message", [
     (["--model", "/no/such/dir", "--query", "q", "--doc", "d"], "model directory '/no/such/dir' not found"),
     (["--query", " ", "--doc", "d"], "query must be a non-empty string"),
@@ -58,6 +61,7 @@ def test_errors_are_one_line_and_exit_2(tiny_ckpt, args, message):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # the CLI in a subprocess
 def test_bad_docs_file_line(tiny_ckpt, tmp_path):
     f = tmp_path / "bad.jsonl"
     f.write_text('"ok"\n{"text": 5}\n')
@@ -65,6 +69,7 @@ def test_bad_docs_file_line(tiny_ckpt, tmp_path):
     assert proc.returncode == 2 and "line 2" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # the CLI in a subprocess
 def test_demo_says_weights_are_random(tiny_ckpt):
     proc = run("demo", "--model", str(tiny_ckpt), "--max-new-tokens", "4", check_rc=0)
     assert "RANDOM weights" in proc.stdout
@@ -101,6 +106,7 @@ def test_batch_flags_override_the_job_file_and_reuse_the_serve_config(monkeypatc
     assert plain.evidence is None
 
 
+@pytest.mark.slow  # the CLI in a subprocess
 @pytest.mark.parametrize("args, message", [
     (["--input", "in/", "--model", "m"], "batch.output: Field required"),
     (["--input", "in/", "--output", "o/", "--model", "m", "--scorer-actors", "two"], "--scorer-actors must be N or MIN:MAX"),

@@ -56,6 +56,10 @@ def test_find_model_by_name_hub_id_size_and_default():
     assert cfg.find_model("0.8b").name == "small"
     assert cfg.find_model("infgrad/prism-qwen3.5-reranker-9b").name == "big"
     assert cfg.find_model("2b") is None
+    # exactly what the API schema's model pattern admits: no blank key, no padding, ASCII case only
+    assert cfg.find_model("") is None and cfg.find_model(" small") is None
+    no_size = AppConfig.model_validate({"models": [{"name": "x", "model": "/m/x"}]})
+    assert no_size.find_model("") is None and no_size.find_model(None).name == "x"
 
 
 def test_api_keys_from_environment(monkeypatch):
@@ -64,6 +68,7 @@ def test_api_keys_from_environment(monkeypatch):
     assert cfg.resolved_api_keys() == {"k0", "k1", "k2"}
 
 
+@pytest.mark.slow  # the CLI in a subprocess
 def test_serve_command_rejects_a_bad_config_in_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text((ROOT / "deployments/local.yaml").read_text().replace("max_batch_tokens: 1024", "max_batch_tokens: -5", 1))

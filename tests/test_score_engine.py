@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import reference
 import torch
+from conftest import CHINESE, MIXED, SPECIAL_STRINGS, english_texts
 
 from prism_ray.engine import ModelLoadError, ScoreEngine, load_model
-
-from conftest import CHINESE, MIXED, SPECIAL_STRINGS, english_texts
-import reference
 
 TOL = 1e-5
 

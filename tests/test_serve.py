@@ -13,13 +13,14 @@ import time
 
 import httpx
 import pytest
+from conftest import english_texts
 
 from prism_ray.engine import EvidenceEngine, ScoreEngine
 
-from conftest import english_texts
-
 QUERY = "What is the boiling point of water at sea level?"
 TOL = 1e-5
+
+pytestmark = pytest.mark.cluster  # starts a Ray cluster
 
 
 def _free_port() -> int:
@@ -403,11 +404,10 @@ def test_batch_job_through_the_serve_app_equals_actor_mode(server, tiny_ckpt, tm
     """`--serve-app`: the job's batches go to the app's scorer and evidence deployments."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+    from batch_data import long_rows, write_files
 
     from prism_ray.batch import BatchConfig, run_batch
     from prism_ray.batch.rows import InputError
-
-    from batch_data import long_rows, write_files
 
     rows = long_rows(4, 5)
     write_files(pa.table(rows), tmp_path / "in", num_files=2)
@@ -426,3 +426,38 @@ def test_batch_job_through_the_serve_app_equals_actor_mode(server, tiny_ckpt, tm
     with pytest.raises(InputError, match="no deployment prism-qwen3-evidence"):
         run_batch(BatchConfig(output=str(tmp_path / "x"), model="prism-qwen3", serve_app="prism", **common),
                   progress=False)
+
+
+@pytest.mark.parametrize("app,headers", [("", []), ("/guarded", ["-H", "Authorization: Bearer secret-key"])],
+                         ids=["open", "with-keys"])
+def test_openapi_contract(server, tmp_path, app, headers):
+    """`schemathesis run <app>/openapi.json --checks all`: every status documented, every body the schema
+    admits served, every body it refuses refused, no 5xx; with keys, no endpoint but /health without one.
+    Bounded in examples and time."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cmd = [str(Path(sys.executable).with_name("schemathesis")),
+           "--config-file", str(Path(__file__).with_name("schemathesis.toml")),
+           "run", f"{server}{app}/openapi.json", "--checks", "all", "--max-examples", "25", "--seed", "7",
+           "--workers", "1", "--request-timeout", "60", "--phases", "examples,coverage,fuzzing",
+           "--generation-database", "none", "--continue-on-failure", "--no-color", *headers]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "generated" in proc.stdout
+
+
+def test_openapi_states_the_config_limits(client):
+    spec = client.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    cohere = schemas["CohereRerankRequest"]["properties"]
+    assert cohere["documents"]["maxItems"] == 40 and cohere["documents"]["minItems"] == 1
+    assert cohere["query"]["maxLength"] == 64
+    assert schemas["EvidenceOptions"]["properties"]["max_new_tokens"]["anyOf"][0]["maximum"] == 64
+    responses = spec["paths"]["/v2/rerank"]["post"]["responses"]
+    assert {"200", "404", "413", "422", "429", "503"} <= set(responses) and "401" not in responses
+    assert "securitySchemes" not in spec["components"]
+    guarded = client.get("/guarded/openapi.json").json()
+    assert guarded["components"]["securitySchemes"] == {"bearer": {"type": "http", "scheme": "bearer"}}
+    assert "401" in guarded["paths"]["/v2/rerank"]["post"]["responses"]

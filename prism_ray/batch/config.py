@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from prism_ray.batch.rows import ColumnNames
-from prism_ray.config import (ConfigFileError, ModelConfig, TierConfig, find_model, serve_config_models)
+from prism_ray.config import ConfigFileError, ModelConfig, TierConfig, find_model, serve_config_models
 
 
 class _Strict(BaseModel):

@@ -13,7 +13,7 @@ output, never scored, and never stop the job.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 

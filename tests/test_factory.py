@@ -1,0 +1,70 @@
+"""One factory for Serve tiers and batch actors: same config, same engine settings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prism_ray.config import AppConfig, ModelConfig
+from prism_ray.factory import build_engine, deployment_name, engine_settings, pin_checkpoint
+
+
+def _model(tiny_ckpt, **kw):
+    return ModelConfig.model_validate({
+        "name": "prism-tiny", "model": str(tiny_ckpt), "dtype": "float32", "max_length": 384,
+        "scorer": {"engine_token_budget": 777, "torch_threads": 1},
+        "evidence": {"max_batch_pairs": 3, "torch_threads": 1}, **kw})
+
+
+def test_deployment_names():
+    assert deployment_name("prism-0.8b", "scorer") == "prism-0.8b-scorer"
+    assert deployment_name("prism-0.8b", "evidence") == "prism-0.8b-evidence"
+    with pytest.raises(ValueError, match="unknown tier"):
+        deployment_name("m", "router")
+
+
+def test_pin_checkpoint_builds_once_and_makes_the_path_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    m = ModelConfig(name="t", model="ckpts/tiny", build_preset="tiny")
+    assert pin_checkpoint(m).model == str(tmp_path / "ckpts" / "tiny")
+    assert (tmp_path / "ckpts/tiny/config.json").is_file()
+    hub = ModelConfig(name="h", model="infgrad/Prism-Qwen3.5-Reranker-0.8B")
+    assert pin_checkpoint(hub).model == "infgrad/Prism-Qwen3.5-Reranker-0.8B"
+
+
+def test_a_batch_evidence_actor_and_a_serve_evidence_replica_build_the_same_engine(tiny_ckpt):
+    from deployments.evidence import Evidence
+    from deployments.scorer import Scorer
+    from prism_ray.batch.work import EngineBackend
+
+    model = _model(tiny_ckpt)
+    replica = Evidence.func_or_class(model.model_dump(mode="json"))  # the Serve replica's own constructor
+    actor = EngineBackend(model, "evidence")  # what a batch EvidenceActor holds
+    for engine in (replica.engine, actor.evidence):
+        assert engine.settings == engine_settings(model, "evidence")
+        assert engine.max_batch_size == 3 and engine.loaded.dtype == torch.float32
+        assert engine.prompts.max_length == 384
+    scorer_replica = Scorer.func_or_class(model.model_dump(mode="json"))
+    scorer_actor = EngineBackend(model, "scorer")
+    for engine in (scorer_replica.engine, scorer_actor.scorer):
+        assert engine.settings == engine_settings(model, "scorer") and engine.token_budget == 777
+
+
+def test_the_device_default_budget_when_unset(tiny_ckpt):
+    model = ModelConfig(name="t", model=str(tiny_ckpt), dtype="float32")
+    assert build_engine(model, "scorer").token_budget == 1024  # CPU default
+
+
+def test_evidence_tier_refuses_max_batch_tokens_naming_max_batch_pairs():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="use max_batch_pairs"):
+        AppConfig.model_validate({"models": [{"name": "a", "model": "/m/a", "evidence": {"max_batch_tokens": 8}}]})
+    with pytest.raises(ValidationError, match="use max_query_chars"):
+        AppConfig.model_validate({"models": [{"name": "a", "model": "/m/a"}], "limits": {"max_query_tokens": 9}})
+
+
+def test_max_batch_pairs_default_is_the_same_with_or_without_the_block():
+    without = ModelConfig(name="a", model="/m/a")
+    with_block = ModelConfig.model_validate({"name": "a", "model": "/m/a", "evidence": {"num_replicas": 2}})
+    assert without.evidence.max_batch_pairs == with_block.evidence.max_batch_pairs == 16
