@@ -107,8 +107,8 @@ class PromptTooLong(ValueError):
 class PrismPromptTokenizer:
     """Tokenizes Prism prompts from a Hugging Face tokenizer, treating user text as text.
 
-    `hf_tokenizer` must be a fast tokenizer; its backend is copied without added tokens so that
-    no string in user text can become a special (or any added) token.
+    `hf_tokenizer` must be a fast tokenizer; user text is encoded by its BPE model alone, without
+    added tokens, so that no string in user text can become a special (or any added) token.
     """
 
     def __init__(self, hf_tokenizer, max_length: int = DEFAULT_MAX_LENGTH):
@@ -116,9 +116,13 @@ class PrismPromptTokenizer:
 
         self.hf = hf_tokenizer
         self.max_length = max_length
-        spec = json.loads(hf_tokenizer.backend_tokenizer.to_str())
-        spec["added_tokens"] = []
-        self._text = Tokenizer.from_str(json.dumps(spec))
+        # The same BPE model, normalizer and pre-tokenizer, and no added tokens: nothing in user text can
+        # match a special (or any added) token. Built from the parts, not a JSON round trip (seconds).
+        backend = hf_tokenizer.backend_tokenizer
+        self._text = Tokenizer(backend.model)
+        self._text.normalizer = backend.normalizer
+        self._text.pre_tokenizer = backend.pre_tokenizer
+        self._text.decoder = backend.decoder
         self.yes_id = self._single("yes")
         self.no_id = self._single("no")
         self.eos_ids = [hf_tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]

@@ -52,6 +52,7 @@ def test_scores_spread_over_varied_documents(tiny_ckpt):
     assert max(scores) - min(scores) >= 0.3
 
 
+@pytest.mark.slow  # builds a checkpoint twice
 def test_build_is_reproducible(tiny_ckpt, tmp_path):
     again = build_checkpoint("tiny", tmp_path / "again")
     digest = lambda p: hashlib.sha256((p / "model.safetensors").read_bytes()).hexdigest()  # noqa: E731

@@ -16,6 +16,7 @@ def evidence_engines(tiny_ckpt, qwen3_ckpt):
     return {str(p): EvidenceEngine(p, dtype="float32") for p in (tiny_ckpt, qwen3_ckpt)}
 
 
+@pytest.mark.slow  # path A greedy generation, four ways
 @pytest.mark.parametrize("max_batch_size", [1, 4])
 def test_text_equals_path_a_greedy(evidence_engines, any_ckpt, max_batch_size):
     engine = evidence_engines[str(any_ckpt)]

@@ -32,6 +32,7 @@ def test_pin_checkpoint_builds_once_and_makes_the_path_absolute(tmp_path, monkey
     assert pin_checkpoint(hub).model == "infgrad/Prism-Qwen3.5-Reranker-0.8B"
 
 
+@pytest.mark.slow  # loads four engines
 def test_a_batch_evidence_actor_and_a_serve_evidence_replica_build_the_same_engine(tiny_ckpt):
     from deployments.evidence import Evidence
     from deployments.scorer import Scorer
@@ -48,11 +49,8 @@ def test_a_batch_evidence_actor_and_a_serve_evidence_replica_build_the_same_engi
     scorer_actor = EngineBackend(model, "scorer")
     for engine in (scorer_replica.engine, scorer_actor.scorer):
         assert engine.settings == engine_settings(model, "scorer") and engine.token_budget == 777
-
-
-def test_the_device_default_budget_when_unset(tiny_ckpt):
-    model = ModelConfig(name="t", model=str(tiny_ckpt), dtype="float32")
-    assert build_engine(model, "scorer").token_budget == 1024  # CPU default
+    unset = ModelConfig(name="t", model=str(tiny_ckpt), dtype="float32")
+    assert build_engine(unset, "scorer").token_budget == 1024  # the CPU default when the config is silent
 
 
 def test_evidence_tier_refuses_max_batch_tokens_naming_max_batch_pairs():

@@ -63,6 +63,7 @@ def test_token_budget_changes_batches_not_scores(engines, tiny_ckpt):
         assert abs(a.score - b.score) <= TOL
 
 
+@pytest.mark.slow  # loads sentence-transformers
 def test_scores_equal_cross_encoder(engines, any_ckpt):
     from sentence_transformers import CrossEncoder
 
