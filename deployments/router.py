@@ -199,7 +199,7 @@ class Router:
 
     # -- the one path every shape takes -------------------------------------------------------------------
     async def _serve(self, parse, endpoint: str):
-        model_name = ""
+        model_name = ""  # a metric tag: only ever a configured model's name, never what the caller sent
         slot = self.service.admission()
         try:
             slot.__enter__()
@@ -209,7 +209,6 @@ class Router:
         streaming = False
         try:
             job: RerankJob = parse()
-            model_name = job.model or ""
             model = await asyncio.get_running_loop().run_in_executor(None, self.service.prepare, job)
             model_name = model.name
             ranked = await self.service.rank(job, model)

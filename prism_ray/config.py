@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -18,7 +18,20 @@ from prism_ray.prompt import DEFAULT_MAX_LENGTH
 
 
 class _Strict(BaseModel):
+    """Unknown fields are errors. `_renamed` maps a field an older config may still use to the message
+    that says what replaced it, so an old config is refused by name rather than as a bare extra field."""
+
     model_config = ConfigDict(extra="forbid")
+    _renamed: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_renamed_fields(cls, data):
+        if isinstance(data, dict):
+            for old, message in cls._renamed.items():
+                if old in data:
+                    raise ValueError(message)
+        return data
 
 
 class TierConfig(_Strict):
@@ -79,14 +92,8 @@ class EvidenceTierConfig(TierConfig):
     """
 
     max_batch_pairs: int = Field(default=16, gt=0, description="pairs gathered and decoded together")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _renamed_fields(cls, data):
-        if isinstance(data, dict) and "max_batch_tokens" in data:
-            raise ValueError("max_batch_tokens is not an evidence-tier setting: the evidence tier batches pairs, "
-                             "not tokens; use max_batch_pairs (pairs decoded together, default 16)")
-        return data
+    _renamed = {"max_batch_tokens": "max_batch_tokens is not an evidence-tier setting: the evidence tier batches "
+                                    "pairs, not tokens; use max_batch_pairs (pairs decoded together, default 16)"}
 
 
 class ModelConfig(_Strict):
@@ -144,14 +151,8 @@ class LimitsConfig(_Strict):
     max_evidence_documents: int = Field(default=32, ge=1, description="evidence.top_n per request")
     max_in_flight: int = Field(default=256, ge=1, description="requests a router replica holds before 429")
     retry_after_s: int = Field(default=1, ge=1, description="the Retry-After of a 429 or 503")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _renamed_fields(cls, data):
-        if isinstance(data, dict) and "max_query_tokens" in data:
-            raise ValueError("max_query_tokens is gone: a query is limited in characters, the unit the API "
-                             "schema can state; use max_query_chars")
-        return data
+    _renamed = {"max_query_tokens": "max_query_tokens is gone: a query is limited in characters, the unit the "
+                                    "API schema can state; use max_query_chars"}
 
 
 class RouterConfig(_Strict):
