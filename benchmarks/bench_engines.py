@@ -1,11 +1,17 @@
 """Side-by-side speed of the engines against the model card's reference paths, in one process.
 
-    python benchmarks/bench_engines.py                 # scoring: path A cheap mode, path B, ScoreEngine
-    python benchmarks/bench_engines.py --evidence      # generation: path A sequential generate, EvidenceEngine
+    python benchmarks/bench_engines.py --preset 0.8b                # the headline: the real 0.8B depth
+    python benchmarks/bench_engines.py --preset 0.8b --dtype auto   # bf16 where the CPU computes it
+    python benchmarks/bench_engines.py --preset 0.8b --evidence     # generation
+    python benchmarks/bench_engines.py --preset bench               # 0.8B widths, 4 layers: quick
 
-Same checkpoint (`bench` preset: the real 0.8B widths, 4 layers; built on first use), same dtype
-(float32) and thread count for every contender. Documents are real English text from Python's
-bundled documentation (`pydoc_data.topics`), 60-180 words each. Prints its own figures.
+Scoring: path A cheap mode (generate, max_new_tokens=1), path B (CrossEncoder) and ScoreEngine;
+generation: path A sequential generate and EvidenceEngine. Same checkpoint (a test preset, built
+on first use under checkpoints/) and thread count for every contender. In fp32 every contender
+runs in fp32; in bf16 ScoreEngine is compared with path A in bf16 (the model card's own setting)
+and in fp32: speed, max |score difference|, and whether the top 5 and the whole ranking agree.
+Documents are real English text from Python's bundled documentation (`pydoc_data.topics`),
+60-180 words each. Prints its own figures.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prism_ray.checkpoints import build_checkpoint  # noqa: E402
 from prism_ray.engine import EvidenceEngine, ScoreEngine, load_model  # noqa: E402
+from prism_ray.engine.loading import resolve_dtype  # noqa: E402
 from prism_ray.prompt import build_prompt  # noqa: E402
 
 QUERY = "How do I iterate over the items of a sequence and handle exceptions in Python?"
@@ -95,45 +102,68 @@ def engine_matmul_flops(model, tokens: int, rows: int) -> float:
     return 2.0 * ((trunk + kv) * tokens + (weights(last) - kv) * rows)
 
 
-def bench_scores(ckpt: Path, repeats: int) -> None:
+def ranking(scores: list[float]) -> list[int]:
+    return sorted(range(len(scores)), key=lambda i: -scores[i])
+
+
+def agreement(ours: list[float], ref: list[float]) -> str:
+    top5 = ranking(ours)[:5] == ranking(ref)[:5]
+    whole = ranking(ours) == ranking(ref)
+    return (f"max |score diff| {max(abs(a - b) for a, b in zip(ours, ref)):.2e}, "
+            f"top-5 {'same' if top5 else 'DIFFERS'}, whole ranking {'same' if whole else 'DIFFERS'}")
+
+
+def bench_scores(ckpt: Path, repeats: int, dtype: torch.dtype) -> None:
     from sentence_transformers import CrossEncoder
 
     docs = documents(20)
-    loaded = load_model(ckpt, dtype="float32")
-    engine = ScoreEngine(loaded)
-    model, tok = loaded.model, loaded.prompts.hf
-    ce = CrossEncoder(str(ckpt), local_files_only=True, model_kwargs={"dtype": torch.float32})
-
-    engine.score_pairs(QUERY, docs[:2]), path_a_cheap(model, tok, docs[:2]), ce.predict([(QUERY, docs[0])])  # warm-up
-    t_a = best_of(lambda: path_a_cheap(model, tok, docs), repeats)
-    t_b = best_of(lambda: ce.predict([(QUERY, d) for d in docs]), repeats)
-    t_e = best_of(lambda: engine.score_pairs(QUERY, docs), repeats)
-
-    ref = path_a_cheap(model, tok, docs)
-    ours = [r.score for r in engine.score_pairs(QUERY, docs)]
-    prompt_tokens = [r.num_tokens for r in engine.score_pairs(QUERY, docs)]
-    prefix = engine.prompts.prefix(QUERY)
-    cached = (len(prefix) // 64) * 64
-    engine_tokens = cached + sum(n - cached for n in prompt_tokens)
-    achieved = engine_matmul_flops(model, engine_tokens, len(docs)) / t_e
-    peak = matmul_flops_per_s(model)
-
     n = len(docs)
-    print(f"checkpoint: {ckpt}  dtype: float32  threads: {torch.get_num_threads()}  best of {repeats}")
+    fp32 = load_model(ckpt, dtype="float32")
+    loaded = fp32 if dtype == torch.float32 else load_model(ckpt, dtype=dtype)
+    engine = ScoreEngine(loaded)
+    tok = loaded.prompts.hf
+    ce = CrossEncoder(str(ckpt), local_files_only=True, model_kwargs={"dtype": dtype})
+
+    engine.score_pairs(QUERY, docs[:2]), path_a_cheap(loaded.model, tok, docs[:2]), ce.predict([(QUERY, docs[0])])
+    t_e = best_of(lambda: engine.score_pairs(QUERY, docs), repeats)
+    t_a = best_of(lambda: path_a_cheap(loaded.model, tok, docs), repeats)
+    t_b = best_of(lambda: ce.predict([(QUERY, d) for d in docs]), repeats)
+    results = engine.score_pairs(QUERY, docs)
+    ours = [r.score for r in results]
+    ref = path_a_cheap(loaded.model, tok, docs)
+    prompt_tokens = [r.num_tokens for r in results]
+    name = str(dtype).replace("torch.", "")
+
+    print(f"checkpoint: {ckpt} ({fp32.model.config.num_hidden_layers} layers)  dtype: {name}  "
+          f"threads: {torch.get_num_threads()}  best of {repeats}")
     print(f"documents: {n}, words {min(len(d.split()) for d in docs)}-{max(len(d.split()) for d in docs)}, "
           f"prompt tokens {min(prompt_tokens)}-{max(prompt_tokens)} (mean {statistics.mean(prompt_tokens):.0f})")
-    print(f"  path A cheap mode (generate, max_new_tokens=1): {n / t_a:8.2f} pairs/s")
-    print(f"  path B (CrossEncoder.predict):                  {n / t_b:8.2f} pairs/s")
-    print(f"  ScoreEngine:                                    {n / t_e:8.2f} pairs/s")
-    print(f"  ScoreEngine / path A = {t_a / t_e:.2f}x    ScoreEngine / path B = {t_b / t_e:.2f}x")
-    print(f"  max |score - path A| = {max(abs(a - b) for a, b in zip(ours, ref)):.2e}")
-    print(f"  ScoreEngine projection matmul rate: {achieved / 1e9:.1f} GFLOP/s over {engine_tokens} tokens; "
-          f"plain torch.matmul of the layer shapes: {peak / 1e9:.1f} GFLOP/s ({100 * achieved / peak:.0f}%)")
+    print(f"  ScoreEngine ({name}):                             {n / t_e:8.2f} pairs/s")
+    print(f"  path A cheap mode ({name}, generate 1 token):     {n / t_a:8.2f} pairs/s   "
+          f"ScoreEngine = {t_a / t_e:.2f}x")
+    print(f"  path B ({name}, CrossEncoder.predict):            {n / t_b:8.2f} pairs/s   "
+          f"ScoreEngine = {t_b / t_e:.2f}x")
+    print(f"    vs path A {name}: {agreement(ours, ref)}")
+    if dtype != torch.float32:
+        path_a_cheap(fp32.model, tok, docs[:1])
+        t_a32 = best_of(lambda: path_a_cheap(fp32.model, tok, docs), repeats)
+        ref32 = path_a_cheap(fp32.model, tok, docs)
+        print(f"  path A cheap mode (float32):                     {n / t_a32:8.2f} pairs/s   "
+              f"ScoreEngine = {t_a32 / t_e:.2f}x")
+        print(f"    vs path A float32: {agreement(ours, ref32)}")
+    else:
+        prefix = engine.prompts.prefix(QUERY)
+        cached = (len(prefix) // 64) * 64
+        engine_tokens = cached + sum(t - cached for t in prompt_tokens)
+        achieved = engine_matmul_flops(loaded.model, engine_tokens, n) / t_e
+        peak = matmul_flops_per_s(loaded.model)
+        print(f"  ScoreEngine projection matmul rate: {achieved / 1e9:.1f} GFLOP/s over {engine_tokens} tokens; "
+              f"plain torch.matmul of the layer shapes: {peak / 1e9:.1f} GFLOP/s ({100 * achieved / peak:.0f}%)")
 
 
-def bench_evidence(ckpt: Path, repeats: int, max_new_tokens: int) -> None:
+def bench_evidence(ckpt: Path, repeats: int, max_new_tokens: int, dtype: torch.dtype) -> None:
     docs = documents(8)
-    loaded = load_model(ckpt, dtype="float32")
+    loaded = load_model(ckpt, dtype=dtype)
     engine = EvidenceEngine(loaded)
     model, tok = loaded.model, loaded.prompts.hf
     engine.generate([(QUERY, docs[0])], max_new_tokens=2), path_a_generate(model, tok, docs[:1], 2)  # warm-up
@@ -142,18 +172,25 @@ def bench_evidence(ckpt: Path, repeats: int, max_new_tokens: int) -> None:
     ref = path_a_generate(model, tok, docs, max_new_tokens)
     ours = engine.generate([(QUERY, d) for d in docs], max_new_tokens=max_new_tokens)
     tokens = sum(r.generated_tokens for r in ours)
-    print(f"checkpoint: {ckpt}  dtype: float32  threads: {torch.get_num_threads()}  best of {repeats}")
+    name = str(dtype).replace("torch.", "")
+    print(f"checkpoint: {ckpt} ({model.config.num_hidden_layers} layers)  dtype: {name}  "
+          f"threads: {torch.get_num_threads()}  best of {repeats}")
     print(f"documents: {len(docs)}, max_new_tokens={max_new_tokens}, generated tokens: {tokens}")
     print(f"  path A (sequential generate): {len(docs) / t_a:7.3f} pairs/s  {tokens / t_a:7.1f} tokens/s")
     print(f"  EvidenceEngine (batched):     {len(docs) / t_e:7.3f} pairs/s  {tokens / t_e:7.1f} tokens/s")
     print(f"  EvidenceEngine / path A = {t_a / t_e:.2f}x")
     same = sum(r.text == a for r, a in zip(ours, ref))
-    print(f"  identical text: {same}/{len(docs)}")
+    print(f"  identical text to path A in {name}: {same}/{len(docs)}"
+          + ("" if same == len(docs) or dtype == torch.float32 else
+             " (bf16 rounds differently in a batched decode than in path A's batch-1 one: the greedy"
+             " choice flips where two logits are within bf16 precision; fp32 is identical)"))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", default="checkpoints/bench", help="built with the bench preset if missing")
+    ap.add_argument("--preset", default="0.8b", help="test preset to build (0.8b: the real depth; bench: 4 layers)")
+    ap.add_argument("--checkpoint", default=None, help="checkpoint dir (default checkpoints/<preset>)")
+    ap.add_argument("--dtype", default="float32", help='float32, bfloat16, or auto (bf16 where the CPU computes it)')
     ap.add_argument("--evidence", action="store_true", help="benchmark generation instead of scoring")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
@@ -161,16 +198,17 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    ckpt = Path(args.checkpoint)
+    ckpt = Path(args.checkpoint or f"checkpoints/{args.preset}")
     if not (ckpt / "config.json").is_file():
-        print(f"building the bench preset at {ckpt} ...", flush=True)
-        build_checkpoint("bench", ckpt)
+        print(f"building the {args.preset} preset at {ckpt} ...", flush=True)
+        build_checkpoint(args.preset, ckpt)
+    dtype = resolve_dtype(args.dtype, torch.device("cpu"))
     torch.manual_seed(0)
     with torch.inference_mode():
         if args.evidence:
-            bench_evidence(ckpt, args.repeats, args.max_new_tokens)
+            bench_evidence(ckpt, args.repeats, args.max_new_tokens, dtype)
         else:
-            bench_scores(ckpt, args.repeats)
+            bench_scores(ckpt, args.repeats, dtype)
 
 
 if __name__ == "__main__":

@@ -25,13 +25,14 @@ def test_rerank_json_sorted_and_equal_to_engine(tiny_ckpt, tmp_path):
     docs_file = tmp_path / "docs.jsonl"
     docs_file.write_text(json.dumps({"text": "Mount Everest is high."}) + "\n" + json.dumps("沸点是100度") + "\n")
     out = json.loads(run("rerank", "--model", str(tiny_ckpt), "--query", QUERY, "--doc", "Water boils at 100 C.",
-                         "--docs-file", str(docs_file), "--json", check_rc=0).stdout)
+                         "--docs-file", str(docs_file), "--dtype", "float32", "--json", check_rc=0).stdout)
     assert out["model"] == str(tiny_ckpt)
     scores = [r["relevance_score"] for r in out["results"]]
     assert scores == sorted(scores, reverse=True)
     assert sorted(r["index"] for r in out["results"]) == [0, 1, 2]
     assert set(out["results"][0]) == {"index", "relevance_score", "logit", "truncated"}
-    engine = ScoreEngine(tiny_ckpt).score_pairs(QUERY, ["Water boils at 100 C.", "Mount Everest is high.", "沸点是100度"])
+    engine = ScoreEngine(tiny_ckpt, dtype="float32").score_pairs(
+        QUERY, ["Water boils at 100 C.", "Mount Everest is high.", "沸点是100度"])
     for r in out["results"]:
         assert abs(r["relevance_score"] - engine[r["index"]].score) <= 1e-6
 

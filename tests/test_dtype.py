@@ -1,0 +1,39 @@
+"""dtype "auto": bf16 where the hardware computes it natively, fp32 elsewhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prism_ray.engine.loading import computes_bf16_natively, resolve_dtype
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("avx512_bf16,amx,expected", [
+    (True, False, torch.bfloat16), (False, True, torch.bfloat16), (False, False, torch.float32)])
+def test_auto_on_cpu_follows_the_bf16_instructions(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert resolve_dtype("auto", CPU) is expected
+
+
+def test_auto_on_cuda_is_bf16_when_supported(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_dtype("auto", torch.device("cuda")) is torch.bfloat16
+
+
+def test_explicit_dtypes_win_and_bad_names_are_named():
+    assert resolve_dtype("float32", CPU) is torch.float32 and resolve_dtype("bf16", CPU) is torch.bfloat16
+    with pytest.raises(ValueError, match="dtype must be auto, float32, bfloat16 or float16, not 'int8'"):
+        resolve_dtype("int8", CPU)
+
+
+def test_this_machine_reads_its_own_cpu_flags():
+    """The probe agrees with what the kernel reports for this CPU (Linux only)."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo on this system")
+    expected = "avx512_bf16" in flags or "amx_tile" in flags
+    assert computes_bf16_natively(CPU) == expected
