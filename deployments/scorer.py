@@ -88,16 +88,18 @@ class Scorer:
         return results
 
     def _score_items(self, items: list[_Item]) -> list[list[dict]]:
-        """Items of one query (same prefix tokens) become one engine call: its prefix runs once."""
+        """Every item of a gathered batch in one engine call: rows of all queries are packed into forward
+        passes together, and items of one query (same prefix tokens) share one prefix run."""
         groups: dict[tuple[int, ...], list[int]] = {}
         for idx, item in enumerate(items):
             groups.setdefault(tuple(item.prefix), []).append(idx)
+        results = self.engine.score_encoded_groups(
+            [(list(prefix), [p for i in idxs for p in items[i].pairs]) for prefix, idxs in groups.items()])
         out: list[list[dict]] = [[] for _ in items]
-        for prefix, idxs in groups.items():
-            results = self.engine.score_encoded(list(prefix), [p for i in idxs for p in items[i].pairs])
+        for idxs, group_results in zip(groups.values(), results):
             start = 0
             for i in idxs:  # each item takes back exactly as many results as it brought pairs
-                mine, start = results[start:start + len(items[i].pairs)], start + len(items[i].pairs)
+                mine, start = group_results[start:start + len(items[i].pairs)], start + len(items[i].pairs)
                 out[i] = [{"score": r.score, "logit": r.logit, "num_tokens": r.num_tokens, "truncated": r.truncated}
                           for r in mine]
         return out

@@ -94,3 +94,41 @@ def test_bad_input_is_a_clear_error(engines, tiny_ckpt, groups, match):
 def test_unknown_model_path_is_a_clear_error(tmp_path):
     with pytest.raises(ModelLoadError, match="not found"):
         ScoreEngine(tmp_path / "missing")
+
+
+def _many_queries() -> list[tuple[str, list[str]]]:
+    """Queries whose prefixes differ in length (so their cached states differ: 128/192/256 tokens on the
+    hybrid backbone) and two that differ by one word (same cached length: their prefixes run as one batch),
+    each with 1-5 documents of varied length."""
+    words = " ".join(english_texts(8, 60, 60)).split()
+    queries = [" ".join(words[k * 5: k * 5 + n]) for k, n in enumerate((2, 11, 25, 40, 58))]
+    queries.append(queries[1] + " please")
+    docs = english_texts(20, 3, 140)
+    return [(q, docs[k * 3: k * 3 + 1 + k % 5]) for k, q in enumerate(queries)]
+
+
+def test_packed_queries_equal_path_a_and_one_query_at_a_time(engines, any_ckpt):
+    """Rows of different queries share forward passes (a small budget forces many mixed batches); every
+    score equals the card's path A and scoring the query alone."""
+    engine = engines[str(any_ckpt)]
+    packed = ScoreEngine(engine.loaded, token_budget=300)
+    groups = _many_queries()
+    together = packed.score(groups)
+    alone = [engine.score([g])[0] for g in groups]
+    for (query, docs), res, ref_alone in zip(groups, together, alone):
+        assert len(res) == len(docs)
+        for doc, r, a in zip(docs, res, ref_alone):
+            assert abs(r.score - a.score) <= TOL and r.num_tokens == a.num_tokens
+            ref = reference.path_a(str(any_ckpt), reference.prompt_ids(str(any_ckpt), query, doc))
+            assert abs(r.score - ref["score"]) <= TOL, (query, doc)
+
+
+def test_packing_really_mixes_queries_in_one_forward(engines, tiny_ckpt, monkeypatch):
+    engine = ScoreEngine(engines[str(tiny_ckpt)].loaded, token_budget=100_000)
+    seen = []
+    original = engine._forward_rows
+    monkeypatch.setattr(engine, "_forward_rows", lambda states, rows: seen.append(len({r[2] for r in rows}))
+                        or original(states, rows))
+    groups = _many_queries()
+    engine.score(groups)
+    assert seen == [len(groups)]  # one forward, every query in it

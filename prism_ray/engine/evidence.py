@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from prism_ray.engine.cache_ops import merge
 from prism_ray.engine.loading import LoadedModel, expand_state, load_model, prefix_state
 from prism_ray.engine.score import sigmoid, validate_group
 from prism_ray.output import parse_output
@@ -109,7 +110,7 @@ class EvidenceEngine:
         if not active or max_new_tokens <= 1:
             return
         lengths = [rows[i].pair.num_tokens for i in active]
-        cache, mask = _merge_caches([caches[i] for i in active], lengths)
+        cache, mask = merge([caches[i] for i in active], lengths)
         device = self.loaded.device
         mask = mask.to(device)
         positions = torch.tensor(lengths, device=device)
@@ -148,32 +149,3 @@ class EvidenceEngine:
             truncated=not ended and len(row.tokens) >= max_new_tokens, num_tokens=row.pair.num_tokens,
             prompt_truncated=row.pair.truncated, generated_tokens=len(row.tokens),
         )
-
-
-def _merge_caches(caches: list, lengths: list[int]):
-    """One batched cache from batch-1 caches of different lengths, plus its 2D attention mask.
-
-    Attention K/V are left-padded (masked out); recurrent and conv states have no length and stack.
-    """
-    import copy
-
-    longest = max(lengths)
-    merged = copy.deepcopy(caches[0])
-    for idx, layer in enumerate(merged.layers):
-        parts = [c.layers[idx] for c in caches]
-        if isinstance(getattr(layer, "keys", None), torch.Tensor) and layer.keys.numel():
-            layer.keys = torch.cat([_left_pad(p.keys, longest) for p in parts])
-            layer.values = torch.cat([_left_pad(p.values, longest) for p in parts])
-        for states in ("conv_states", "recurrent_states"):
-            if isinstance(getattr(layer, states, None), dict):
-                for k, v in getattr(layer, states).items():
-                    if isinstance(v, torch.Tensor):
-                        getattr(layer, states)[k] = torch.cat([getattr(p, states)[k] for p in parts])
-    mask = torch.zeros(len(caches), longest, dtype=torch.long)
-    for row, n in enumerate(lengths):
-        mask[row, longest - n:] = 1
-    return merged, mask
-
-
-def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:
-    return F.pad(t, (0, 0, length - t.shape[-2], 0))

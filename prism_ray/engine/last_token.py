@@ -32,11 +32,14 @@ def _trunk(backbone: torch.nn.Module) -> torch.nn.Module:
 
 
 class LastTokenForward:
-    """`__call__(ids, positions, cache, cached_len, last)` -> final-norm hidden state per row, (B, H).
+    """`__call__(ids, positions, cache, cached_len, last, prefix_mask)` -> final-norm hidden state per
+    row, (B, H).
 
-    `ids` are right-padded rows continuing from a cache of `cached_len` tokens; `last[b]` is the
-    index of row b's last real token. Falls back to the plain forward when the final layer is not
-    full attention (no released Prism checkpoint is built that way).
+    `ids` are right-padded rows continuing from a cache of `cached_len` slots; `last[b]` is the index
+    of row b's last real token. `prefix_mask` (B, cached_len; 1 = real) marks left pads in the cache
+    when rows of several queries with different prefix lengths share the batch; None: every slot is
+    real. Falls back to the plain forward when the final layer is not full attention (no released
+    Prism checkpoint is built that way).
     """
 
     def __init__(self, backbone: torch.nn.Module):
@@ -47,23 +50,34 @@ class LastTokenForward:
             self.trunk = _trunk(backbone)
             self._rope = sys.modules[type(last.self_attn).__module__].apply_rotary_pos_emb
 
-    def __call__(self, ids, positions, cache, cached_len: int, last: torch.Tensor) -> torch.Tensor:
+    def __call__(self, ids, positions, cache, cached_len: int, last: torch.Tensor,
+                 prefix_mask: torch.Tensor | None = None) -> torch.Tensor:
         rows = torch.arange(ids.shape[0], device=ids.device)
+        width = ids.shape[1]
+        # Without left pads in the cache no mask is needed: a causal model never lets a real token
+        # see the right pads after it. With them, every layer must mask them out.
+        attention_mask = None
+        if prefix_mask is not None:
+            tail = (torch.arange(width, device=ids.device)[None] <= last[:, None]).long()
+            attention_mask = torch.cat([prefix_mask.long(), tail], dim=1)
         if not self.enabled:
-            out = self.backbone(input_ids=ids, position_ids=positions, cache=cache, use_cache=True)
+            out = self.backbone(input_ids=ids, position_ids=positions, attention_mask=attention_mask, cache=cache,
+                                use_cache=True)
             return out.last_hidden_state[rows, last]
         bb = self.backbone
-        hidden = self.trunk(input_ids=ids, position_ids=positions, cache=cache, use_cache=True).last_hidden_state
+        hidden = self.trunk(input_ids=ids, position_ids=positions, attention_mask=attention_mask, cache=cache,
+                            use_cache=True).last_hidden_state
         layer = bb.layers[-1]
         self._append_kv(layer, hidden, positions, cache)
 
-        width = ids.shape[1]
         h_last = hidden[rows, last][:, None]
         pos_last = positions[rows, last][:, None]
         # Row b sees the cached prefix, its own tokens before `last[b]` (not its pads), and itself,
         # which the layer appends to the cache as the final slot.
         kv = torch.arange(cached_len + width + 1, device=ids.device)
         mask = (kv[None] < cached_len + last[:, None]) | (kv[None] == cached_len + width)
+        if prefix_mask is not None:
+            mask[:, :cached_len] &= prefix_mask.bool()
         out = layer(
             hidden_states=h_last, position_embeddings=bb.rotary_emb(h_last, pos_last),
             attention_mask=mask[:, None, None, :], position_ids=pos_last, cache=cache, use_cache=True,

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from prism_ray.engine.cache_ops import repeat_rows, split_rows
 from prism_ray.prompt import DEFAULT_MAX_LENGTH, PrismPromptTokenizer
 
 
@@ -94,14 +94,32 @@ class PrefixState:
         return ids[self.cached_len:]
 
 
-def prefix_state(loaded: LoadedModel, prefix_ids: list[int]) -> PrefixState:
-    """Run the shared prefix once (attention K/V, Gated DeltaNet conv/recurrent states)."""
+def cached_length(loaded: LoadedModel, prefix_len: int) -> int:
+    """How much of a prefix of `prefix_len` tokens its state holds (see LINEAR_ATTENTION_CHUNK); at least
+    one token is left for the tail, so every prompt has a last position to read."""
     has_linear = "linear_attention" in (getattr(loaded.model.config, "layer_types", None) or ())
     align = LINEAR_ATTENTION_CHUNK if has_linear else 1
-    # Keep at least one token for the tail, so every prompt has a last position to read.
-    cached = min((len(prefix_ids) // align) * align, len(prefix_ids) - 1)
-    ids = torch.tensor([prefix_ids[:cached]], device=loaded.device)
-    return PrefixState(cached, loaded.backbone(input_ids=ids, use_cache=True).cache)
+    return min((prefix_len // align) * align, prefix_len - 1)
+
+
+def prefix_state(loaded: LoadedModel, prefix_ids: list[int]) -> PrefixState:
+    """Run the shared prefix once (attention K/V, Gated DeltaNet conv/recurrent states)."""
+    return prefix_states(loaded, [prefix_ids])[0]
+
+
+def prefix_states(loaded: LoadedModel, prefixes: list[list[int]]) -> list[PrefixState]:
+    """The states of several queries' prefixes; those whose cached lengths agree run as one batch."""
+    out: list[PrefixState | None] = [None] * len(prefixes)
+    by_length: dict[int, list[int]] = {}
+    for i, ids in enumerate(prefixes):
+        by_length.setdefault(cached_length(loaded, len(ids)), []).append(i)
+    for cached, members in by_length.items():
+        ids = torch.tensor([prefixes[i][:cached] for i in members], device=loaded.device)
+        cache = loaded.backbone(input_ids=ids, use_cache=True).cache
+        rows = [cache] if len(members) == 1 else split_rows(cache, len(members))
+        for i, row in zip(members, rows):
+            out[i] = PrefixState(cached, row)
+    return out  # type: ignore[return-value]
 
 
 def expand_state(state: PrefixState, batch_size: int):
@@ -109,14 +127,4 @@ def expand_state(state: PrefixState, batch_size: int):
 
     The prefix cache is reused by every batch of its query, so each batch works on its own copy.
     """
-    batched = copy.deepcopy(state.cache)
-    batched.reorder_cache(torch.zeros(batch_size, dtype=torch.long, device=_cache_device(state.cache)))
-    return batched
-
-
-def _cache_device(cache) -> torch.device:
-    for layer in cache.layers:
-        for t in (getattr(layer, "keys", None), *getattr(layer, "recurrent_states", {}).values()):
-            if isinstance(t, torch.Tensor) and t.numel():
-                return t.device
-    return torch.device("cpu")
+    return repeat_rows(state.cache, batch_size)

@@ -1,7 +1,8 @@
 """ScoreEngine: Prism relevance scores with one forward pass per document and a shared prefix.
 
 Per query, the prefix (system prompt + instruction + query, ~200 tokens) is run once; its state
-(attention K/V and Gated DeltaNet conv/recurrent states) is copied into each batch, and only the
+(attention K/V and Gated DeltaNet conv/recurrent states) is copied into each batch (rows of several
+queries share a batch, each continuing from its own query's state), and only the
 document + suffix tokens (plus the few prefix tokens past the last 64-token chunk boundary, see
 `loading.prefix_state`) are run per pair; the final layer runs only on each row's last token
 (`last_token`). Rows are right-padded: a causal model never lets a real token see the pads after
@@ -20,8 +21,9 @@ from pathlib import Path
 import torch
 
 from prism_ray.engine.batching import budget_batches
+from prism_ray.engine.cache_ops import merge
 from prism_ray.engine.last_token import LastTokenForward
-from prism_ray.engine.loading import LoadedModel, PrefixState, expand_state, load_model, prefix_state
+from prism_ray.engine.loading import LoadedModel, PrefixState, expand_state, load_model, prefix_states
 from prism_ray.prompt import DEFAULT_MAX_LENGTH, EncodedPair
 
 # Padded tokens per forward. On a 2-core CPU, 512-1024 was fastest of 512-8192 (bench preset; 8192
@@ -73,46 +75,74 @@ class ScoreEngine:
               max_doc_tokens: int | None = None) -> list[list[ScoreResult]]:
         """One list of results per (query, documents) group, in the documents' order.
 
-        Documents are cut to fit `max_length` with the prompt, and to `max_doc_tokens` if given.
+        Documents are cut to fit `max_length` with the prompt, and to `max_doc_tokens` if given. Rows of
+        all groups are packed into forward passes together (see `score_encoded_groups`).
         """
         for query, docs in groups:
             validate_group(query, docs)
-        return [self._score_group(query, docs, max_doc_tokens) for query, docs in groups]
+        prompts = self.loaded.prompts
+        encoded = []
+        for query, docs in groups:
+            prefix = prompts.prefix(query)
+            encoded.append((prefix, [prompts.encode(query, d, prefix=prefix, max_doc_tokens=max_doc_tokens)
+                                     for d in docs]))
+        return self.score_encoded_groups(encoded)
 
     def score_pairs(self, query: str, documents: Sequence[str]) -> list[ScoreResult]:
         return self.score([(query, documents)])[0]
 
-    def _score_group(self, query: str, docs: Sequence[str], max_doc_tokens: int | None) -> list[ScoreResult]:
-        prompts = self.loaded.prompts
-        prefix = prompts.prefix(query)
-        return self.score_encoded(prefix, [prompts.encode(query, d, prefix=prefix, max_doc_tokens=max_doc_tokens)
-                                           for d in docs])
+    def score_encoded(self, prefix: list[int], pairs: Sequence[EncodedPair]) -> list[ScoreResult]:
+        """Scores pairs of one query that the caller already encoded (`prompts.encode(..., prefix=prefix)`)."""
+        return self.score_encoded_groups([(prefix, pairs)])[0]
 
     @torch.inference_mode()
-    def score_encoded(self, prefix: list[int], pairs: Sequence[EncodedPair]) -> list[ScoreResult]:
-        """Scores pairs of one query that the caller already encoded (`prompts.encode(..., prefix=prefix)`).
+    def score_encoded_groups(self, groups: Sequence[tuple[list[int], Sequence[EncodedPair]]]) -> list[list[ScoreResult]]:
+        """Scores already-encoded pairs of several queries, one result list per (prefix, pairs) group.
 
-        For callers that tokenize anyway, such as a Serve replica sizing its batches by tokens.
+        For callers that tokenize anyway, such as a Serve replica sizing its batches by tokens. Each
+        distinct prefix runs once (prefixes of equal cached length together); then the rows of every
+        group are packed into forward passes by `token_budget`, whatever query they belong to: a batch
+        that mixes queries merges their prefix states (K/V left-padded and masked, Gated DeltaNet
+        states stacked per row), so many small requests fill a forward as one large one would.
         """
-        state = prefix_state(self.loaded, prefix)
-        logits: list[float] = [0.0] * len(pairs)
-        tails = [state.tail(p.ids) for p in pairs]
-        for batch in budget_batches([len(t) for t in tails], self.token_budget):
-            for i, value in zip(batch, self._forward_tails(state, [tails[i] for i in batch])):
-                logits[i] = value
-        return [_result(pair, logit) for pair, logit in zip(pairs, logits)]
+        unique: dict[tuple[int, ...], int] = {}
+        for prefix, _ in groups:
+            unique.setdefault(tuple(prefix), len(unique))
+        states = prefix_states(self.loaded, [list(p) for p in unique])
+        rows: list[tuple[int, int, int, list[int]]] = []  # (group, pair, state, tail)
+        for g, (prefix, pairs) in enumerate(groups):
+            s = unique[tuple(prefix)]
+            rows.extend((g, i, s, states[s].tail(p.ids)) for i, p in enumerate(pairs))
+        logits = [[0.0] * len(pairs) for _, pairs in groups]
+        for batch in budget_batches([len(r[3]) for r in rows], self.token_budget):
+            chosen = [rows[k] for k in batch]
+            for (g, i, _, _), value in zip(chosen, self._forward_rows(states, chosen)):
+                logits[g][i] = value
+        return [[_result(p, x) for p, x in zip(pairs, xs)] for (_, pairs), xs in zip(groups, logits)]
 
-    def _forward_tails(self, state: PrefixState, tails: list[list[int]]) -> list[float]:
-        """Logit differences for document+suffix rows continuing from one prefix state."""
+    def _forward_rows(self, states: list[PrefixState], rows: list[tuple[int, int, int, list[int]]]) -> list[float]:
+        """Logit differences for document+suffix rows, each continuing from its query's prefix state."""
         device = self.loaded.device
+        tails = [r[3] for r in rows]
         width = max(len(t) for t in tails)
         ids = torch.full((len(tails), width), self.loaded.prompts.pad_id, dtype=torch.long)
         for row, tail in enumerate(tails):
             ids[row, : len(tail)] = torch.tensor(tail)
         last = torch.tensor([len(t) - 1 for t in tails])
-        positions = torch.arange(state.cached_len, state.cached_len + width).expand(len(tails), -1)
-        hidden = self._forward(ids.to(device), positions.to(device), expand_state(state, len(tails)),
-                               state.cached_len, last.to(device))
+        used = sorted({r[2] for r in rows})
+        if len(used) == 1:  # one query: its state repeated, no pads in the cache
+            state = states[used[0]]
+            cache, cached_len, prefix_mask = expand_state(state, len(rows)), state.cached_len, None
+            starts = torch.full((len(rows),), state.cached_len)
+        else:
+            slot = {s: k for k, s in enumerate(used)}
+            cache, prefix_mask = merge([states[s].cache for s in used], [states[s].cached_len for s in used],
+                                       rows=[slot[r[2]] for r in rows])
+            cached_len = prefix_mask.shape[1]
+            prefix_mask = prefix_mask.to(device)
+            starts = torch.tensor([states[r[2]].cached_len for r in rows])
+        positions = starts[:, None] + torch.arange(width)[None]
+        hidden = self._forward(ids.to(device), positions.to(device), cache, cached_len, last.to(device), prefix_mask)
         return (hidden.float() @ self._score_vector.float()).tolist()
 
 
