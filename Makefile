@@ -32,8 +32,10 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
 bench: $(VENV)/.installed
-	$(PY) benchmarks/bench_engines.py
-	$(PY) benchmarks/bench_engines.py --evidence
+	$(PY) benchmarks/bench_engines.py --preset 0.8b
+	$(PY) benchmarks/bench_engines.py --preset 0.8b --dtype auto
+	$(PY) benchmarks/bench_engines.py --preset 0.8b --evidence
+	$(PY) benchmarks/bench_packing.py --preset 0.8b
 	$(PY) benchmarks/bench_serve.py
 	$(PY) benchmarks/bench_batch.py
 
