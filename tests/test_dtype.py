@@ -37,3 +37,14 @@ def test_this_machine_reads_its_own_cpu_flags():
         pytest.skip("no /proc/cpuinfo on this system")
     expected = "avx512_bf16" in flags or "amx_tile" in flags
     assert computes_bf16_natively(CPU) == expected
+
+
+def test_kernel_report_names_the_triton_kernels_only_where_they_run(monkeypatch):
+    import transformers.utils.import_utils as iu
+
+    from prism_ray.engine.kernels import linear_attention_kernels
+
+    monkeypatch.setattr(iu, "is_flash_linear_attention_available", lambda: True)
+    monkeypatch.setattr(iu, "is_causal_conv1d_available", lambda: False)
+    assert linear_attention_kernels(torch.device("cuda")) == {"gated_delta_rule": "fla", "causal_conv1d": "torch"}
+    assert linear_attention_kernels(CPU) == {"gated_delta_rule": "torch", "causal_conv1d": "torch"}

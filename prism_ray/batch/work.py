@@ -47,8 +47,12 @@ class EngineBackend:
         self.evidence = engine if tier == "evidence" else None
 
     def score(self, groups: list[tuple[str, list[str]]]) -> list[list[dict] | Exception]:
+        try:  # every query of the bucket in one engine call: their rows share forward passes
+            return [[dataclasses.asdict(r) for r in res] for res in self.scorer.score(groups)]
+        except Exception:  # noqa: BLE001 - retry one group at a time so a bad one fails alone
+            pass
         out: list[list[dict] | Exception] = []
-        for query, docs in groups:  # one group at a time: a bad one fails alone
+        for query, docs in groups:
             try:
                 out.append([dataclasses.asdict(r) for r in self.scorer.score([(query, docs)])[0]])
             except Exception as exc:  # noqa: BLE001 - recorded in the rows' error column

@@ -53,6 +53,7 @@ class EvidenceEngine:
                  device: str | None = None, max_length: int = DEFAULT_MAX_LENGTH, max_batch_size: int = 32):
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype, device, max_length)
         self.max_batch_size = max_batch_size
+        self.sync_every = 8  # decode steps between host syncs (see _decode)
         p = self.loaded.prompts
         self._stop = set(p.eos_ids)
 
@@ -98,7 +99,7 @@ class EvidenceEngine:
             out = lm(input_ids=tail, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
             logits = out.logits[0, -1].float()
             logit = (logits[prompts.yes_id] - logits[prompts.no_id]).item()
-            rows.append(_Row(pair, logit, [self._pick(logits[None], temperature, gen)[0]]))
+            rows.append(_Row(pair, logit, [int(self._pick(logits[None], temperature, gen)[0])]))
             caches.append(cache)
         for row in rows:
             row.done = row.tokens[-1] in self._stop
@@ -106,6 +107,10 @@ class EvidenceEngine:
 
     # -- decode: all unfinished rows together ----------------------------------------------------
     def _decode(self, rows: list[_Row], caches: list, max_new_tokens: int, temperature: float, gen) -> None:
+        """Tokens stay on the device between syncs: every `sync_every` steps one transfer brings the new
+        tokens to the host, rows that reached a stop token keep only what precedes it (and their stop)
+        and leave the batch. A GPU never waits on the host per token; a finished row costs at most
+        `sync_every - 1` extra steps of a batch that runs anyway."""
         active = [i for i, r in enumerate(rows) if not r.done]
         if not active or max_new_tokens <= 1:
             return
@@ -114,29 +119,39 @@ class EvidenceEngine:
         device = self.loaded.device
         mask = mask.to(device)
         positions = torch.tensor(lengths, device=device)
-        for _ in range(max_new_tokens - 1):
-            ids = torch.tensor([[rows[i].tokens[-1]] for i in active], device=device)
-            mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
-            out = self.loaded.model(input_ids=ids, attention_mask=mask, position_ids=positions[:, None],
-                                    cache=cache, use_cache=True, logits_to_keep=1)
-            for i, tok in zip(active, self._pick(out.logits[:, -1].float(), temperature, gen)):
-                rows[i].tokens.append(tok)
-                rows[i].done = tok in self._stop
-            positions = positions + 1
-            keep = [k for k, i in enumerate(active) if not rows[i].done]
-            if not keep:
-                return
-            if len(keep) < len(active):
+        last = torch.tensor([rows[i].tokens[-1] for i in active], device=device)
+        remaining = max_new_tokens - 1
+        while remaining > 0 and active:
+            window = []
+            for _ in range(min(self.sync_every, remaining)):
+                mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+                out = self.loaded.model(input_ids=last[:, None], attention_mask=mask, position_ids=positions[:, None],
+                                        cache=cache, use_cache=True, logits_to_keep=1)
+                last = self._pick(out.logits[:, -1].float(), temperature, gen)
+                window.append(last)
+                positions = positions + 1
+            remaining -= len(window)
+            keep = []
+            for k, (i, new_tokens) in enumerate(zip(active, torch.stack(window, dim=1).tolist())):
+                for tok in new_tokens:
+                    rows[i].tokens.append(tok)
+                    if tok in self._stop:
+                        rows[i].done = True
+                        break
+                if not rows[i].done:
+                    keep.append(k)
+            if len(keep) < len(active) and keep:
                 index = torch.tensor(keep, device=device)
                 cache.reorder_cache(index)
-                mask, positions = mask[index], positions[index]
-                active = [active[k] for k in keep]
+                mask, positions, last = mask[index], positions[index], last[index]
+            active = [active[k] for k in keep]
 
-    def _pick(self, logits: torch.Tensor, temperature: float, gen) -> list[int]:
+    def _pick(self, logits: torch.Tensor, temperature: float, gen) -> torch.Tensor:
+        """The next token of each row, on the logits' device."""
         if temperature == 0:
-            return logits.argmax(dim=-1).tolist()
+            return logits.argmax(dim=-1)
         probs = F.softmax(logits / temperature, dim=-1)
-        return torch.multinomial(probs, 1, generator=gen)[:, 0].tolist()
+        return torch.multinomial(probs, 1, generator=gen)[:, 0]
 
     def _finish(self, row: _Row, max_new_tokens: int) -> EvidenceResult:
         prompts = self.loaded.prompts

@@ -1,0 +1,136 @@
+"""The GPU check, in one go and without Ray: fp32 parity with path A on the device, then bf16 speed.
+
+    bash benchmarks/device_check.sh          # on a CUDA machine (the 0.8b preset); about 5 minutes on an H200
+    bash benchmarks/device_check.sh --cpu    # the same steps on the tiny preset and small sizes: a dry run
+
+Prints, for the 0.8b preset in bf16: ScoreEngine prompt tokens/s (every pair's whole prompt counted,
+timed end to end per engine call, tokenizing included) for 1 query x 20 docs, 16 queries x 20 docs
+packed into one call, and 64 x 100; next to path A batched in bf16 (a plain forward over right-padded
+batches of whole prompts, reading the last real token) on the same pairs; and EvidenceEngine tokens/s
+at 32 pairs x 128 new tokens. Exits 1 if fp32 parity with path A fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from prism_ray.checkpoints import build_checkpoint  # noqa: E402
+from prism_ray.engine import EvidenceEngine, ScoreEngine, load_model  # noqa: E402
+from prism_ray.engine.batching import budget_batches  # noqa: E402
+from prism_ray.engine.kernels import linear_attention_kernels  # noqa: E402
+
+GPU_SIZES = {"one": (1, 20), "packed": (16, 20), "large": (64, 100), "evidence": (32, 128)}
+CPU_SIZES = {"one": (1, 4), "packed": (4, 4), "large": (6, 6), "evidence": (3, 8)}
+
+
+def texts(n: int, lo: int, hi: int, offset: int = 0) -> list[str]:
+    import pydoc_data.topics
+
+    topics = [t.split() for t in pydoc_data.topics.topics.values() if len(t.split()) >= hi]
+    return [" ".join(topics[(offset + i * 7) % len(topics)][: lo + (i * 37) % (hi - lo + 1)]) for i in range(n)]
+
+
+def workload(queries: int, docs: int) -> list[tuple[str, list[str]]]:
+    return [(" ".join(texts(1, 6, 24, offset=q)[0].split()[: 6 + q % 18]), texts(docs, 40, 160, offset=q * 3))
+            for q in range(queries)]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def path_a_batched(loaded, groups, token_budget: int) -> list[float]:
+    """The card's path A as a plain batched forward: whole prompts, right-padded, yes/no at the last token."""
+    p, dev = loaded.prompts, loaded.device
+    prompts = [p.encode(q, d).ids for q, docs in groups for d in docs]
+    logits = [0.0] * len(prompts)
+    for batch in budget_batches([len(x) for x in prompts], token_budget):
+        width = max(len(prompts[i]) for i in batch)
+        ids = torch.full((len(batch), width), p.pad_id, dtype=torch.long)
+        for r, i in enumerate(batch):
+            ids[r, : len(prompts[i])] = torch.tensor(prompts[i])
+        last = torch.tensor([len(prompts[i]) - 1 for i in batch], device=dev)
+        hidden = loaded.backbone(input_ids=ids.to(dev)).last_hidden_state[torch.arange(len(batch), device=dev), last]
+        out = loaded.model.lm_head(hidden).float()
+        for r, i in enumerate(batch):
+            logits[i] = (out[r, p.yes_id] - out[r, p.no_id]).item()
+    return [1 / (1 + torch.exp(torch.tensor(-x)).item()) for x in logits]
+
+
+def parity(ckpt: Path, device: str) -> bool:
+    loaded = load_model(ckpt, dtype="float32", device=device)
+    groups = workload(3, 5)
+    ours = [r.score for g in ScoreEngine(loaded).score(groups) for r in g]
+    ref = path_a_batched(loaded, groups, token_budget=1)  # one prompt per forward: path A exactly
+    diff = max(abs(a - b) for a, b in zip(ours, ref))
+    ok = diff <= 1e-5
+    print(f"fp32 parity with path A on {device}: max |score diff| = {diff:.2e} over {len(ours)} pairs "
+          f"({'ok' if ok else 'FAILED'}: limit 1e-5)", flush=True)
+    return ok
+
+
+def speed(ckpt: Path, device: str, sizes: dict, budget: int | None) -> None:
+    loaded = load_model(ckpt, dtype="bfloat16", device=device)
+    dev = loaded.device
+    engine = ScoreEngine(loaded, token_budget=budget)
+    print(f"bf16 ScoreEngine, token budget {engine.token_budget}; kernels {linear_attention_kernels(dev)}")
+    engine.score(workload(2, 4)), path_a_batched(loaded, workload(2, 4), engine.token_budget)  # warm-up
+    for name in ("one", "packed", "large"):
+        queries, docs = sizes[name]
+        groups = workload(queries, docs)
+        results, t_e = timed(lambda groups=groups: engine.score(groups), dev)
+        tokens = sum(r.num_tokens for g in results for r in g)
+        ref, t_a = timed(lambda groups=groups: path_a_batched(loaded, groups, engine.token_budget), dev)
+        diff = max(abs(r.score - s) for r, s in zip((r for g in results for r in g), ref))
+        print(f"  {queries:>3} x {docs:<3} ({tokens} prompt tokens): ScoreEngine {tokens / t_e:>10,.0f} tokens/s   "
+              f"path A batched {tokens / t_a:>10,.0f} tokens/s   = {t_a / t_e:.2f}x   max |diff| {diff:.1e}", flush=True)
+    pairs, new = sizes["evidence"]
+    ev = EvidenceEngine(loaded, max_batch_size=pairs)
+    ev.generate([("warm", "up")], max_new_tokens=2)
+    work = [(q, d) for q, docs in workload(pairs, 1) for d in docs]
+    out, t = timed(lambda: ev.generate(work, max_new_tokens=new), dev)
+    generated = sum(r.generated_tokens for r in out)
+    print(f"  evidence {pairs} pairs x {new} new tokens: {generated / t:,.0f} generated tokens/s "
+          f"({generated} tokens in {t:.2f} s)", flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cpu", action="store_true", help="dry run: tiny preset, small sizes, on the CPU")
+    ap.add_argument("--token-budget", type=int, default=None)
+    ap.add_argument("--out", default="checkpoints")
+    args = ap.parse_args()
+    device = "cpu" if args.cpu else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device; use --cpu for the dry run", file=sys.stderr)
+        return 2
+    preset = "tiny" if args.cpu else "0.8b"
+    ckpt = Path(args.out) / preset
+    if not (ckpt / "config.json").is_file():
+        build_checkpoint(preset, ckpt)
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    print(f"device check: {name}, preset {preset}, torch {torch.__version__}", flush=True)
+    ok = parity(ckpt, device)
+    speed(ckpt, device, CPU_SIZES if args.cpu else GPU_SIZES, args.token_budget)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
