@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_engines import best_of  # noqa: E402  (this folder is on sys.path when run as a script)
 
 from prism_ray.checkpoints import build_checkpoint  # noqa: E402
 from prism_ray.engine import ScoreEngine, load_model  # noqa: E402
@@ -43,15 +44,6 @@ def requests(n: int, seed: int = 0) -> list[tuple[str, list[str]]]:
             docs.append(" ".join(doc_words[s:s + rng.randint(20, 120)]))
         out.append((query, docs))
     return out
-
-
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main() -> None:
