@@ -23,6 +23,7 @@ def test_deployment_names():
         deployment_name("m", "router")
 
 
+@pytest.mark.slow  # builds a checkpoint
 def test_pin_checkpoint_builds_once_and_makes_the_path_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     m = ModelConfig(name="t", model="ckpts/tiny", build_preset="tiny")

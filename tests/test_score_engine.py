@@ -107,6 +107,7 @@ def _many_queries() -> list[tuple[str, list[str]]]:
     return [(q, docs[k * 3: k * 3 + 1 + k % 5]) for k, q in enumerate(queries)]
 
 
+@pytest.mark.slow  # path A for every pair, both backbones
 def test_packed_queries_equal_path_a_and_one_query_at_a_time(engines, any_ckpt):
     """Rows of different queries share forward passes (a small budget forces many mixed batches); every
     score equals the card's path A and scoring the query alone."""
