@@ -25,6 +25,7 @@ from prism_ray.checkpoints import build_checkpoint  # noqa: E402
 from prism_ray.engine import EvidenceEngine, ScoreEngine, load_model  # noqa: E402
 from prism_ray.engine.batching import budget_batches  # noqa: E402
 from prism_ray.engine.kernels import linear_attention_kernels  # noqa: E402
+from prism_ray.engine.score import sigmoid  # noqa: E402
 
 GPU_SIZES = {"one": (1, 20), "packed": (16, 20), "large": (64, 100), "evidence": (32, 128)}
 CPU_SIZES = {"one": (1, 4), "packed": (4, 4), "large": (6, 6), "evidence": (3, 8)}
@@ -71,7 +72,7 @@ def path_a_batched(loaded, groups, token_budget: int) -> list[float]:
         out = loaded.model.lm_head(hidden).float()
         for r, i in enumerate(batch):
             logits[i] = (out[r, p.yes_id] - out[r, p.no_id]).item()
-    return [1 / (1 + torch.exp(torch.tensor(-x)).item()) for x in logits]
+    return [sigmoid(x) for x in logits]
 
 
 def parity(ckpt: Path, device: str) -> bool:

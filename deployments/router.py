@@ -200,9 +200,8 @@ class Router:
     # -- the one path every shape takes -------------------------------------------------------------------
     async def _serve(self, parse, endpoint: str):
         model_name = ""  # a metric tag: only ever a configured model's name, never what the caller sent
-        slot = self.service.admission()
         try:
-            slot.__enter__()
+            slot = self.service.admission()
         except PrismError as exc:
             metrics.count("prism_errors_total", kind=exc.kind.value, model="")
             raise
@@ -230,7 +229,7 @@ class Router:
             raise
         finally:
             if not streaming:
-                slot.__exit__(None, None, None)
+                slot.release()
 
     async def _stream(self, job, model, ranked, slot, endpoint: str):
         try:
@@ -238,7 +237,7 @@ class Router:
                 yield _sse(event, data)
             metrics.count("prism_requests_total", model=model.name, endpoint=endpoint, status="200")
         finally:
-            slot.__exit__(None, None, None)
+            slot.release()
 
     def _authorize(self, request: Request) -> None:
         if not self.keys:

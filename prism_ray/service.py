@@ -6,7 +6,7 @@ calls to deployment handles, tests pass plain functions. Errors are `PrismError`
 (`prism_ray.errors`); the HTTP layer maps kinds to statuses.
 
     service = RerankService(config, prompts, score=score_call, evidence=evidence_call)
-    with service.admission():
+    with service.admission():           # or: slot = service.admission(); ...; slot.release()
         model = service.prepare(job)              # sync: tokenizes; run it off the event loop
         body = await service.respond(job, model)  # or: async for event, data in service.events(...)
 """
@@ -14,7 +14,6 @@ calls to deployment handles, tests pass plain functions. Errors are `PrismError`
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
@@ -46,18 +45,14 @@ class RerankService:
         self.in_flight = 0
 
     # -- admission ------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def admission(self):
-        """Holds one of `max_in_flight` slots for the body of the `with`; 429 when none is free."""
+    def admission(self) -> _Slot:
+        """One of `max_in_flight` slots, held until released (or the end of a `with`); 429 when none is
+        free. A streamed answer hands its slot to the stream, which releases it when the stream ends."""
         if self.in_flight >= self.limits.max_in_flight:
             raise retry_later(ErrorKind.OVERLOAD, f"server is at its limit of {self.limits.max_in_flight} "
                                                   "requests in flight (max_in_flight); retry later",
                               self.limits.retry_after_s)
-        self.in_flight += 1
-        try:
-            yield
-        finally:
-            self.in_flight -= 1
+        return _Slot(self)
 
     # -- model choice and limits ------------------------------------------------------------------------
     def model(self, key: str | None, param: str = "model") -> ModelConfig:
@@ -188,6 +183,24 @@ class RerankService:
             return await self._evidence_one(job, model, r), None
         except Exception as exc:  # noqa: BLE001 - one document's failure must not cut the stream
             return r, exc
+
+
+class _Slot:
+    def __init__(self, service: RerankService):
+        self._service, self._held = service, True
+        service.in_flight += 1
+
+    def release(self) -> None:
+        """Idempotent: the slot is given back once."""
+        if self._held:
+            self._held = False
+            self._service.in_flight -= 1
+
+    def __enter__(self) -> _Slot:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def _best_first(ranked: list[RankedDocument]) -> list[RankedDocument]:
