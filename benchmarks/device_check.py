@@ -7,7 +7,8 @@ Prints, for the 0.8b preset in bf16: ScoreEngine prompt tokens/s (every pair's w
 timed end to end per engine call, tokenizing included) for 1 query x 20 docs, 16 queries x 20 docs
 packed into one call, and 64 x 100; next to path A batched in bf16 (a plain forward over right-padded
 batches of whole prompts, reading the last real token) on the same pairs; and EvidenceEngine tokens/s
-at 32 pairs x 128 new tokens. Exits 1 if fp32 parity with path A fails.
+at 32 pairs x 128 new tokens; each case twice (first call with compiles, then warm). Exits 1 if fp32
+parity with path A fails.
 """
 
 from __future__ import annotations
@@ -76,14 +77,27 @@ def path_a_batched(loaded, groups, token_budget: int) -> list[float]:
 
 
 def parity(ckpt: Path, device: str) -> bool:
+    """fp32 parity with path A run one prompt per forward (the card's reference exactly).
+
+    Two figures: the engine one row per forward (the algorithm: must be within 1e-5), and the engine at its
+    own token budget (rows right-padded into one forward). The second is held to 1e-5 or to path A's own
+    spread between one prompt per forward and right-padded batches, whichever is larger: the reference
+    kernels (the chunked Gated DeltaNet above all) reduce in a different order when the batch width changes,
+    and no engine can be closer to path A than path A is to itself.
+    """
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     loaded = load_model(ckpt, dtype="float32", device=device)
     groups = workload(3, 5)
-    ours = [r.score for g in ScoreEngine(loaded).score(groups) for r in g]
-    ref = path_a_batched(loaded, groups, token_budget=1)  # one prompt per forward: path A exactly
-    diff = max(abs(a - b) for a, b in zip(ours, ref))
-    ok = diff <= 1e-5
-    print(f"fp32 parity with path A on {device}: max |score diff| = {diff:.2e} over {len(ours)} pairs "
-          f"({'ok' if ok else 'FAILED'}: limit 1e-5)", flush=True)
+    ref = path_a_batched(loaded, groups, token_budget=1)
+    floor = max(abs(a - b) for a, b in zip(ref, path_a_batched(loaded, groups, token_budget=1 << 20)))
+    ok = True
+    for label, budget, limit in (("one row per forward", 1, 1e-5), ("at its token budget", None, max(1e-5, 1.5 * floor))):
+        ours = [r.score for g in ScoreEngine(loaded, token_budget=budget).score(groups) for r in g]
+        diff = max(abs(a - b) for a, b in zip(ours, ref))
+        ok &= diff <= limit
+        print(f"fp32 parity with path A on {device}, engine {label}: max |score diff| = {diff:.2e} over {len(ours)} pairs "
+              f"({'ok' if diff <= limit else 'FAILED'}: limit {limit:.2e}; path A batched vs one by one: {floor:.2e})", flush=True)
     return ok
 
 
@@ -93,23 +107,29 @@ def speed(ckpt: Path, device: str, sizes: dict, budget: int | None) -> None:
     engine = ScoreEngine(loaded, token_budget=budget)
     print(f"bf16 ScoreEngine, token budget {engine.token_budget}; kernels {linear_attention_kernels(dev)}")
     engine.score(workload(2, 4)), path_a_batched(loaded, workload(2, 4), engine.token_budget)  # warm-up
+    # Each case runs twice: Triton (fla) compiles and autotunes per new shape, and some autotune keys
+    # hold the batch size, so the first call of a shape can be mostly compile time. The second call of
+    # the same work is the steady state a warm server sees; both are printed.
     for name in ("one", "packed", "large"):
         queries, docs = sizes[name]
         groups = workload(queries, docs)
-        results, t_e = timed(lambda groups=groups: engine.score(groups), dev)
-        tokens = sum(r.num_tokens for g in results for r in g)
-        ref, t_a = timed(lambda groups=groups: path_a_batched(loaded, groups, engine.token_budget), dev)
-        diff = max(abs(r.score - s) for r, s in zip((r for g in results for r in g), ref))
-        print(f"  {queries:>3} x {docs:<3} ({tokens} prompt tokens): ScoreEngine {tokens / t_e:>10,.0f} tokens/s   "
-              f"path A batched {tokens / t_a:>10,.0f} tokens/s   = {t_a / t_e:.2f}x   max |diff| {diff:.1e}", flush=True)
+        for run in ("first call", "warm"):
+            results, t_e = timed(lambda groups=groups: engine.score(groups), dev)
+            tokens = sum(r.num_tokens for g in results for r in g)
+            ref, t_a = timed(lambda groups=groups: path_a_batched(loaded, groups, engine.token_budget), dev)
+            diff = max(abs(r.score - s) for r, s in zip((r for g in results for r in g), ref))
+            print(f"  {queries:>3} x {docs:<3} ({tokens} prompt tokens, {run:>10}): ScoreEngine {tokens / t_e:>10,.0f} "
+                  f"tokens/s   path A batched {tokens / t_a:>10,.0f} tokens/s   = {t_a / t_e:.2f}x   max |diff| {diff:.1e}",
+                  flush=True)
     pairs, new = sizes["evidence"]
     ev = EvidenceEngine(loaded, max_batch_size=pairs)
     ev.generate([("warm", "up")], max_new_tokens=2)
     work = [(q, d) for q, docs in workload(pairs, 1) for d in docs]
-    out, t = timed(lambda: ev.generate(work, max_new_tokens=new), dev)
-    generated = sum(r.generated_tokens for r in out)
-    print(f"  evidence {pairs} pairs x {new} new tokens: {generated / t:,.0f} generated tokens/s "
-          f"({generated} tokens in {t:.2f} s)", flush=True)
+    for run in ("first call", "warm"):
+        out, t = timed(lambda: ev.generate(work, max_new_tokens=new), dev)
+        generated = sum(r.generated_tokens for r in out)
+        print(f"  evidence {pairs} pairs x {new} new tokens ({run}): {generated / t:,.0f} generated tokens/s "
+              f"({generated} tokens in {t:.2f} s)", flush=True)
 
 
 def main() -> int:
