@@ -34,5 +34,6 @@ def build_app(args: dict[str, Any]) -> Application:
         )
     r = config.router
     return Router.options(name="router", num_replicas=r.num_replicas, ray_actor_options=r.ray_actor_options,
-                          max_ongoing_requests=r.max_ongoing_requests).bind(
+                          max_ongoing_requests=r.max_ongoing_requests,
+                          graceful_shutdown_timeout_s=r.graceful_shutdown_timeout_s).bind(
         config.model_dump(mode="json"), scorers, evidences)

@@ -4,6 +4,11 @@ Speaks Cohere v2 (`/v2/rerank`), Jina (`/v1/rerank`, `/rerank`) and TEI (`/reran
 What a request means (limits, model choice, ranking, cascade, evidence, stream events) lives in the
 service; this module parses bodies, checks keys, calls the tiers through deployment handles and
 turns `PrismError`s into the error table's statuses.
+
+Under failure: every request has a deadline (`limits.request_timeout_s`, a 504 past it) that bounds
+its tier calls, retries included; a tier call whose replica died or restarted is sent again
+(`deployments.retries`); a deadline or a client that disconnects cancels the calls in flight (Serve
+propagates the cancellation to the replica, and the evidence tier stops decoding for it).
 """
 
 import asyncio
@@ -16,6 +21,7 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
+from deployments.retries import with_retries
 from prism_ray import metrics
 from prism_ray.api import (
     CohereRerankRequest,
@@ -31,9 +37,9 @@ from prism_ray.api import (
     server_timing,
 )
 from prism_ray.config import AppConfig
-from prism_ray.errors import ErrorBody, ErrorKind, PrismError, retry_later
+from prism_ray.errors import STATUS, ErrorBody, ErrorKind, PrismError, retry_later
 from prism_ray.factory import deployment_name
-from prism_ray.openapi import apply_config, component_schemas, rerank_operation
+from prism_ray.openapi import apply_config, component_schemas, error_responses, rerank_operation
 from prism_ray.service import RerankService
 
 REQUESTS = [CohereRerankRequest, JinaRerankRequest, TeiRerankRequest]
@@ -70,6 +76,27 @@ def _parse(model, body: dict):
 
 def _sse(event: str, data) -> str:
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _count_failure(kind: ErrorKind, endpoint: str, model: str) -> None:
+    """A failed request in both request metrics: by status (next to the 200s) and by error kind."""
+    metrics.count("prism_requests_total", model=model, endpoint=endpoint, status=str(STATUS[kind]))
+    metrics.count("prism_errors_total", kind=kind.value, model=model)
+
+
+def readiness(config: AppConfig, replicas: dict[str, int]) -> tuple[dict[str, int], list[str]]:
+    """Running replicas of every tier, and the tiers that should have one and have none. A tier whose
+    minimum is 0 (scale to zero) starts on demand, so it does not hold readiness back."""
+    tiers, missing = {}, []
+    for m in config.models:
+        for tier, cfg in (("scorer", m.scorer), ("evidence", m.evidence)):
+            if cfg is None:
+                continue
+            name = deployment_name(m.name, tier)
+            tiers[name] = replicas.get(name, 0)
+            if tiers[name] < 1 and cfg.min_replicas >= 1:
+                missing.append(name)
+    return tiers, sorted(missing)
 
 
 def _replica_counts() -> dict[str, int]:
@@ -119,22 +146,42 @@ class Router:
 
     # -- the tiers, as the service sees them ------------------------------------------------------------
     async def _call_scorer(self, model: str, query: str, documents: list[str], max_doc_tokens):
-        return await self._tier_call(self.scorers[model].score.remote(query, documents, max_doc_tokens))
+        return await self._tier_call(model, "scorer",
+                                     lambda: self.scorers[model].score.remote(query, documents, max_doc_tokens))
 
     async def _call_evidence(self, model: str, query: str, document: str, max_new_tokens: int):
-        return await self._tier_call(self.evidences[model].generate.remote(query, document, max_new_tokens))
+        return await self._tier_call(model, "evidence",
+                                     lambda: self.evidences[model].generate.remote(query, document, max_new_tokens))
 
-    async def _tier_call(self, response):
+    async def _tier_call(self, model: str, tier: str, send):
+        """`send()` makes the handle call; it is sent again while its replica is lost (until the deadline
+        the caller runs under). A saturated or replica-less tier is a 503 with Retry-After."""
+        def retried(exc: BaseException) -> None:
+            metrics.count("prism_retries_total", model=model, tier=tier)
+
         try:
-            return await response
+            return await with_retries(send, retried)
         except (BackPressureError, DeploymentUnavailableError) as exc:
             raise retry_later(ErrorKind.SATURATED, "the model's replicas are saturated or starting; retry later",
                               self.config.limits.retry_after_s) from exc
 
     # -- endpoints ----------------------------------------------------------------------------------------
-    @app.get("/health", responses={200: {"description": "The router is alive"}})
+    @app.get("/health", responses={200: {"description": "The router is alive (cheap liveness)"}})
     async def health(self) -> dict:
         return {"status": "ok"}
+
+    @app.get("/health/ready", responses={
+        200: {"description": "Every configured tier has at least one running replica"},
+        **error_responses([503])})
+    async def ready(self) -> dict:
+        """Readiness for a load balancer or a KubeRay probe: 503 until every tier of every model has a
+        running replica (tiers configured to scale to zero excepted), naming the tiers that have none."""
+        replicas = await asyncio.get_running_loop().run_in_executor(None, _replica_counts)
+        tiers, missing = readiness(self.config, replicas)
+        if missing:
+            raise retry_later(ErrorKind.SATURATED, f"not ready: no running replica for {', '.join(missing)}",
+                              self.config.limits.retry_after_s)
+        return {"status": "ready", "replicas": tiers}
 
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi(self, request: Request) -> dict:
@@ -203,37 +250,43 @@ class Router:
         try:
             slot = self.service.admission()
         except PrismError as exc:
-            metrics.count("prism_errors_total", kind=exc.kind.value, model="")
+            _count_failure(exc.kind, endpoint, "")
             raise
         streaming = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.limits.request_timeout_s
         try:
             job: RerankJob = parse()
-            model = await asyncio.get_running_loop().run_in_executor(None, self.service.prepare, job)
-            model_name = model.name
-            ranked = await self.service.rank(job, model)
-            if job.stream:
-                streaming = True  # the stream holds the slot until it ends
-                return StreamingResponse(self._stream(job, model, ranked, slot, endpoint),
-                                         media_type="text/event-stream")
-            body, ranked = await self.service.respond(job, model, ranked)
+            async with asyncio.timeout_at(deadline):
+                model = await loop.run_in_executor(None, self.service.prepare, job)
+                model_name = model.name
+                ranked = await self.service.rank(job, model)
+                if job.stream:
+                    streaming = True  # the stream holds the slot until it ends
+                    return StreamingResponse(self._stream(job, model, ranked, slot, endpoint, deadline),
+                                             media_type="text/event-stream")
+                body, ranked = await self.service.respond(job, model, ranked)
             metrics.count("prism_requests_total", model=model_name, endpoint=endpoint, status="200")
             return JSONResponse(body, headers={"Server-Timing": server_timing(ranked)})
+        except TimeoutError:
+            _count_failure(ErrorKind.TIMEOUT, endpoint, model_name)
+            raise self.service.timeout_error() from None
         except PrismError as exc:
-            metrics.count("prism_errors_total", kind=exc.kind.value, model=model_name)
+            _count_failure(exc.kind, endpoint, model_name)
             raise
         except RequestValidationError:
-            metrics.count("prism_errors_total", kind=ErrorKind.BAD_REQUEST.value, model=model_name)
+            _count_failure(ErrorKind.BAD_REQUEST, endpoint, model_name)
             raise
         except Exception:
-            metrics.count("prism_errors_total", kind=ErrorKind.INTERNAL.value, model=model_name)
+            _count_failure(ErrorKind.INTERNAL, endpoint, model_name)
             raise
         finally:
             if not streaming:
                 slot.release()
 
-    async def _stream(self, job, model, ranked, slot, endpoint: str):
+    async def _stream(self, job, model, ranked, slot, endpoint: str, deadline: float):
         try:
-            async for event, data in self.service.events(job, model, ranked):
+            async for event, data in self.service.events(job, model, ranked, deadline=deadline):
                 yield _sse(event, data)
             metrics.count("prism_requests_total", model=model.name, endpoint=endpoint, status="200")
         finally:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from ray import serve
 
-from deployments.threads import compute_thread
+from deployments.threads import ComputeThread
 from prism_ray import metrics
 from prism_ray.config import ModelConfig, ScorerTierConfig
 from prism_ray.factory import build_engine
@@ -42,7 +42,7 @@ class Scorer:
     def __init__(self, model: dict):
         self.config = ModelConfig.model_validate(model)
         tier: ScorerTierConfig = self.config.scorer
-        self._compute = compute_thread(tier.torch_threads)
+        self._compute = ComputeThread(tier.torch_threads, tier.wedged_after_s)
         self.engine = build_engine(self.config, "scorer")
         # One pair always fits a batch, whatever the budget.
         self._batched.set_max_batch_size(max(tier.max_batch_tokens, self.config.max_length))
@@ -70,6 +70,10 @@ class Scorer:
             r["compute_ms"] += tokenize_ms
         return results
 
+    def check_health(self) -> None:
+        """Serve's periodic health check: fails when the engine is wedged (see deployments.threads)."""
+        self._compute.check()
+
     @serve.batch(max_batch_size=4096, batch_wait_timeout_s=0.005, batch_size_fn=_tokens)
     async def _batched(self, items: list[_Item]) -> list[list[dict]]:
         now = time.monotonic()
@@ -78,7 +82,7 @@ class Scorer:
             metrics.observe("prism_queue_wait_seconds", now - item.enqueued, metrics.SECONDS_BUCKETS, model=name, tier="scorer")
         metrics.observe("prism_batch_pairs", sum(len(i.pairs) for i in items), metrics.SIZE_BUCKETS, model=name, tier="scorer")
         started = time.perf_counter()
-        results = await asyncio.get_running_loop().run_in_executor(self._compute, self._score_items, items)
+        results = await self._compute.run(self._score_items, items)
         compute_ms = 1000 * (time.perf_counter() - started)
         for item_results in results:
             for r in item_results:

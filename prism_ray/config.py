@@ -45,6 +45,12 @@ class TierConfig(_Strict):
     max_queued_requests: int = Field(default=256, ge=-1, description="-1: unbounded")
     batch_wait_timeout_s: float = Field(default=0.005, ge=0)
     torch_threads: int | None = Field(default=None, ge=1)
+    graceful_shutdown_timeout_s: float = Field(
+        default=30, ge=0, description="a replica being stopped (scale-down, redeploy) finishes its requests "
+                                      "for up to this long before it is killed")
+    wedged_after_s: float = Field(
+        default=300, gt=0, description="check_health fails (and Serve restarts the replica) when one engine "
+                                      "call has run longer than this")
 
     @model_validator(mode="after")
     def _replicas_xor_autoscaling(self):
@@ -52,12 +58,20 @@ class TierConfig(_Strict):
             self.autoscaling_config = None
         return self
 
+    @property
+    def min_replicas(self) -> int:
+        """The replicas this tier keeps even when idle (0: it scales to zero)."""
+        if self.num_replicas is not None:
+            return self.num_replicas
+        return int((self.autoscaling_config or {}).get("min_replicas", 1))
+
     def deployment_options(self, name: str) -> dict[str, Any]:
         opts: dict[str, Any] = {
             "name": name,
             "ray_actor_options": self.ray_actor_options,
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
         }
         if self.num_replicas is not None:
             opts["num_replicas"] = self.num_replicas
@@ -151,6 +165,10 @@ class LimitsConfig(_Strict):
     max_evidence_documents: int = Field(default=32, ge=1, description="evidence.top_n per request")
     max_in_flight: int = Field(default=256, ge=1, description="requests a router replica holds before 429")
     retry_after_s: int = Field(default=1, ge=1, description="the Retry-After of a 429 or 503")
+    request_timeout_s: float = Field(
+        default=60, gt=0, description="deadline of one request, retries included: past it a 504 (type timeout), "
+                                      "and its scorer and evidence calls are cancelled; a stream ends its "
+                                      "unfinished documents with timeout error events")
     _renamed = {"max_query_tokens": "max_query_tokens is gone: a query is limited in characters, the unit the "
                                     "API schema can state; use max_query_chars"}
 
@@ -159,6 +177,9 @@ class RouterConfig(_Strict):
     num_replicas: int = Field(default=1, ge=1)
     ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0.5})
     max_ongoing_requests: int = Field(default=512, ge=1)
+    graceful_shutdown_timeout_s: float = Field(
+        default=75, ge=0, description="a router being replaced finishes its requests (streams included) for "
+                                      "up to this long; keep it above limits.request_timeout_s")
 
 
 class AppConfig(_Strict):

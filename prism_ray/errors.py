@@ -19,6 +19,7 @@ class ErrorKind(str, Enum):
     TOO_LARGE = "too_large"  # body, document count or a document's length over a limit
     OVERLOAD = "overload"  # this router holds max_in_flight requests already
     SATURATED = "saturated"  # a tier's replicas and queues are full, or it has no replica
+    TIMEOUT = "timeout"  # the request passed limits.request_timeout_s; its downstream work was cancelled
     INTERNAL = "internal"  # a bug: never the caller's fault
 
 
@@ -29,6 +30,7 @@ STATUS: dict[ErrorKind, int] = {
     ErrorKind.TOO_LARGE: 413,
     ErrorKind.OVERLOAD: 429,
     ErrorKind.SATURATED: 503,
+    ErrorKind.TIMEOUT: 504,
     ErrorKind.INTERNAL: 500,
 }
 
@@ -39,6 +41,7 @@ DESCRIPTIONS: dict[int, str] = {
     422: "The request breaks the schema or a limit; `param` names the field",
     429: "The router is at max_in_flight; retry after Retry-After seconds",
     503: "The model's replicas are saturated or starting; retry after Retry-After seconds",
+    504: "The request passed its deadline (request_timeout_s); its work was cancelled",
 }
 
 

@@ -20,7 +20,7 @@ from prism_ray.config import AppConfig, ModelConfig
 from prism_ray.errors import DESCRIPTIONS, ErrorBody
 
 REF = "#/components/schemas/{model}"
-RERANK_ERRORS = (404, 413, 422, 429, 503)
+RERANK_ERRORS = (404, 413, 422, 429, 503, 504)
 SSE_EVENT = {  # one Server-Sent Event of a streamed answer (see RerankService.events)
     "type": "object", "required": ["event", "data"],
     "properties": {"event": {"enum": ["scores", "evidence", "error", "done"]},

@@ -152,28 +152,44 @@ class RerankService:
         await asyncio.gather(*(self._evidence_one(job, model, r) for r in self.evidence_targets(job, ranked)))
         return render(job, ranked, str(uuid.uuid4()), cascade=job.cascade is not None), ranked
 
-    async def events(self, job: RerankJob, model: ModelConfig,
-                     ranked: list[RankedDocument] | None = None) -> AsyncIterator[tuple[str, dict | list]]:
+    def timeout_error(self, what: str = "the request") -> PrismError:
+        return PrismError(ErrorKind.TIMEOUT, f"{what} did not finish within request_timeout_s="
+                                             f"{self.limits.request_timeout_s:g} seconds; its work was cancelled")
+
+    async def events(self, job: RerankJob, model: ModelConfig, ranked: list[RankedDocument] | None = None,
+                     deadline: float | None = None) -> AsyncIterator[tuple[str, dict | list]]:
         """The stream: one `scores` event (every score, ranked, no evidence yet), then one `evidence` event
         per target as it finishes (or an `error` event for that index if its generation failed), then
         `done`. Pass `ranked` to stream a ranking already computed (a host that must fail before it
-        starts a stream does so)."""
+        starts a stream does so). At `deadline` (event-loop time) the generations still running are
+        cancelled and each gets an `error` event of type `timeout`: the stream still ends with `done`."""
         if ranked is None:
             ranked = await self.rank(job, model)
         yield "scores", render(job, ranked, str(uuid.uuid4()), cascade=job.cascade is not None)
         targets = self.evidence_targets(job, ranked)
-        tasks = [asyncio.ensure_future(self._evidence_or_error(job, model, r)) for r in targets]
+        pending = {asyncio.ensure_future(self._evidence_or_error(job, model, r)): rank
+                   for rank, r in enumerate(targets)}  # task -> the target's rank
         failed = 0
+        loop = asyncio.get_running_loop()
         try:
-            for next_done in asyncio.as_completed(tasks):
-                r, exc = await next_done
-                if exc is None:
-                    yield "evidence", {"index": r.index, **r.prism_fields()}
-                else:
-                    failed += 1
-                    yield "error", {"index": r.index, **_error_body(exc)}
-        finally:  # a client that leaves mid-stream leaves no generation behind
-            for t in tasks:
+            while pending:
+                timeout = None if deadline is None else max(0.0, deadline - loop.time())
+                done, _ = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    break
+                for task in sorted(done, key=pending.__getitem__):
+                    del pending[task]
+                    r, exc = task.result()
+                    if exc is None:
+                        yield "evidence", {"index": r.index, **r.prism_fields()}
+                    else:
+                        failed += 1
+                        yield "error", {"index": r.index, **_error_body(exc)}
+            for r in (targets[rank] for rank in sorted(pending.values())):  # past the deadline
+                failed += 1
+                yield "error", {"index": r.index, **self.timeout_error("evidence for this document").body()}
+        finally:  # past the deadline, or a client that left mid-stream: no generation is left behind
+            for t in pending:
                 t.cancel()
         yield "done", {"evidence_documents": len(targets) - failed, "failed": failed}
 

@@ -208,3 +208,25 @@ def test_admission_holds_max_in_flight_slots(prompts):
     assert svc.in_flight == 0
     with svc.admission():
         assert svc.in_flight == 1
+
+
+def test_stream_past_its_deadline_ends_unfinished_evidence_with_timeout_events(prompts):
+    """Evidence still running at the deadline is cancelled; each gets a `timeout` error event; `done` follows."""
+    tiers = FakeTiers({**SCORES, "small": {"a": 0.9, "b" * 300: 0.8, "c": 0.1}})
+    svc = _service(prompts, tiers)
+    job = _job(["a", "b" * 300, "c"], evidence=EvidenceOptions(top_n=2), stream=True)
+    model = svc.prepare(job)
+
+    async def collect():
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        events = [e async for e in svc.events(job, model, deadline=loop.time() + 0.5)]  # "b"*300 takes 3 s
+        return events, loop.time() - started
+
+    events, took = run(collect())
+    assert [e for e, _ in events] == ["scores", "evidence", "error", "done"]
+    assert events[1][1]["index"] == 0
+    assert events[2][1]["index"] == 1 and events[2][1]["type"] == "timeout"
+    assert "request_timeout_s" in events[2][1]["message"]
+    assert events[-1][1] == {"evidence_documents": 1, "failed": 1}
+    assert took < 2.0  # the slow generation was cancelled, not waited for

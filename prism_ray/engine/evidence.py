@@ -10,7 +10,7 @@ leave the batch, so one long answer does not make short ones pay.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,8 +63,15 @@ class EvidenceEngine:
 
     @torch.inference_mode()
     def generate(self, pairs: Sequence[tuple[str, str]], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                 temperature: float = 0.0, seed: int | None = None) -> list[EvidenceResult]:
-        """Answers for (query, document) pairs, in order. Greedy unless `temperature` > 0."""
+                 temperature: float = 0.0, seed: int | None = None,
+                 should_stop: Callable[[int], bool] | None = None) -> list[EvidenceResult]:
+        """Answers for (query, document) pairs, in order. Greedy unless `temperature` > 0.
+
+        `should_stop(i)` says that pair i's answer is no longer wanted (its caller left); it is asked at
+        every host sync of the decode (every `sync_every` steps), and a stopped pair leaves the batch
+        there, its result holding what was generated until then. A server passes it so that a cancelled request stops
+        costing decode steps at once instead of at `max_new_tokens`.
+        """
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError("max_new_tokens must be an integer >= 1")
         if temperature < 0:
@@ -77,7 +84,8 @@ class EvidenceEngine:
         for start in range(0, len(pairs), self.max_batch_size):
             chunk = list(range(start, min(start + self.max_batch_size, len(pairs))))
             rows, caches = self._prefill([pairs[i] for i in chunk], temperature, gen)
-            self._decode(rows, caches, max_new_tokens, temperature, gen)
+            stopped = (lambda k, chunk=chunk: should_stop(chunk[k])) if should_stop is not None else None
+            self._decode(rows, caches, max_new_tokens, temperature, gen, stopped)
             for i, row in zip(chunk, rows):
                 results[i] = self._finish(row, max_new_tokens)
         return results  # type: ignore[return-value]
@@ -106,7 +114,8 @@ class EvidenceEngine:
         return rows, caches
 
     # -- decode: all unfinished rows together ----------------------------------------------------
-    def _decode(self, rows: list[_Row], caches: list, max_new_tokens: int, temperature: float, gen) -> None:
+    def _decode(self, rows: list[_Row], caches: list, max_new_tokens: int, temperature: float, gen,
+                stopped: Callable[[int], bool] | None = None) -> None:
         """Tokens stay on the device between syncs: every `sync_every` steps one transfer brings the new
         tokens to the host, rows that reached a stop token keep only what precedes it (and their stop)
         and leave the batch. A GPU never waits on the host per token; a finished row costs at most
@@ -138,7 +147,7 @@ class EvidenceEngine:
                     if tok in self._stop:
                         rows[i].done = True
                         break
-                if not rows[i].done:
+                if not rows[i].done and not (stopped is not None and stopped(i)):
                     keep.append(k)
             if len(keep) < len(active) and keep:
                 index = torch.tensor(keep, device=device)
