@@ -9,6 +9,7 @@ it at its next host sync, so an abandoned generation stops costing steps.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from deployments.threads import ComputeThread
 from prism_ray import metrics
 from prism_ray.config import ModelConfig
 from prism_ray.factory import build_engine
+
+logger = logging.getLogger("ray.serve")
 
 
 @dataclass
@@ -47,6 +50,7 @@ class Evidence:
         try:
             return await self._batched(pair)
         except asyncio.CancelledError:
+            logger.info("evidence request cancelled by its caller; its decode stops at the next sync")
             pair.cancelled.set()
             metrics.count("prism_cancelled_total", model=self.config.name, tier="evidence")
             raise

@@ -99,17 +99,17 @@ def readiness(config: AppConfig, replicas: dict[str, int]) -> tuple[dict[str, in
     return tiers, sorted(missing)
 
 
-def _replica_counts() -> dict[str, int]:
-    """Running replicas per deployment name, as Serve reports them (empty if unavailable). Blocking."""
+def _replica_counts(app_name: str) -> dict[str, int]:
+    """Running replicas per deployment of this application (two apps may name deployments alike), as
+    Serve reports them; empty if unavailable. Blocking."""
     try:
-        status = serve.status()
+        application = serve.status().applications.get(app_name)
     except Exception:  # noqa: BLE001 - status is informative only
         return {}
-    counts = {}
-    for application in status.applications.values():
-        for name, dep in application.deployments.items():
-            counts[name] = sum(n for state, n in dep.replica_states.items() if str(state).endswith("RUNNING"))
-    return counts
+    if application is None:
+        return {}
+    return {name: sum(n for state, n in dep.replica_states.items() if str(state).endswith("RUNNING"))
+            for name, dep in application.deployments.items()}
 
 
 def _load_prompts(config: AppConfig) -> dict:
@@ -139,6 +139,7 @@ class Router:
         self.scorers = {m.name: h for m, h in zip(self.config.models, scorers)}
         self.evidences = {m.name: h for m, h in zip(self.config.models, evidences) if h is not None}
         self.keys = self.config.resolved_api_keys()
+        self.app_name = serve.get_replica_context().app_name
         # Tokenizers load now: a first request must not stall the event loop.
         self.service = RerankService(self.config, _load_prompts(self.config), score=self._call_scorer,
                                      evidence=self._call_evidence, evidence_models=set(self.evidences))
@@ -159,8 +160,18 @@ class Router:
         def retried(exc: BaseException) -> None:
             metrics.count("prism_retries_total", model=model, tier=tier)
 
+        async def once():
+            response = send()
+            try:
+                return await response
+            except asyncio.CancelledError:
+                # Serve cancels a handle call when the HTTP request it serves is cancelled, but not when
+                # only this task is (the deadline, a stream's pending evidence): cancel it explicitly.
+                response.cancel()
+                raise
+
         try:
-            return await with_retries(send, retried)
+            return await with_retries(once, retried)
         except (BackPressureError, DeploymentUnavailableError) as exc:
             raise retry_later(ErrorKind.SATURATED, "the model's replicas are saturated or starting; retry later",
                               self.config.limits.retry_after_s) from exc
@@ -176,7 +187,7 @@ class Router:
     async def ready(self) -> dict:
         """Readiness for a load balancer or a KubeRay probe: 503 until every tier of every model has a
         running replica (tiers configured to scale to zero excepted), naming the tiers that have none."""
-        replicas = await asyncio.get_running_loop().run_in_executor(None, _replica_counts)
+        replicas = await asyncio.get_running_loop().run_in_executor(None, _replica_counts, self.app_name)
         tiers, missing = readiness(self.config, replicas)
         if missing:
             raise retry_later(ErrorKind.SATURATED, f"not ready: no running replica for {', '.join(missing)}",
@@ -200,7 +211,7 @@ class Router:
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict:
         self._authorize(request)
-        replicas = await asyncio.get_running_loop().run_in_executor(None, _replica_counts)
+        replicas = await asyncio.get_running_loop().run_in_executor(None, _replica_counts, self.app_name)
         data = []
         for m in self.config.models:
             tiers = {"scorer": {"replicas": replicas.get(deployment_name(m.name, "scorer"))}}
