@@ -52,9 +52,24 @@ class CascadeOptions(_Request):
     rescore_top: StrictInt = Field(default=50, ge=1)
 
 
+class ChunkingOptions(_Request):
+    """Prism extension: read long documents whole. A document longer than what fits the model is cut at
+    whitespace into chunks scored on their own; its score is its best chunk's, and each result says
+    which span of the document that chunk is (`chunk`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_chunks_per_doc: StrictInt = Field(ge=1, description="chunks per document, in document order; the rest "
+                                                            "of a longer document is dropped (`truncated`)")
+    chunk_tokens: StrictInt | None = Field(default=None, ge=1, description="tokens per chunk; default and cap: "
+                                                                        "what fits max_length with the prompt")
+    overlap_tokens: StrictInt | None = Field(default=None, ge=0, description="tokens consecutive chunks share "
+                                                                          "(default 32, at most half a chunk)")
+
+
 class _PrismExtension(_Request):
     evidence: EvidenceOptions | None = None
     cascade: CascadeOptions | None = None
+    chunking: ChunkingOptions | None = None
     stream: StrictBool = False
 
 
@@ -103,6 +118,8 @@ class RerankJob:
     evidence: EvidenceOptions | None = None
     cascade: CascadeOptions | None = None
     stream: bool = False
+    chunking: ChunkingOptions | None = None
+    chunked: list | None = None  # per document, a chunking.ChunkedDocument (set by the service)
 
 
 def _texts(docs: list) -> list[str]:
@@ -111,17 +128,17 @@ def _texts(docs: list) -> list[str]:
 
 def job_from_cohere(r: CohereRerankRequest) -> RerankJob:
     return RerankJob("cohere", r.model, r.query, _texts(r.documents), "documents", r.top_n, True,
-                     r.max_tokens_per_doc, r.return_documents, False, r.evidence, r.cascade, r.stream)
+                     r.max_tokens_per_doc, r.return_documents, False, r.evidence, r.cascade, r.stream, r.chunking)
 
 
 def job_from_jina(r: JinaRerankRequest) -> RerankJob:
     return RerankJob("jina", r.model, r.query, _texts(r.documents), "documents", r.top_n, r.truncate,
-                     None, r.return_documents, False, r.evidence, r.cascade, r.stream)
+                     None, r.return_documents, False, r.evidence, r.cascade, r.stream, r.chunking)
 
 
 def job_from_tei(r: TeiRerankRequest) -> RerankJob:
     return RerankJob("tei", r.model, r.query, list(r.texts), "texts", None, r.truncate,
-                     None, r.return_text, r.raw_scores, r.evidence, r.cascade, r.stream)
+                     None, r.return_text, r.raw_scores, r.evidence, r.cascade, r.stream, r.chunking)
 
 
 @dataclass
@@ -140,9 +157,10 @@ class RankedDocument:
     generated_text: str | None = None
     has_evidence: bool = False
     compute_ms: float = 0.0  # the scorer's compute for it: tokenizing the request + the engine call
+    chunk: dict | None = None  # with chunking: {index, count, start, end} of the chunk that gave the score
 
     def prism_fields(self) -> dict:
-        out: dict = {}
+        out: dict = {} if self.chunk is None else {"chunk": self.chunk}
         if self.has_evidence:
             out.update(contribution=self.contribution, evidence=self.evidence,
                        evidence_truncated=self.evidence_truncated, generated_text=self.generated_text)
@@ -169,9 +187,15 @@ def render(job: RerankJob, ranked: list[RankedDocument], request_id: str, cascad
             item["document"] = {"text": job.documents[r.index]}
         results.append({**item, **r.prism_fields(), **extra_model(r)})
     if job.shape == "cohere":
-        return {"id": request_id, "results": results,
-                "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1},
-                         "tokens": {"input_tokens": tokens, "output_tokens": 0}}}
+        meta = {"api_version": {"version": "2"}, "billed_units": {"search_units": 1},
+                "tokens": {"input_tokens": tokens, "output_tokens": 0}}
+        cut = sorted(r.index for r in ranked if r.truncated)
+        if cut:
+            meta["warnings"] = [f"documents.{i} was truncated: " + ("more chunks than max_chunks_per_doc; the rest "
+                                                                    "was not scored" if job.chunking else
+                                                                    "longer than fits the model; the rest was not scored")
+                                for i in cut]
+        return {"id": request_id, "results": results, "meta": meta}
     return {"model": job.model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}, "results": results}
 
 
@@ -187,6 +211,15 @@ def server_timing(ranked: list[RankedDocument]) -> str:
 
 # -- response models: the OpenAPI contract of what `render` writes ---------------------------------------
 
+class ChunkSpan(BaseModel):
+    """The best chunk of a document: `document[start:end]`, scored alone, gives the result's score."""
+
+    index: int = Field(ge=0, description="the chunk's position among the document's chunks")
+    count: int = Field(ge=1, description="chunks the document was cut into (at most max_chunks_per_doc)")
+    start: int = Field(ge=0, description="character offset where the chunk starts in the document")
+    end: int = Field(ge=0, description="character offset where it ends (exclusive)")
+
+
 class _PrismResult(BaseModel):
     """Prism's additions to a result: present for the documents evidence was generated for; `model`
     only on a cascade (which checkpoint gave this score)."""
@@ -196,6 +229,7 @@ class _PrismResult(BaseModel):
     evidence_truncated: bool | None = Field(default=None, description="generation hit max_new_tokens")
     generated_text: str | None = Field(default=None, description="everything the model wrote")
     model: str | None = Field(default=None, description="on a cascade: the model whose score this is")
+    chunk: ChunkSpan | None = Field(default=None, description="with chunking: the chunk that gave the score")
 
 
 class RankedResult(_PrismResult):

@@ -165,6 +165,9 @@ class LimitsConfig(_Strict):
     max_evidence_documents: int = Field(default=32, ge=1, description="evidence.top_n per request")
     max_in_flight: int = Field(default=256, ge=1, description="requests a router replica holds before 429")
     retry_after_s: int = Field(default=1, ge=1, description="the Retry-After of a 429 or 503")
+    max_chunks_per_doc: int = Field(default=64, ge=1, description="chunking.max_chunks_per_doc (422 past it)")
+    max_chunks_per_request: int = Field(default=4096, ge=1, description="chunks of all documents of one request "
+                                                                        "(413 past it)")
     request_timeout_s: float = Field(
         default=60, gt=0, description="deadline of one request, retries included: past it a 504 (type timeout), "
                                       "and its scorer and evidence calls are cancelled; a stream ends its "

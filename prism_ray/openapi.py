@@ -112,11 +112,12 @@ def apply_config(schema: dict, config: AppConfig, request_models: list[str]) -> 
     comps["EvidenceOptions"]["properties"]["top_n"]["maximum"] = lim.max_evidence_documents
     comps["EvidenceOptions"]["properties"]["max_new_tokens"]["anyOf"][0]["maximum"] = lim.max_new_tokens
     comps["CascadeOptions"]["properties"]["screen"]["pattern"] = every
+    comps["ChunkingOptions"]["properties"]["max_chunks_per_doc"]["maximum"] = lim.max_chunks_per_doc
     if config.resolved_api_keys():
         comps_root = schema["components"]
         comps_root["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         for path, ops in schema.get("paths", {}).items():
-            if path.endswith("/health"):
+            if path.endswith(("/health", "/health/ready")):  # probes carry no keys
                 continue
             for op in ops.values():
                 op["security"] = [{"bearer": []}]

@@ -159,6 +159,15 @@ class PrismPromptTokenizer:
     def document(self, doc: str) -> list[int]:
         return self.encode_text(" " + doc)
 
+    def document_token_starts(self, doc: str) -> list[int]:
+        """Where each token of `document(doc)` starts, as a character offset in `doc`."""
+        return [max(0, start - 1) for start, _ in self._text.encode(" " + doc, add_special_tokens=False).offsets]
+
+    def document_room(self, prefix: list[int], max_doc_tokens: int | None = None) -> int:
+        """Document tokens that fit `max_length` after `prefix` and the suffix (and `max_doc_tokens`)."""
+        room = self.max_length - len(prefix) - len(self.suffix)
+        return max(1, room if max_doc_tokens is None else min(room, max_doc_tokens))
+
     def encode(self, query: str, doc: str, prefix: list[int] | None = None,
                max_doc_tokens: int | None = None) -> EncodedPair:
         """Tokens of the whole prompt, with the document cut so the total fits `max_length`

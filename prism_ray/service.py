@@ -18,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 from prism_ray.api import RankedDocument, RerankJob, render
+from prism_ray.chunking import best_chunk, chunk_documents
 from prism_ray.config import AppConfig, ModelConfig
 from prism_ray.errors import ErrorKind, PrismError, retry_later
 from prism_ray.prompt import PrismPromptTokenizer, PromptTooLong
@@ -84,6 +85,8 @@ class RerankService:
                 self.prompts[m.name].encode(job.query, "")
             except PromptTooLong as exc:
                 raise PrismError(ErrorKind.BAD_REQUEST, f"query: {exc} of model {m.name!r}", "query") from None
+        if job.chunking is not None:
+            self._chunk(job, model)
         ev = job.evidence
         if ev is not None:
             if model.name not in self.evidence_models:
@@ -99,22 +102,57 @@ class RerankService:
                                  "evidence.max_new_tokens")
         return model
 
+    def _chunk(self, job: RerankJob, model: ModelConfig) -> None:
+        """Cut the job's documents into chunks (with the model's tokenizer), within the chunk limits."""
+        lim, opts = self.limits, job.chunking
+        if opts.max_chunks_per_doc > lim.max_chunks_per_doc:
+            raise PrismError(ErrorKind.BAD_REQUEST, f"chunking.max_chunks_per_doc: {opts.max_chunks_per_doc}; the "
+                                                    f"limit is {lim.max_chunks_per_doc} (max_chunks_per_doc)",
+                             "chunking.max_chunks_per_doc")
+        job.chunked = chunk_documents(self.prompts[model.name], job.query, job.documents, opts.max_chunks_per_doc,
+                                      opts.chunk_tokens, opts.overlap_tokens, job.max_tokens_per_doc)
+        total = sum(len(c.chunks) for c in job.chunked)
+        if total > lim.max_chunks_per_request:
+            raise PrismError(ErrorKind.TOO_LARGE, f"chunking: the documents make {total} chunks; the limit is "
+                                                  f"{lim.max_chunks_per_request} (max_chunks_per_request)", "chunking")
+
+    def scored_text(self, job: RerankJob, r: RankedDocument) -> str:
+        """The text a result's score is for: its best chunk with chunking, else the document."""
+        doc = job.documents[r.index]
+        return doc if r.chunk is None else doc[r.chunk["start"]:r.chunk["end"]]
+
     # -- scoring and cascade ----------------------------------------------------------------------------
     async def _score_some(self, model: ModelConfig, job: RerankJob, indices: list[int]) -> list[RankedDocument]:
-        results = await self._score(model.name, job.query, [job.documents[i] for i in indices],
-                                    job.max_tokens_per_doc)
-        if len(results) != len(indices):
+        if job.chunked is None:
+            spans = [[None] for _ in indices]
+            texts = [job.documents[i] for i in indices]
+        else:  # every chunk of every document in one call: they share the query's prefix state
+            spans = [job.chunked[i].chunks for i in indices]
+            texts = [job.documents[i][c.start:c.end] for i, cs in zip(indices, spans) for c in cs]
+        results = await self._score(model.name, job.query, texts, job.max_tokens_per_doc)
+        if len(results) != len(texts):
             raise PrismError(ErrorKind.INTERNAL, f"the {model.name} scorer returned {len(results)} results "
-                                                 f"for {len(indices)} documents")
-        ranked = [RankedDocument(i, r["score"], r["logit"], r["num_tokens"], r["truncated"], model.name,
-                                 compute_ms=r.get("compute_ms", 0.0)) for i, r in zip(indices, results)]
+                                                 f"for {len(texts)} documents")
+        ranked, at = [], 0
+        for i, cs in zip(indices, spans):
+            mine, at = results[at:at + len(cs)], at + len(cs)
+            k = best_chunk([r["score"] for r in mine])
+            best = mine[k]
+            chunk = None
+            truncated = best["truncated"]
+            if job.chunked is not None:
+                chunk = {"index": k, "count": len(cs), "start": cs[k].start, "end": cs[k].end}
+                truncated = job.chunked[i].truncated or any(r["truncated"] for r in mine)
+            ranked.append(RankedDocument(i, best["score"], best["logit"], sum(r["num_tokens"] for r in mine),
+                                         truncated, model.name, compute_ms=best.get("compute_ms", 0.0), chunk=chunk))
         if not job.truncate:
             for r in ranked:
                 if r.truncated:
                     param = f"{job.documents_field}.{r.index}"
-                    raise PrismError(ErrorKind.TOO_LARGE, f"{param}: longer than the model's max_length of "
-                                                          f"{model.max_length} tokens with the prompt, and "
-                                                          "truncate is false", param)
+                    why = (f"needs more than chunking.max_chunks_per_doc={job.chunking.max_chunks_per_doc} chunks"
+                           if job.chunking else f"longer than the model's max_length of {model.max_length} tokens "
+                                                "with the prompt")
+                    raise PrismError(ErrorKind.TOO_LARGE, f"{param}: {why}, and truncate is false", param)
         return _best_first(ranked)
 
     async def rank(self, job: RerankJob, model: ModelConfig) -> list[RankedDocument]:
@@ -137,7 +175,7 @@ class RerankService:
 
     async def _evidence_one(self, job: RerankJob, model: ModelConfig, r: RankedDocument) -> RankedDocument:
         max_new = job.evidence.max_new_tokens or self.limits.max_new_tokens
-        out = await self._evidence(model.name, job.query, job.documents[r.index], max_new)
+        out = await self._evidence(model.name, job.query, self.scored_text(job, r), max_new)
         r.contribution, r.evidence, r.evidence_truncated = out["contribution"], out["evidence"], out["truncated"]
         r.generated_text = out["text"]
         r.has_evidence = True

@@ -1,0 +1,97 @@
+"""Long documents read whole: cut into chunks of text, each scored as a document of its own.
+
+A document that fits the model's room (max_length minus the prompt, or `max_tokens_per_doc`) stays
+one chunk, the whole text: it is scored exactly as without chunking. A longer one is cut at
+whitespace, never inside a word; text without spaces (Chinese, Japanese, Korean) is cut between
+characters. Each chunk's text is tokenized on its own and holds at most `chunk_tokens` tokens
+(a single word longer than that is one chunk, cut by the scorer like any long document), and
+consecutive chunks share about `overlap_tokens` tokens so that a sentence on a boundary is read
+whole by one of them. At most `max_chunks` chunks, in document order; a document that needs more
+loses its remainder and says so (`truncated`).
+
+Chunks are character spans of the original text: `document[start:end]` is exactly the text scored,
+so scoring that slice alone as a document gives the chunk's score.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+# A unit the cutter never splits: one CJK character, or a run of other non-space characters.
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af\uff66-\uff9f"
+_UNIT = re.compile(f"[{_CJK}]|[^\\s{_CJK}]+")
+
+DEFAULT_OVERLAP_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class Chunk:
+    start: int  # character offsets in the original document
+    end: int
+
+
+@dataclass(frozen=True)
+class ChunkedDocument:
+    chunks: list[Chunk]
+    truncated: bool  # more than max_chunks chunks were needed; the rest of the text is not scored
+
+
+def split(text: str, chunk_tokens: int, overlap_tokens: int, max_chunks: int,
+          token_starts: Callable[[str], list[int]], count_tokens: Callable[[str], int]) -> ChunkedDocument:
+    """Chunks of `text`. `token_starts(text)`: the character offset where each of its tokens starts
+    (used to place cuts); `count_tokens(s)`: tokens of `s` tokenized on its own (each cut is checked
+    with it, since tokens at a cut can merge differently than inside the whole text)."""
+    if chunk_tokens < 1 or max_chunks < 1 or overlap_tokens < 0:
+        raise ValueError("chunk_tokens and max_chunks must be >= 1, overlap_tokens >= 0")
+    starts = token_starts(text)
+    if len(starts) <= chunk_tokens and count_tokens(text) <= chunk_tokens:
+        return ChunkedDocument([Chunk(0, len(text))], False)
+    units = [(m.start(), m.end()) for m in _UNIT.finditer(text)]
+
+    def tokens_between(a: int, b: int) -> int:  # estimate: tokens of the whole text starting in [a, b)
+        return bisect.bisect_left(starts, b) - bisect.bisect_left(starts, a)
+
+    overlap_tokens = min(overlap_tokens, chunk_tokens // 2)
+    chunks: list[Chunk] = []
+    i = 0
+    while i < len(units) and len(chunks) < max_chunks:
+        first = units[i][0]
+        # The furthest unit end j such that units[i:j] fit, by the estimate; then checked exactly.
+        lo, hi = i + 1, len(units)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if tokens_between(first, units[mid - 1][1]) <= chunk_tokens:
+                lo = mid
+            else:
+                hi = mid - 1
+        j = lo
+        while j > i + 1 and count_tokens(text[first:units[j - 1][1]]) > chunk_tokens:
+            j -= 1
+        chunks.append(Chunk(first, units[j - 1][1]))
+        if j >= len(units):
+            return ChunkedDocument(chunks, False)
+        # The next chunk starts far enough back to share about overlap_tokens tokens, and always moves on.
+        k = j
+        while k - 1 > i and tokens_between(units[k - 1][0], units[j - 1][1]) <= overlap_tokens:
+            k -= 1
+        i = k
+    return ChunkedDocument(chunks, i < len(units))
+
+
+def chunk_documents(prompts, query: str, documents: list[str], max_chunks: int, chunk_tokens: int | None = None,
+                    overlap_tokens: int | None = None, max_doc_tokens: int | None = None) -> list[ChunkedDocument]:
+    """Chunks of each document for one query under a `PrismPromptTokenizer`: `chunk_tokens` defaults to,
+    and is capped at, what fits `max_length` with this query's prompt (and `max_doc_tokens`)."""
+    room = prompts.document_room(prompts.prefix(query), max_doc_tokens)
+    size = min(chunk_tokens or room, room)
+    overlap = DEFAULT_OVERLAP_TOKENS if overlap_tokens is None else overlap_tokens
+    return [split(doc, size, overlap, max_chunks, prompts.document_token_starts,
+                  lambda s: len(prompts.document(s))) for doc in documents]
+
+
+def best_chunk(scores: list[float]) -> int:
+    """The chunk a document is scored by: the highest score, the first on a tie."""
+    return max(range(len(scores)), key=lambda k: (scores[k], -k))
