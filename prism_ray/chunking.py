@@ -81,14 +81,14 @@ def split(text: str, chunk_tokens: int, overlap_tokens: int, max_chunks: int,
     return ChunkedDocument(chunks, i < len(units))
 
 
-def chunk_documents(prompts, query: str, documents: list[str], max_chunks: int, chunk_tokens: int | None = None,
+def chunk_documents(prompts, query: str, documents: list[str], max_chunks_per_doc: int, chunk_tokens: int | None = None,
                     overlap_tokens: int | None = None, max_doc_tokens: int | None = None) -> list[ChunkedDocument]:
     """Chunks of each document for one query under a `PrismPromptTokenizer`: `chunk_tokens` defaults to,
     and is capped at, what fits `max_length` with this query's prompt (and `max_doc_tokens`)."""
     room = prompts.document_room(prompts.prefix(query), max_doc_tokens)
     size = min(chunk_tokens or room, room)
     overlap = DEFAULT_OVERLAP_TOKENS if overlap_tokens is None else overlap_tokens
-    return [split(doc, size, overlap, max_chunks, prompts.document_token_starts,
+    return [split(doc, size, overlap, max_chunks_per_doc, prompts.document_token_starts,
                   lambda s: len(prompts.document(s))) for doc in documents]
 
 

@@ -46,8 +46,10 @@ def _read_docs_file(path: str) -> list[str]:
 
 
 def rerank(model: str, query: str, docs: list[str], evidence: bool, max_new_tokens: int,
-           dtype: str = "auto", max_length: int | None = None) -> dict:
-    """Rank `docs` for `query`; the dict `--json` prints."""
+           dtype: str = "auto", max_length: int | None = None, chunking: dict | None = None) -> dict:
+    """Rank `docs` for `query`; the dict `--json` prints. With `chunking` (max_chunks_per_doc, chunk_tokens,
+    overlap_tokens), each document is scored by its best chunk, reported as `chunk`, and evidence is
+    generated for that chunk."""
     from prism_ray.engine import EvidenceEngine, ScoreEngine, load_model
     from prism_ray.engine.score import validate_group
     from prism_ray.prompt import DEFAULT_MAX_LENGTH
@@ -57,15 +59,37 @@ def rerank(model: str, query: str, docs: list[str], evidence: bool, max_new_toke
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     loaded = load_model(model, dtype=dtype, max_length=max_length or DEFAULT_MAX_LENGTH)
+    texts, chunks, scored = list(docs), [None] * len(docs), None
+    if chunking:
+        from prism_ray.chunking import best_chunk, chunk_documents
+
+        try:
+            chunked = chunk_documents(loaded.prompts, query, docs, **chunking)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        scores = ScoreEngine(loaded).score_pairs(query, [d[c.start:c.end] for d, cd in zip(docs, chunked)
+                                                         for c in cd.chunks])
+        at, scored = 0, []
+        for i, (doc, cd) in enumerate(zip(docs, chunked)):
+            mine, at = scores[at:at + len(cd.chunks)], at + len(cd.chunks)
+            k = best_chunk([r.score for r in mine])
+            c = cd.chunks[k]
+            texts[i] = doc[c.start:c.end]
+            scored.append(mine[k])
+            chunks[i] = ({"index": k, "count": len(cd.chunks), "start": c.start, "end": c.end},
+                         cd.truncated or any(r.truncated for r in mine))
     results = []
     if evidence:
-        for i, r in enumerate(EvidenceEngine(loaded).generate([(query, d) for d in docs], max_new_tokens)):
+        for i, r in enumerate(EvidenceEngine(loaded).generate([(query, t) for t in texts], max_new_tokens)):
             results.append({"index": i, "relevance_score": r.score, "logit": r.logit, "truncated": r.prompt_truncated,
                             "contribution": r.contribution, "evidence": r.evidence, "text": r.text,
                             "evidence_truncated": r.truncated})
     else:
-        for i, r in enumerate(ScoreEngine(loaded).score_pairs(query, docs)):
+        for i, r in enumerate(scored if scored is not None else ScoreEngine(loaded).score_pairs(query, texts)):
             results.append({"index": i, "relevance_score": r.score, "logit": r.logit, "truncated": r.truncated})
+    for r, chunk in zip(results, chunks):
+        if chunk is not None:
+            r["chunk"], r["truncated"] = chunk[0], chunk[1] or r["truncated"]
     return {"model": model, "results": [results[i] for i in best_first([r["relevance_score"] for r in results])]}
 
 
@@ -89,7 +113,8 @@ def cmd_rerank(args) -> None:
     docs = list(args.doc or [])
     if args.docs_file:
         docs += _read_docs_file(args.docs_file)
-    out = rerank(args.model, args.query, docs, args.evidence, args.max_new_tokens, args.dtype, args.max_length)
+    out = rerank(args.model, args.query, docs, args.evidence, args.max_new_tokens, args.dtype, args.max_length,
+                 _chunking_flags(args) or None)
     if args.json:
         print(json.dumps(out, ensure_ascii=False))
     else:
@@ -162,6 +187,7 @@ def batch_config_from_args(args) -> BatchConfig:
                if getattr(args, f"{k}_column") is not None}
     evidence = {k: v for k, v in {"top_k": args.evidence_top_k, "min_score": args.evidence_min_score,
                                   "max_new_tokens": args.max_new_tokens}.items() if v is not None}
+    chunking = _chunking_flags(args)
     try:
         data = (read_yaml(args.config) or {}) if args.config else {}
         if not isinstance(data, dict):
@@ -171,6 +197,8 @@ def batch_config_from_args(args) -> BatchConfig:
             data["columns"] = {**data.get("columns", {}), **columns}
         if evidence:
             data["evidence"] = {**(data.get("evidence") or {}), **evidence}
+        if chunking:
+            data["chunking"] = {**(data.get("chunking") or {}), **chunking}
         model = data.get("model")
         if (model and not data.get("serve_config") and not Path(model).exists()
                 and Path(LOCAL_SERVE_CONFIG).is_file()):
@@ -179,6 +207,19 @@ def batch_config_from_args(args) -> BatchConfig:
         return validated(BatchConfig, data, args.config or "batch")
     except ConfigFileError as exc:
         raise UsageError(str(exc)) from None
+
+
+def _chunking_flags(args) -> dict:
+    return {k: v for k, v in {"max_chunks_per_doc": args.max_chunks_per_doc, "chunk_tokens": args.chunk_tokens,
+                              "overlap_tokens": args.overlap_tokens}.items() if v is not None}
+
+
+def _add_chunking_flags(parser) -> None:
+    parser.add_argument("--max-chunks-per-doc", type=int, default=None, metavar="N",
+                        help="read long documents whole: cut each into at most N chunks, score it by its best")
+    parser.add_argument("--chunk-tokens", type=int, default=None, metavar="T",
+                        help="tokens per chunk (default and cap: what fits --max-length with the prompt)")
+    parser.add_argument("--overlap-tokens", type=int, default=None, metavar="O", help="tokens chunks share (32)")
 
 
 def _actor_range(value: str | None, flag: str) -> dict | None:
@@ -227,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-length", type=int, default=None, help="token budget of the whole prompt")
     r.add_argument("--dtype", default="auto")
     r.add_argument("--json", action="store_true")
+    _add_chunking_flags(r)
     r.set_defaults(func=cmd_rerank)
 
     d = sub.add_parser("demo", help="rerank the model card's example with evidence")
@@ -256,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--evidence-top-k", type=int, default=None, help="contribution/evidence for each query's top k")
     bt.add_argument("--evidence-min-score", type=float, default=None)
     bt.add_argument("--max-new-tokens", type=int, default=None)
+    _add_chunking_flags(bt)
     bt.add_argument("--scorer-actors", default=None, metavar="N|MIN:MAX")
     bt.add_argument("--evidence-actors", default=None, metavar="N|MIN:MAX")
     bt.add_argument("--serve-app", default=None, metavar="NAME", help="use a running Serve app's deployments")

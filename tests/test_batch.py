@@ -189,3 +189,28 @@ def test_resume_after_a_killed_job_writes_each_pair_once(cluster, tiny_ckpt, tmp
     assert len(keys) == len(set(keys)) == 240
     assert set(keys) == set(zip(rows["query_id"], rows["doc_id"]))
     assert (out / "_SUCCESS").is_file() and not list((out / "_tmp").glob("*"))
+
+
+def test_chunked_batch_reports_the_best_chunk_and_evidence_reads_it(cluster, tiny_ckpt, engine, tmp_path):
+    from conftest import english_texts
+
+    long_doc = " ".join(english_texts(4, 80, 160))
+    rows = {"query_id": [1, 1, 2], "query": ["What is water?"] * 2 + ["How do generators work?"],
+            "doc_id": [10, 11, 12], "text": [long_doc, "Water boils at 100 C.", long_doc[500:]]}
+    inp = write_files(pa.table(rows), tmp_path / "in", num_files=1)
+    run_batch(_job(tiny_ckpt, inp, tmp_path / "out", chunking={"max_chunks_per_doc": 3, "chunk_tokens": 100},
+                   evidence={"top_k": 1, "max_new_tokens": 4}), progress=False)
+    out = _by_key(_read(tmp_path / "out"))
+    assert {"chunk_index", "chunk_count", "chunk_start", "chunk_end"} <= set(next(iter(out.values())))
+    short = out[(1, 11)]
+    assert (short["chunk_index"], short["chunk_count"], short["chunk_start"], short["chunk_end"]) == (0, 1, 0, 21)
+    for (_, did), r in out.items():
+        text = rows["text"][rows["doc_id"].index(did)]
+        query = rows["query"][rows["doc_id"].index(did)]
+        alone = engine.score_pairs(query, [text[r["chunk_start"]:r["chunk_end"]]])[0].score
+        assert abs(r["score"] - alone) <= TOL
+    assert out[(1, 10)]["chunk_count"] == 3 and out[(1, 10)]["truncated"]
+    evidence = EvidenceEngine(tiny_ckpt, dtype="float32")
+    top = next(r for (qid, _), r in out.items() if qid == 2)  # one document: it gets evidence, for its best chunk
+    text = rows["text"][2][top["chunk_start"]:top["chunk_end"]]
+    assert top["generation"] == evidence.generate([(rows["query"][2], text)], max_new_tokens=4)[0].text

@@ -118,3 +118,24 @@ def test_batch_flags_override_the_job_file_and_reuse_the_serve_config(monkeypatc
 def test_batch_mistakes_are_one_line_and_exit_2(args, message):
     proc = run("batch", *args, "--no-progress")
     assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+@pytest.mark.slow  # the CLI in a subprocess
+def test_rerank_chunked_reports_the_best_chunk_whose_span_scores_the_same(tiny_ckpt):
+    from conftest import english_texts
+
+    long_doc = " ".join(english_texts(6, 80, 160))
+    docs = [long_doc, "Water boils at 100 C."]
+    argv = ["rerank", "--model", str(tiny_ckpt), "--query", QUERY, "--doc", docs[0], "--doc", docs[1], "--dtype",
+            "float32", "--max-length", "512", "--json"]
+    plain = json.loads(run(*argv, check_rc=0).stdout)
+    assert all("chunk" not in r for r in plain["results"])  # without chunking, no chunk key anywhere
+    out = json.loads(run(*argv, "--max-chunks-per-doc", "4", "--chunk-tokens", "120", check_rc=0).stdout)
+    by_index = {r["index"]: r for r in out["results"]}
+    engine = ScoreEngine(tiny_ckpt, dtype="float32", max_length=512)
+    assert by_index[0]["chunk"]["count"] == 4 and by_index[0]["truncated"]
+    assert by_index[1]["chunk"] == {"index": 0, "count": 1, "start": 0, "end": len(docs[1])}
+    for i, doc in enumerate(docs):
+        c = by_index[i]["chunk"]
+        alone = engine.score_pairs(QUERY, [doc[c["start"]:c["end"]]])[0].score
+        assert abs(by_index[i]["relevance_score"] - alone) <= 1e-5

@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from prism_ray.api import ChunkingOptions
 from prism_ray.batch.rows import ColumnNames
 from prism_ray.config import ConfigFileError, ModelConfig, TierConfig, find_model, serve_config_models
 
@@ -55,6 +56,8 @@ class BatchConfig(_Strict):
     layout: Literal["auto", "long", "wide"] = "auto"
     columns: ColumnNames = Field(default_factory=ColumnNames)
     evidence: EvidenceOptions | None = None
+    chunking: ChunkingOptions | None = Field(default=None, description="read long documents whole: best chunk's "
+                                                                         "score, span in chunk_* columns")
     scorer_actors: ActorRange = Field(default_factory=ActorRange)
     evidence_actors: ActorRange = Field(default_factory=ActorRange)
     serve_app: str | None = Field(default=None, description="use this running Serve app's deployments, not new actors")

@@ -76,7 +76,8 @@ def run_batch(cfg: BatchConfig, progress: bool = True) -> Summary:
                   evidence_min_score=cfg.evidence.min_score if cfg.evidence else None,
                   max_new_tokens=cfg.evidence.max_new_tokens if cfg.evidence else 256,
                   temperature=cfg.evidence.temperature if cfg.evidence else 0.0,
-                  serve_app=cfg.serve_app)
+                  serve_app=cfg.serve_app,
+                  chunking=cfg.chunking.model_dump(exclude_none=True) if cfg.chunking else None)
     pairs = ds.map_batches(_pairs_udf, batch_format="pyarrow", zero_copy_batch=True, fn_kwargs={
         "cols": cols, "layout": layout, "num_buckets": job["num_buckets"], "qid_type": qid_type,
         "did_type": did_type, "skip": frozenset(done)})

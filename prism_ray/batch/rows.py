@@ -140,9 +140,17 @@ def pairs_schema(qid_type: pa.DataType, did_type: pa.DataType) -> pa.Schema:
                       ("_error", pa.string()), ("_bucket", pa.int64())])
 
 
-def output_schema(qid_type: pa.DataType, did_type: pa.DataType, evidence: bool) -> pa.Schema:
+CHUNK_COLUMNS = ("chunk_index", "chunk_count", "chunk_start", "chunk_end")
+
+
+def output_schema(qid_type: pa.DataType, did_type: pa.DataType, evidence: bool, chunking: bool = False) -> pa.Schema:
+    """With chunking, the best chunk of each document: its index among `chunk_count` chunks and its
+    character span `text[chunk_start:chunk_end]` (the text the score and the evidence are for)."""
     fields = [("query_id", qid_type), ("doc_id", did_type), ("score", pa.float64()), ("logit", pa.float64()),
               ("rank", pa.int32()), ("truncated", pa.bool_()), ("num_tokens", pa.int32())]
+    if chunking:
+        fields += [("chunk_index", pa.int32()), ("chunk_count", pa.int32()), ("chunk_start", pa.int64()),
+                   ("chunk_end", pa.int64())]
     if evidence:
         fields += [("contribution", pa.string()), ("evidence", pa.string()), ("evidence_truncated", pa.bool_()),
                    ("generation", pa.string())]

@@ -9,13 +9,15 @@ by query, ranks, which rows get evidence, error rows, the output file) is shared
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass
 
 import pyarrow as pa
 
-from prism_ray.batch.rows import output_schema
+from prism_ray.batch.rows import CHUNK_COLUMNS, output_schema
 from prism_ray.batch.store import OutputStore
+from prism_ray.chunking import best_chunk, chunk_documents
 from prism_ray.config import ModelConfig
 from prism_ray.factory import Tier, build_engine, deployment_name
 from prism_ray.ranking import ranks, wants_evidence
@@ -34,6 +36,7 @@ class Stage:
     max_new_tokens: int = 256
     temperature: float = 0.0
     serve_app: str | None = None  # None: load the engines in this actor
+    chunking: dict | None = None  # max_chunks_per_doc, chunk_tokens, overlap_tokens (prism_ray.chunking)
 
 
 # -- backends ---------------------------------------------------------------------------------------
@@ -45,6 +48,7 @@ class EngineBackend:
         engine = build_engine(model, tier)  # the very factory the Serve tiers call
         self.scorer = engine if tier == "scorer" else None
         self.evidence = engine if tier == "evidence" else None
+        self.prompts = engine.prompts
 
     def score(self, groups: list[tuple[str, list[str]]]) -> list[list[dict] | Exception]:
         try:  # every query of the bucket in one engine call: their rows share forward passes
@@ -80,6 +84,16 @@ class ServeBackend:
         from ray import serve
 
         self.handle = serve.get_deployment_handle(deployment_name(model.name, tier), app_name=app)
+        self.model = model
+
+    @functools.cached_property
+    def prompts(self):
+        """The model's prompt tokenizer, for cutting chunks here (the replicas hold their own)."""
+        from transformers import AutoTokenizer
+
+        from prism_ray.prompt import PrismPromptTokenizer
+
+        return PrismPromptTokenizer(AutoTokenizer.from_pretrained(self.model.model), max_length=self.model.max_length)
 
     def score(self, groups):
         return _gather([self.handle.score.remote(q, docs) for q, docs in groups])
@@ -121,13 +135,31 @@ def score_bucket(rows: list[dict], backend, stage: Stage) -> dict[str, list]:
     n = len(rows)
     out = {"score": [None] * n, "logit": [None] * n, "truncated": [None] * n, "num_tokens": [None] * n,
            "error": [r["_error"] for r in rows], "rank": [None] * n, "_evidence": [False] * n}
-    for idxs, result in zip(members, backend.score(groups) if groups else []):
+    if stage.chunking is not None:
+        out.update({c: [None] * n for c in CHUNK_COLUMNS}, _scored_text=[r["text"] for r in rows])
+        chunked = [chunk_documents(backend.prompts, q, docs, **stage.chunking) for q, docs in groups]
+        groups = [(q, [d[c.start:c.end] for d, cd in zip(docs, cds) for c in cd.chunks])
+                  for (q, docs), cds in zip(groups, chunked)]
+    for g, (idxs, result) in enumerate(zip(members, backend.score(groups) if groups else [])):
+        at = 0
         for j, i in enumerate(idxs):
             if isinstance(result, Exception):
                 out["error"][i] = f"scoring failed: {_describe(result)}"
-            else:
+                continue
+            if stage.chunking is None:
                 for key in ("score", "logit", "truncated", "num_tokens"):
                     out[key][i] = result[j][key]
+                continue
+            doc = chunked[g][j]  # this document's chunks: its best one gives the score
+            mine, at = result[at:at + len(doc.chunks)], at + len(doc.chunks)
+            k = best_chunk([r["score"] for r in mine])
+            span = doc.chunks[k]
+            out["score"][i], out["logit"][i] = mine[k]["score"], mine[k]["logit"]
+            out["truncated"][i] = doc.truncated or any(r["truncated"] for r in mine)
+            out["num_tokens"][i] = sum(r["num_tokens"] for r in mine)
+            out["chunk_index"][i], out["chunk_count"][i] = k, len(doc.chunks)
+            out["chunk_start"][i], out["chunk_end"][i] = span.start, span.end
+            out["_scored_text"][i] = rows[i]["text"][span.start:span.end]
     for idxs in by_query.values():
         for i, rank in zip(idxs, ranks([out["score"][i] for i in idxs])):
             out["rank"][i] = rank
@@ -157,7 +189,8 @@ def finish_bucket(rows: list[dict], stage: Stage, started: float) -> pa.Table:
     """Writes the bucket's output file and returns the one-row summary the driver counts."""
     if not rows:
         return SUMMARY_SCHEMA.empty_table()
-    schema = output_schema(stage.qid_type, stage.did_type, evidence=stage.evidence_top_k is not None)
+    schema = output_schema(stage.qid_type, stage.did_type, evidence=stage.evidence_top_k is not None,
+                           chunking=stage.chunking is not None)
     table = pa.Table.from_pylist([{f: r[f] for f in schema.names} for r in rows], schema=schema)
     bucket = rows[0]["_bucket"]
     OutputStore(stage.output).write_bucket(bucket, table, stage.metadata)
@@ -196,10 +229,12 @@ class ScoreActor(_BucketActor):
         rows = pairs.to_pylist()
         scored = score_bucket(rows, self.backend, self.stage)
         if self.stage.evidence_top_k is None:
+            scored.pop("_scored_text", None)
             rows = [{**p, **{k: v[i] for k, v in scored.items()}} for i, p in enumerate(rows)]
             return finish_bucket(rows, self.stage, started)
-        # Evidence comes next: keep the text only where it will be read.
-        texts = [r["text"] if keep else None for r, keep in zip(rows, scored["_evidence"])]
+        # Evidence comes next: keep the text only where it will be read (with chunking, the best chunk).
+        scored_text = scored.pop("_scored_text", None) or [r["text"] for r in rows]
+        texts = [t if keep else None for t, keep in zip(scored_text, scored["_evidence"])]
         table = pairs.set_column(pairs.schema.get_field_index("text"), "text", pa.array(texts, pa.string()))
         table = table.drop_columns(["_error"])
         for key, values in scored.items():
@@ -210,6 +245,7 @@ class ScoreActor(_BucketActor):
 _SCORED_TYPES: dict[str, pa.DataType] = {
     "score": pa.float64(), "logit": pa.float64(), "truncated": pa.bool_(), "num_tokens": pa.int32(),
     "error": pa.string(), "rank": pa.int32(), "_evidence": pa.bool_(),
+    "chunk_index": pa.int32(), "chunk_count": pa.int32(), "chunk_start": pa.int64(), "chunk_end": pa.int64(),
 }
 
 
