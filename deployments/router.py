@@ -11,12 +11,12 @@ import json
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-from prism_ray import metrics
+from prism_ray import metrics, playground
 from prism_ray.api import (
     CohereRerankRequest,
     CohereRerankResponse,
@@ -149,6 +149,12 @@ class Router:
 
         return get_swagger_ui_html(openapi_url=request.scope.get("root_path", "") + "/openapi.json",
                                    title="prism-ray")
+
+    @app.get("/playground", response_class=HTMLResponse, openapi_extra={"security": []},
+             responses={200: {"description": "The playground: a self-contained HTML page that ranks with this app "
+                                             "(it asks for the API key itself, so it is served without one)"}})
+    async def playground_page(self) -> HTMLResponse:
+        return HTMLResponse(playground.page(), headers={"Content-Security-Policy": playground.CSP})
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict:
