@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-from prism_ray import metrics, playground
+from prism_ray import metrics
 from prism_ray.api import (
     CohereRerankRequest,
     CohereRerankResponse,
@@ -154,6 +154,8 @@ class Router:
              responses={200: {"description": "The playground: a self-contained HTML page that ranks with this app "
                                              "(it asks for the API key itself, so it is served without one)"}})
     async def playground_page(self) -> HTMLResponse:
+        from prism_ray import playground
+
         return HTMLResponse(playground.page(), headers={"Content-Security-Policy": playground.CSP})
 
     @app.get("/v1/models")
