@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench browser clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_packing.py --preset 0.8b
 	$(PY) benchmarks/bench_serve.py
 	$(PY) benchmarks/bench_batch.py
+
+# The playground test's headless browser (Debian's chromium; needs root).
+browser:
+	command -v chromium >/dev/null || apt-get install -y chromium || (apt-get update && apt-get install -y chromium)
 
 clean:
 	rm -rf $(VENV) checkpoints

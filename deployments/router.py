@@ -16,7 +16,7 @@ import json
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -207,6 +207,14 @@ class Router:
 
         return get_swagger_ui_html(openapi_url=request.scope.get("root_path", "") + "/openapi.json",
                                    title="prism-ray")
+
+    @app.get("/playground", response_class=HTMLResponse, openapi_extra={"security": []},
+             responses={200: {"description": "The playground: a self-contained HTML page that ranks with this app "
+                                             "(it asks for the API key itself, so it is served without one)"}})
+    async def playground_page(self) -> HTMLResponse:
+        from prism_ray import playground
+
+        return HTMLResponse(playground.page(), headers={"Content-Security-Policy": playground.CSP})
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict:

@@ -158,11 +158,26 @@ def validate_serve_config(path: str) -> dict:
         raise UsageError(str(exc)) from None
 
 
+def check_serve_config(path: str) -> list[str]:
+    """`serve --check`: a Serve config file, or a RayService manifest's serveConfigV2, validated by Ray's
+    Serve schema and each prism-ray app's config; the OK summary, or a UsageError naming the field."""
+    from prism_ray.config import ConfigFileError
+    from prism_ray.serve_check import check
+
+    try:
+        return check(path).summary()
+    except ConfigFileError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def cmd_serve(args) -> None:
     """Validate the config, then hand it to Ray's own `serve run` (blocks until Ctrl-C)."""
     import os
     import shutil
 
+    if args.check:
+        print("\n".join(check_serve_config(args.config)))
+        return
     validate_serve_config(args.config)
     serve_bin = shutil.which("serve") or str(Path(sys.executable).with_name("serve"))
     os.execv(serve_bin, [serve_bin, "run", args.config, *(["--non-blocking"] if args.non_blocking else [])])
@@ -280,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run a Serve config file (validated first), like `serve run`")
     s.add_argument("config", help="e.g. deployments/local.yaml")
     s.add_argument("--non-blocking", action="store_true")
+    s.add_argument("--check", action="store_true", help="only validate CONFIG (a Serve config file or a KubeRay "
+                                                          "RayService manifest) and exit: 0 if valid, 2 naming the field")
     s.set_defaults(func=cmd_serve)
 
     bt = sub.add_parser("batch", help="rerank a parquet dataset on Ray Data",

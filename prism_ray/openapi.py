@@ -120,6 +120,8 @@ def apply_config(schema: dict, config: AppConfig, request_models: list[str]) -> 
             if path.endswith(("/health", "/health/ready")):  # probes carry no keys
                 continue
             for op in ops.values():
+                if op.get("security") == []:  # declared public (the playground page)
+                    continue
                 op["security"] = [{"bearer": []}]
                 op.setdefault("responses", {}).update(error_responses([401]))
     return schema
