@@ -29,17 +29,20 @@ from prism_ray.api import (
     JinaRerankRequest,
     JinaRerankResponse,
     RerankJob,
+    ScoreRequest,
+    ScoreResponse,
     TeiRank,
     TeiRerankRequest,
     job_from_cohere,
     job_from_jina,
+    job_from_score,
     job_from_tei,
     server_timing,
 )
 from prism_ray.config import AppConfig
 from prism_ray.errors import STATUS, ErrorBody, ErrorKind, PrismError, retry_later
 from prism_ray.factory import deployment_name
-from prism_ray.openapi import apply_config, component_schemas, error_responses, rerank_operation
+from prism_ray.openapi import apply_config, component_schemas, error_responses, rerank_operation, score_operation
 from prism_ray.service import RerankService
 
 REQUESTS = [CohereRerankRequest, JinaRerankRequest, TeiRerankRequest]
@@ -76,6 +79,17 @@ def _parse(model, body: dict):
 
 def _sse(event: str, data) -> str:
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class _InFlight:
+    """One request's admission slot, deadline (event-loop time) and model name for the metrics (only
+    ever a configured model's name, never what the caller sent)."""
+
+    def __init__(self, slot, deadline: float):
+        self.slot, self.deadline, self.model, self.handed_over = slot, deadline, "", False
+
+    def hand_over_slot(self) -> None:
+        self.handed_over = True
 
 
 def _count_failure(kind: ErrorKind, endpoint: str, model: str) -> None:
@@ -127,7 +141,7 @@ def _openapi() -> dict:
 
     schema = get_openapi(title=app.title, version="0.1.0", description=app.description, routes=app.routes)
     schema.setdefault("components", {}).setdefault("schemas", {}).update(
-        component_schemas(*REQUESTS, *RESPONSES, TeiRank, ErrorBody))
+        component_schemas(*REQUESTS, *RESPONSES, TeiRank, ErrorBody, ScoreRequest, ScoreResponse))
     return schema
 
 
@@ -142,13 +156,17 @@ class Router:
         self.app_name = serve.get_replica_context().app_name
         # Tokenizers load now: a first request must not stall the event loop.
         self.service = RerankService(self.config, _load_prompts(self.config), score=self._call_scorer,
-                                     evidence=self._call_evidence, evidence_models=set(self.evidences))
+                                     evidence=self._call_evidence, evidence_models=set(self.evidences),
+                                     score_groups=self._call_scorer_groups)
         self._openapi = apply_config(_openapi(), self.config, [m.__name__ for m in REQUESTS])
 
     # -- the tiers, as the service sees them ------------------------------------------------------------
     async def _call_scorer(self, model: str, query: str, documents: list[str], max_doc_tokens):
         return await self._tier_call(model, "scorer",
                                      lambda: self.scorers[model].score.remote(query, documents, max_doc_tokens))
+
+    async def _call_scorer_groups(self, model: str, groups: list):
+        return await self._tier_call(model, "scorer", lambda: self.scorers[model].score_groups.remote(groups))
 
     async def _call_evidence(self, model: str, query: str, document: str, max_new_tokens: int):
         return await self._tier_call(model, "evidence",
@@ -251,6 +269,27 @@ class Router:
         return await self._serve(lambda: job_from_tei(_parse(TeiRerankRequest, body)) if "texts" in body
                                  else job_from_jina(_parse(JinaRerankRequest, body)), "rerank")
 
+    @app.post("/score", openapi_extra=score_operation())
+    async def score(self, request: Request):
+        """vLLM's score API: one query and N documents, or N pairs."""
+        return await self._serve_score(await self._read_body(request), "score")
+
+    @app.post("/v1/score", openapi_extra=score_operation())
+    async def score_v1(self, request: Request):
+        """vLLM's score API (OpenAI-style path)."""
+        return await self._serve_score(await self._read_body(request), "v1/score")
+
+    async def _serve_score(self, body: dict, endpoint: str):
+        loop = asyncio.get_running_loop()
+
+        async def work(request: _InFlight):
+            job = job_from_score(_parse(ScoreRequest, body))
+            model, rooms = await loop.run_in_executor(None, self.service.prepare_score, job)
+            request.model = model.name
+            return JSONResponse(await self.service.score_pairs(job, model, rooms))
+
+        return await self._accounted(endpoint, work)
+
     async def _read_body(self, request: Request) -> dict:
         """The JSON object body, whatever the content type says (`curl -d` sends a form type)."""
         self._authorize(request)
@@ -263,45 +302,55 @@ class Router:
             raise RequestValidationError([{"loc": ("body",), "msg": "body must be a JSON object", "type": "dict_type"}])
         return body
 
-    # -- the one path every shape takes -------------------------------------------------------------------
+    # -- the one path every request takes ------------------------------------------------------------------
     async def _serve(self, parse, endpoint: str):
-        model_name = ""  # a metric tag: only ever a configured model's name, never what the caller sent
+        """A rerank request in any shape: ranked, with evidence, plain or streamed."""
+        loop = asyncio.get_running_loop()
+
+        async def work(request: _InFlight):
+            job: RerankJob = parse()
+            model = await loop.run_in_executor(None, self.service.prepare, job)
+            request.model = model.name
+            ranked = await self.service.rank(job, model)
+            if job.stream:
+                request.hand_over_slot()  # the stream holds the slot until it ends
+                return StreamingResponse(self._stream(job, model, ranked, request.slot, endpoint, request.deadline),
+                                         media_type="text/event-stream")
+            body, ranked = await self.service.respond(job, model, ranked)
+            return JSONResponse(body, headers={"Server-Timing": server_timing(ranked)})
+
+        return await self._accounted(endpoint, work)
+
+    async def _accounted(self, endpoint: str, work):
+        """Admission, the deadline and the request metrics around `await work(request)`: a 504 past the
+        deadline, every outcome counted by status and error kind, the slot released unless handed over."""
         try:
-            slot = self.service.admission()
+            request = _InFlight(self.service.admission(),
+                               asyncio.get_running_loop().time() + self.config.limits.request_timeout_s)
         except PrismError as exc:
             _count_failure(exc.kind, endpoint, "")
             raise
-        streaming = False
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.limits.request_timeout_s
         try:
-            job: RerankJob = parse()
-            async with asyncio.timeout_at(deadline):
-                model = await loop.run_in_executor(None, self.service.prepare, job)
-                model_name = model.name
-                ranked = await self.service.rank(job, model)
-                if job.stream:
-                    streaming = True  # the stream holds the slot until it ends
-                    return StreamingResponse(self._stream(job, model, ranked, slot, endpoint, deadline),
-                                             media_type="text/event-stream")
-                body, ranked = await self.service.respond(job, model, ranked)
-            metrics.count("prism_requests_total", model=model_name, endpoint=endpoint, status="200")
-            return JSONResponse(body, headers={"Server-Timing": server_timing(ranked)})
+            async with asyncio.timeout_at(request.deadline):
+                response = await work(request)
+            if not isinstance(response, StreamingResponse):  # a stream counts itself when it ends
+                metrics.count("prism_requests_total", model=request.model, endpoint=endpoint, status="200")
+            return response
         except TimeoutError:
-            _count_failure(ErrorKind.TIMEOUT, endpoint, model_name)
+            _count_failure(ErrorKind.TIMEOUT, endpoint, request.model)
             raise self.service.timeout_error() from None
         except PrismError as exc:
-            _count_failure(exc.kind, endpoint, model_name)
+            _count_failure(exc.kind, endpoint, request.model)
             raise
         except RequestValidationError:
-            _count_failure(ErrorKind.BAD_REQUEST, endpoint, model_name)
+            _count_failure(ErrorKind.BAD_REQUEST, endpoint, request.model)
             raise
         except Exception:
-            _count_failure(ErrorKind.INTERNAL, endpoint, model_name)
+            _count_failure(ErrorKind.INTERNAL, endpoint, request.model)
             raise
         finally:
-            if not streaming:
-                slot.release()
+            if not request.handed_over:
+                request.slot.release()
 
     async def _stream(self, job, model, ranked, slot, endpoint: str, deadline: float):
         try:

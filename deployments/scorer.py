@@ -52,11 +52,33 @@ class Scorer:
         """Per document: score, logit, num_tokens, truncated — in the documents' order — and compute_ms:
         tokenizing this request plus the engine call that scored the document, i.e. what ScoreEngine.score
         does in-process (the router reports it as Server-Timing)."""
+        return (await self.score_groups([(query, documents, max_doc_tokens)]))[0]
+
+    async def score_groups(self, groups: list[tuple[str, list[str], int | None]]) -> list[list[dict]]:
+        """`score` for several (query, documents, max_doc_tokens) groups at once: their items are queued
+        together, so they reach the same gathered engine call (the score API's several queries)."""
         started = time.perf_counter()
         prompts = self.engine.prompts
-        prefix = prompts.prefix(query)
-        pairs = [prompts.encode(query, d, prefix=prefix, max_doc_tokens=max_doc_tokens) for d in documents]
+        items, counts = [], []
+        for query, documents, max_doc_tokens in groups:
+            prefix = prompts.prefix(query)
+            pairs = [prompts.encode(query, d, prefix=prefix, max_doc_tokens=max_doc_tokens) for d in documents]
+            mine = self._split(prefix, pairs)
+            items.extend(mine)
+            counts.append(len(mine))
         tokenize_ms = 1000 * (time.perf_counter() - started)
+        parts = await asyncio.gather(*(self._batched(item) for item in items))
+        out, at = [], 0
+        for n in counts:
+            results = [r for part in parts[at:at + n] for r in part]
+            at += n
+            for r in results:
+                r["compute_ms"] += tokenize_ms
+            out.append(results)
+        return out
+
+    def _split(self, prefix: list[int], pairs: list[EncodedPair]) -> list[_Item]:
+        """Items of at most max_batch_tokens prompt tokens (one pair always fits)."""
         items, start, acc = [], 0, 0
         for i, pair in enumerate(pairs):
             if i > start and acc + pair.num_tokens > self.config.scorer.max_batch_tokens:
@@ -64,11 +86,7 @@ class Scorer:
                 start, acc = i, 0
             acc += pair.num_tokens
         items.append(_Item(prefix, pairs[start:]))
-        parts = await asyncio.gather(*(self._batched(item) for item in items))
-        results = [r for part in parts for r in part]
-        for r in results:
-            r["compute_ms"] += tokenize_ms
-        return results
+        return items
 
     def check_health(self) -> None:
         """Serve's periodic health check: fails when the engine is wedged (see deployments.threads)."""

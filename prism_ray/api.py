@@ -101,6 +101,78 @@ class TeiRerankRequest(_PrismExtension):
     truncation_direction: Literal["Right", "right"] = "Right"
 
 
+class ScoreRequest(_Request):
+    """vLLM's score API (`/score`, `/v1/score`): one query and a list of documents (1:N), or two lists of
+    equal length scored pairwise (N:N). `queries`/`documents` and vLLM's older `text_1`/`text_2` are
+    synonyms; give one of each pair."""
+
+    model: StrictStr | None = None
+    queries: Query | list[Query] | None = Field(default=None, description="a query, or one per document")
+    documents: StrictStr | list[StrictStr] | None = Field(default=None, description="a document or a list")
+    text_1: Query | list[Query] | None = Field(default=None, description="vLLM's older name for queries")
+    text_2: StrictStr | list[StrictStr] | None = Field(default=None, description="vLLM's older name for documents")
+    use_activation: StrictBool | None = Field(default=None, description="false: the raw logit l_yes - l_no "
+                                                                        "instead of its sigmoid")
+    truncate_prompt_tokens: StrictInt | None = Field(
+        default=None, ge=1, description="cut each document so that its whole prompt holds at most this many "
+                                        "tokens; the instruction and the query are never cut, so a document "
+                                        "keeps at least one token")
+
+    @model_validator(mode="after")
+    def _one_of_each(self):
+        for new, old in (("queries", "text_1"), ("documents", "text_2")):
+            given = [f for f in (new, old) if getattr(self, f) is not None]
+            if len(given) != 1:
+                raise ValueError(f"give exactly one of {new} and {old}")
+            value = getattr(self, given[0])
+            if isinstance(value, list) and not value:
+                raise ValueError(f"{given[0]}: at least one item")
+        queries, documents = self.pairs_sides()
+        if len(queries) != 1 and len(queries) != len(documents):
+            q, d = ("queries" if self.queries is not None else "text_1"), ("documents" if self.documents is not None
+                                                                          else "text_2")
+            raise ValueError(f"{q} has {len(queries)} items and {d} {len(documents)}: give one query, or as many "
+                             "queries as documents")
+        return self
+
+    def pairs_sides(self) -> tuple[list[str], list[str]]:
+        q = self.queries if self.queries is not None else self.text_1
+        d = self.documents if self.documents is not None else self.text_2
+        return ([q] if isinstance(q, str) else list(q)), ([d] if isinstance(d, str) else list(d))
+
+
+@dataclass
+class ScoreJob:
+    """A score request: (query, document) pairs in input order."""
+
+    model: str | None
+    pairs: list[tuple[str, str]]
+    use_activation: bool = True
+    truncate_prompt_tokens: int | None = None
+
+
+def job_from_score(r: ScoreRequest) -> ScoreJob:
+    queries, documents = r.pairs_sides()
+    if len(queries) == 1:
+        queries = queries * len(documents)
+    return ScoreJob(r.model, list(zip(queries, documents)), r.use_activation is not False, r.truncate_prompt_tokens)
+
+
+class ScoreData(BaseModel):
+    index: int
+    object: Literal["score"] = "score"
+    score: float = Field(description="sigmoid(l_yes - l_no); the logit itself with use_activation false")
+
+
+class ScoreResponse(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[ScoreData]
+    usage: dict
+
+
 @dataclass
 class RerankJob:
     """What every API shape becomes."""

@@ -67,6 +67,42 @@ def rerank_operation(requests: list[type[BaseModel]], responses: list) -> dict:
     }
 
 
+def score_operation() -> dict:
+    """`openapi_extra` of the score API (vLLM's /score), which reads its JSON body itself."""
+    return {
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "$ref": REF.format(model="ScoreRequest")}}}},
+        "responses": {
+            "200": {"description": "One score per pair, in input order",
+                    "content": {"application/json": {"schema": {"$ref": REF.format(model="ScoreResponse")}}}},
+            **error_responses(RERANK_ERRORS),
+        },
+    }
+
+
+def _score_request_limits(schema: dict, lim, model_pattern: str) -> None:
+    """The score request's limits, and its one-of-each rule: queries or text_1, documents or text_2 (a
+    null counts as absent). That a list of queries matches the documents in length is checked by the
+    server (422); JSON Schema cannot state it."""
+    props = schema["properties"]
+    for field in ("queries", "text_1", "documents", "text_2"):
+        for alt in props[field]["anyOf"]:
+            item = alt.get("items", alt)
+            if alt.get("type") == "array":
+                alt.update(minItems=1, maxItems=lim.max_documents)
+            if field in ("queries", "text_1") and item.get("type") == "string":
+                item["maxLength"] = lim.max_query_chars
+    props["model"] = {"anyOf": [{"type": "string", "pattern": model_pattern}, {"type": "null"}], "default": None}
+
+    def given(field: str) -> dict:
+        return {"required": [field], "properties": {field: {"not": {"type": "null"}}}}
+
+    schema["allOf"] = [
+        {"anyOf": [given("queries"), given("text_1")]}, {"not": {"allOf": [given("queries"), given("text_1")]}},
+        {"anyOf": [given("documents"), given("text_2")]}, {"not": {"allOf": [given("documents"), given("text_2")]}},
+    ]
+
+
 def key_pattern(keys: list[str]) -> str:
     """A regex matching exactly these strings, ASCII letters in either case (how `find_model` matches)."""
     def one(key: str) -> str:
@@ -113,6 +149,8 @@ def apply_config(schema: dict, config: AppConfig, request_models: list[str]) -> 
     comps["EvidenceOptions"]["properties"]["max_new_tokens"]["anyOf"][0]["maximum"] = lim.max_new_tokens
     comps["CascadeOptions"]["properties"]["screen"]["pattern"] = every
     comps["ChunkingOptions"]["properties"]["max_chunks_per_doc"]["maximum"] = lim.max_chunks_per_doc
+    if "ScoreRequest" in comps:
+        _score_request_limits(comps["ScoreRequest"], lim, every)
     if config.resolved_api_keys():
         comps_root = schema["components"]
         comps_root["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}

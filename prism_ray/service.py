@@ -14,10 +14,11 @@ calls to deployment handles, tests pass plain functions. Errors are `PrismError`
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
-from prism_ray.api import RankedDocument, RerankJob, render
+from prism_ray.api import RankedDocument, RerankJob, ScoreJob, render
 from prism_ray.chunking import best_chunk, chunk_documents
 from prism_ray.config import AppConfig, ModelConfig
 from prism_ray.errors import ErrorKind, PrismError, retry_later
@@ -29,17 +30,22 @@ from prism_ray.ranking import best_first, wants_evidence
 ScoreCall = Callable[[str, str, list[str], "int | None"], Awaitable[list[dict]]]
 # (model name, query, document, max new tokens) -> contribution, evidence, truncated, text.
 EvidenceCall = Callable[[str, str, str, int], Awaitable[dict]]
+# (model name, [(query, documents, max tokens per document)]) -> per group what ScoreCall returns; all
+# groups reach one engine call. Optional: without it, one ScoreCall per group, concurrently.
+ScoreGroupsCall = Callable[[str, list[tuple[str, list[str], "int | None"]]], Awaitable[list[list[dict]]]]
 
 
 class RerankService:
     def __init__(self, config: AppConfig, prompts: Mapping[str, PrismPromptTokenizer],
-                 score: ScoreCall, evidence: EvidenceCall, evidence_models: set[str] | None = None):
+                 score: ScoreCall, evidence: EvidenceCall, evidence_models: set[str] | None = None,
+                 score_groups: ScoreGroupsCall | None = None):
         """`prompts`: each model's prompt tokenizer (limits count its tokens). `evidence_models`: models
         that have an evidence tier (default: those whose config has one)."""
         self.config = config
         self.limits = config.limits
         self.prompts = prompts
         self._score = score
+        self._score_groups = score_groups
         self._evidence = evidence
         self.evidence_models = (evidence_models if evidence_models is not None
                                 else {m.name for m in config.models if m.evidence is not None})
@@ -189,6 +195,54 @@ class RerankService:
             ranked = await self.rank(job, model)
         await asyncio.gather(*(self._evidence_one(job, model, r) for r in self.evidence_targets(job, ranked)))
         return render(job, ranked, str(uuid.uuid4()), cascade=job.cascade is not None), ranked
+
+    # -- the score API (vLLM's /score) ------------------------------------------------------------------
+    def prepare_score(self, job: ScoreJob) -> tuple[ModelConfig, list[int | None]]:
+        """The model, after the limits; and per pair, the document tokens `truncate_prompt_tokens` leaves
+        (None: no cut beyond max_length). Sync: it tokenizes; run it off the event loop."""
+        model = self.model(job.model)
+        lim = self.limits
+        if len(job.pairs) > lim.max_documents:
+            raise PrismError(ErrorKind.TOO_LARGE, f"documents: {len(job.pairs)} pairs; the limit is "
+                                                  f"{lim.max_documents} (max_documents)", "documents")
+        prompts = self.prompts[model.name]
+        rooms: dict[str, int | None] = {}
+        for query, _ in job.pairs:
+            if query in rooms:
+                continue
+            if len(query) > lim.max_query_chars:
+                raise PrismError(ErrorKind.BAD_REQUEST, f"queries: a query of {len(query)} characters; the limit "
+                                                        f"is {lim.max_query_chars} (max_query_chars)", "queries")
+            try:
+                prefix = prompts.encode(query, "").prefix
+            except PromptTooLong as exc:
+                raise PrismError(ErrorKind.BAD_REQUEST, f"queries: {exc} of model {model.name!r}", "queries") from None
+            cap = job.truncate_prompt_tokens
+            rooms[query] = None if cap is None else max(1, cap - len(prefix) - len(prompts.suffix))
+        return model, [rooms[q] for q, _ in job.pairs]
+
+    async def score_pairs(self, job: ScoreJob, model: ModelConfig, rooms: list[int | None]) -> dict:
+        """vLLM's score response, in input order. Pairs are grouped by (query, document room), and every
+        group goes to the scorer in one call, so several queries share the engine's forward passes."""
+        groups: dict[tuple[str, int | None], list[int]] = {}
+        for i, ((query, _), room) in enumerate(zip(job.pairs, rooms)):
+            groups.setdefault((query, room), []).append(i)
+        calls = [(q, [job.pairs[i][1] for i in idxs], room) for (q, room), idxs in groups.items()]
+        if self._score_groups is not None:
+            results = await self._score_groups(model.name, calls)
+        else:
+            results = await asyncio.gather(*(self._score(model.name, q, docs, room) for q, docs, room in calls))
+        data: list[dict | None] = [None] * len(job.pairs)
+        tokens = 0
+        for idxs, group in zip(groups.values(), results):
+            if len(group) != len(idxs):
+                raise PrismError(ErrorKind.INTERNAL, f"the {model.name} scorer returned {len(group)} results "
+                                                     f"for {len(idxs)} documents")
+            for i, r in zip(idxs, group):
+                data[i] = {"index": i, "object": "score", "score": r["score"] if job.use_activation else r["logit"]}
+                tokens += r["num_tokens"]
+        return {"id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": model.name,
+                "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     def timeout_error(self, what: str = "the request") -> PrismError:
         return PrismError(ErrorKind.TIMEOUT, f"{what} did not finish within request_timeout_s="

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import socket
 import time
 
@@ -461,3 +462,52 @@ def test_openapi_states_the_config_limits(client):
     guarded = client.get("/guarded/openapi.json").json()
     assert guarded["components"]["securitySchemes"] == {"bearer": {"type": "http", "scheme": "bearer"}}
     assert "401" in guarded["paths"]["/v2/rerank"]["post"]["responses"]
+
+
+def test_score_api_equals_rerank_for_the_same_pairs(client):
+    docs = english_texts(4, 10, 60)
+    rerank = client.post("/v2/rerank", json={"query": QUERY, "documents": docs}).json()
+    by_index = {r["index"]: r["relevance_score"] for r in rerank["results"]}
+    for path in ("/score", "/v1/score"):
+        r = client.post(path, json={"model": "0.8b", "queries": QUERY, "documents": docs})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert [d["index"] for d in body["data"]] == [0, 1, 2, 3] and body["model"] == "prism-tiny"
+        assert all(abs(d["score"] - by_index[d["index"]]) <= TOL for d in body["data"])
+        assert body["usage"]["prompt_tokens"] == rerank["meta"]["tokens"]["input_tokens"]
+    other = "How high is Mount Everest?"
+    other_scores = {r["index"]: r["relevance_score"]
+                    for r in client.post("/v2/rerank", json={"query": other, "documents": docs}).json()["results"]}
+    pairwise = client.post("/score", json={"text_1": [QUERY, other, QUERY, other], "text_2": docs}).json()
+    expected = [by_index[0], other_scores[1], by_index[2], other_scores[3]]
+    assert all(abs(d["score"] - e) <= TOL for d, e in zip(pairwise["data"], expected))
+    logits = client.post("/score", json={"queries": QUERY, "documents": docs[:1], "use_activation": False}).json()
+    assert abs(1 / (1 + math.exp(-logits["data"][0]["score"])) - by_index[0]) <= TOL
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"queries": ["a", "b"], "documents": ["x", "y", "z"]}, "queries"),
+    ({"queries": "q", "documents": []}, "documents"),
+    ({"documents": ["x"]}, "queries"),
+    ({"queries": "q", "documents": ["x"], "model": "nope"}, "model"),
+])
+def test_score_api_bad_shapes_are_4xx_naming_the_field(client, body, field):
+    r = client.post("/score", json=body)
+    assert r.status_code in (404, 422) and field in r.json()["message"], r.text
+
+
+def test_chunked_rerank_over_http_reports_the_span(client, tiny_engine):
+    long_doc = " ".join(english_texts(6, 80, 160))
+    r = client.post("/v2/rerank", json={"query": QUERY, "documents": [long_doc, "Water boils at 100 C."],
+                                        "chunking": {"max_chunks_per_doc": 3, "chunk_tokens": 100}})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    for res in body["results"]:
+        doc = [long_doc, "Water boils at 100 C."][res["index"]]
+        c = res["chunk"]
+        alone = tiny_engine.score_pairs(QUERY, [doc[c["start"]:c["end"]]])[0].score
+        assert abs(alone - res["relevance_score"]) <= TOL
+    assert body["meta"]["warnings"] == ["documents.0 was truncated: more chunks than max_chunks_per_doc; the rest "
+                                        "was not scored"]
+    r = client.post("/v2/rerank", json={"query": QUERY, "documents": ["x"], "chunking": {"max_chunks_per_doc": 0}})
+    assert r.status_code == 422 and "chunking.max_chunks_per_doc" in r.json()["message"]

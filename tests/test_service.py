@@ -230,3 +230,58 @@ def test_stream_past_its_deadline_ends_unfinished_evidence_with_timeout_events(p
     assert "request_timeout_s" in events[2][1]["message"]
     assert events[-1][1] == {"evidence_documents": 1, "failed": 1}
     assert took < 2.0  # the slow generation was cancelled, not waited for
+
+
+def _score_job(body):
+    from prism_ray.api import ScoreRequest, job_from_score
+
+    return job_from_score(ScoreRequest.model_validate(body))
+
+
+def test_score_api_one_to_n_and_pairwise_in_input_order(prompts):
+    calls = []
+
+    async def groups(model, batch):
+        calls.append(batch)
+        return [[{"score": SCORES[model][d], "logit": ord(d[0]) / 100, "num_tokens": 7, "truncated": False}
+                 for d in docs] for _, docs, _ in batch]
+
+    svc = RerankService(_config(), prompts, score=None, evidence=None, score_groups=groups)
+    job = _score_job({"queries": QUERY, "documents": ["a", "b", "c"]})
+    model, rooms = svc.prepare_score(job)
+    body = run(svc.score_pairs(job, model, rooms))
+    assert [d["index"] for d in body["data"]] == [0, 1, 2]
+    assert [d["score"] for d in body["data"]] == [0.1, 0.9, 0.5] and body["usage"]["prompt_tokens"] == 21
+    assert body["object"] == "list" and body["model"] == "small" and body["id"].startswith("score-")
+    job = _score_job({"text_1": ["q one", "q two", "q one"], "text_2": ["a", "b", "c"], "use_activation": False})
+    model, rooms = svc.prepare_score(job)
+    body = run(svc.score_pairs(job, model, rooms))
+    assert [d["score"] for d in body["data"]] == [0.97, 0.98, 0.99]  # logits, input order
+    assert len(calls) == 2 and [(q, docs) for q, docs, _ in calls[1]] == [("q one", ["a", "c"]), ("q two", ["b"])]
+
+
+@pytest.mark.parametrize("body, needle", [
+    ({"queries": ["a", "b"], "documents": ["x", "y", "z"]}, "queries has 2 items and documents 3"),
+    ({"queries": "q", "text_1": "q", "documents": ["x"]}, "exactly one of queries and text_1"),
+    ({"queries": "q"}, "exactly one of documents and text_2"),
+    ({"queries": "q", "documents": []}, "documents: at least one item"),
+    ({"queries": " ", "documents": ["x"]}, "pattern"),
+])
+def test_score_api_bad_shapes_name_the_field(body, needle):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=needle):
+        _score_job(body)
+
+
+def test_score_api_truncate_prompt_tokens_leaves_the_document_its_room(prompts):
+    svc = RerankService(_config(), prompts, score=None, evidence=None)
+    job = _score_job({"queries": QUERY, "documents": ["a"], "truncate_prompt_tokens": 10_000})
+    _, [room] = svc.prepare_score(job)
+    prefix = prompts["small"].prefix(QUERY)
+    assert room == 10_000 - len(prefix) - len(prompts["small"].suffix)
+    _, [room] = svc.prepare_score(_score_job({"queries": QUERY, "documents": ["a"], "truncate_prompt_tokens": 1}))
+    assert room == 1  # the instruction and query are never cut: the document keeps one token
+    with pytest.raises(PrismError) as err:
+        svc.prepare_score(_score_job({"queries": QUERY, "documents": ["d"] * 6}))
+    assert err.value.kind == ErrorKind.TOO_LARGE and "max_documents" in err.value.message
