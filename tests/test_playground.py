@@ -198,6 +198,27 @@ def test_ranking_on_the_page_equals_the_api(server, browser):
     assert browser.evaluate("document.getElementById('model').value") == "prism-tiny"
 
 
+def test_a_long_document_shows_its_best_chunk(server, browser):
+    """With `max_chunks`, the page asks for chunking and marks the span of each document's best chunk: the
+    marked text is `document[start:end]` of the API's `chunk`."""
+    long_doc = " ".join(DOCS) * 6
+    docs = [long_doc, DOCS[0]]
+    browser.open(playground_url(server, model="prism-tiny", query=QUERY, docs=docs, max_chunks=4, run=1))
+    page = parse(browser.html())
+    assert page.find(lambda n: n.tag == "body").attrs["data-state"] == "done"
+    expected = json.loads(httpx.post(f"{server}/v2/rerank", json={
+        "model": "prism-tiny", "query": QUERY, "documents": docs, "chunking": {"max_chunks_per_doc": 4}},
+        timeout=120).text, parse_float=str)["results"]
+    shown = cards(page)
+    assert [(c.attrs["data-index"], c.attrs["data-score"]) for c in shown] == \
+        [(str(r["index"]), r["relevance_score"]) for r in expected]
+    for c, r in zip(shown, expected):
+        span = r["chunk"]
+        mark = c.find(lambda n: n.tag == "mark")
+        assert mark is not None and mark.text() == docs[r["index"]][span["start"]:span["end"]]
+    assert next(r for r in expected if r["index"] == 0)["chunk"]["count"] > 1
+
+
 def test_evidence_arrives_on_the_cards(server, browser):
     """With evidence=1 each of the top cards gets its own evidence event's text, the same text the API
     generates for that document; the rest get none. Saves the screenshot."""
