@@ -60,7 +60,7 @@ def test_text_without_spaces_is_cut_between_characters(prompts):
 
 def test_a_document_that_fits_is_one_chunk_the_whole_text(prompts):
     doc = "  Water boils at 100 degrees Celsius.\n"
-    [out] = chunk_documents(prompts, QUERY, [doc], max_chunks=4)
+    [out] = chunk_documents(prompts, QUERY, [doc], max_chunks_per_doc=4)
     assert [(c.start, c.end) for c in out.chunks] == [(0, len(doc))] and not out.truncated
 
 

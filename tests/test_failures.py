@@ -176,6 +176,7 @@ def test_sigkill_a_replica_under_load_loses_no_request(cluster, client, deployme
         _wait_running("prism", deployment, replicas)
         time.sleep(3)  # traffic on the restarted replica too
     problems = [p for _, s, p in load.results if p is not None or s not in (200, 503)]
+    print(f"SIGKILL {deployment} after {killed_at} requests: {load.summary()}")  # shown with -s
     assert not problems, (load.summary(), problems[:5])
     assert killed_at > 3 and len(load.results) > killed_at + 3, load.summary()
     assert {k for k, s, _ in load.results if s == 200} == {"plain", "evidence", "stream"}
@@ -196,6 +197,7 @@ def test_redeploy_with_changed_replicas_and_a_new_model_under_load(cluster, clie
                   route_prefix="/")
         time.sleep(3)
     problems = [p for _, s, p in load.results if p is not None or s != 200]
+    print(f"redeploy after {before} requests: {load.summary()}")  # shown with -s
     assert not problems, (load.summary(), problems[:5])
     assert before > 0 and len(load.results) > before + 3, load.summary()
     r = client.post("/v2/rerank", json={"model": "4b-exp", "query": QUERY, "documents": DOCS[:2]})
