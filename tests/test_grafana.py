@@ -1,8 +1,8 @@
 """deployments/grafana/prism-ray.json queries only what the app really exports.
 
 A dashboard over a misspelt metric or label draws an empty panel and nobody notices. So: serve real
-requests on a local Ray cluster (scores, evidence, a refused request, a stream the client leaves, which
-is the one way a replica raises here), scrape Ray's Prometheus endpoint on 127.0.0.1, and check every
+requests on a local Ray cluster (scores, evidence, a refused request, a stream the client leaves, and a
+handle call that makes a replica raise), scrape Ray's Prometheus endpoint on 127.0.0.1, and check every
 metric each PromQL query names is there, with the labels the query selects and groups by.
 """
 
@@ -99,10 +99,13 @@ def metrics_port(tiny_ckpt):
                                               "evidence": {"top_n": 2, "max_new_tokens": 8}}, timeout=120)
     assert ok.status_code == 200
     assert httpx.post(f"{url}/v1/rerank", json={"model": "13b", "query": QUERY, "documents": DOCS}).status_code == 404
-    # A client that leaves mid-stream: the router cancels the evidence still generating (a replica error).
+    # A client that leaves mid-stream: the router cancels the evidence still generating.
     body = {"query": QUERY, "documents": DOCS, "stream": True, "evidence": {"top_n": 3, "max_new_tokens": 256}}
     with httpx.stream("POST", f"{url}/v2/rerank", json=body, timeout=120) as resp:
         next(resp.iter_lines())
+    # A replica that raises (the replica-exceptions panel): a handle call the router never makes.
+    with pytest.raises(Exception, match="NoneType"):
+        serve.get_deployment_handle("prism-tiny-scorer", app_name="prism").score.remote(QUERY, None).result()
     yield ray.nodes()[0]["MetricsExportPort"]
     serve.shutdown()
     ray.shutdown()
