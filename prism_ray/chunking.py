@@ -95,3 +95,17 @@ def chunk_documents(prompts, query: str, documents: list[str], max_chunks_per_do
 def best_chunk(scores: list[float]) -> int:
     """The chunk a document is scored by: the highest score, the first on a tie."""
     return max(range(len(scores)), key=lambda k: (scores[k], -k))
+
+
+def chunk_texts(documents: list[str], chunked: list[ChunkedDocument]) -> list[str]:
+    """Every chunk's text, document after document: what one scorer call receives."""
+    return [doc[c.start:c.end] for doc, cd in zip(documents, chunked) for c in cd.chunks]
+
+
+def per_document(chunked: list[ChunkedDocument], results: list) -> list[list]:
+    """`results` of `chunk_texts(...)`, cut back into one list per document."""
+    out, at = [], 0
+    for cd in chunked:
+        out.append(results[at:at + len(cd.chunks)])
+        at += len(cd.chunks)
+    return out

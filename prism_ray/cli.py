@@ -61,17 +61,15 @@ def rerank(model: str, query: str, docs: list[str], evidence: bool, max_new_toke
     loaded = load_model(model, dtype=dtype, max_length=max_length or DEFAULT_MAX_LENGTH)
     texts, chunks, scored = list(docs), [None] * len(docs), None
     if chunking:
-        from prism_ray.chunking import best_chunk, chunk_documents
+        from prism_ray.chunking import best_chunk, chunk_documents, chunk_texts, per_document
 
         try:
             chunked = chunk_documents(loaded.prompts, query, docs, **chunking)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-        scores = ScoreEngine(loaded).score_pairs(query, [d[c.start:c.end] for d, cd in zip(docs, chunked)
-                                                         for c in cd.chunks])
-        at, scored = 0, []
-        for i, (doc, cd) in enumerate(zip(docs, chunked)):
-            mine, at = scores[at:at + len(cd.chunks)], at + len(cd.chunks)
+        scores = ScoreEngine(loaded).score_pairs(query, chunk_texts(docs, chunked))
+        scored = []
+        for i, (doc, cd, mine) in enumerate(zip(docs, chunked, per_document(chunked, scores))):
             k = best_chunk([r.score for r in mine])
             c = cd.chunks[k]
             texts[i] = doc[c.start:c.end]

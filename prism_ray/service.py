@@ -19,7 +19,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 from prism_ray.api import RankedDocument, RerankJob, ScoreJob, render
-from prism_ray.chunking import best_chunk, chunk_documents
+from prism_ray.chunking import best_chunk, chunk_documents, chunk_texts, per_document
 from prism_ray.config import AppConfig, ModelConfig
 from prism_ray.errors import ErrorKind, PrismError, retry_later
 from prism_ray.prompt import PrismPromptTokenizer, PromptTooLong
@@ -129,26 +129,25 @@ class RerankService:
 
     # -- scoring and cascade ----------------------------------------------------------------------------
     async def _score_some(self, model: ModelConfig, job: RerankJob, indices: list[int]) -> list[RankedDocument]:
-        if job.chunked is None:
-            spans = [[None] for _ in indices]
-            texts = [job.documents[i] for i in indices]
-        else:  # every chunk of every document in one call: they share the query's prefix state
-            spans = [job.chunked[i].chunks for i in indices]
-            texts = [job.documents[i][c.start:c.end] for i, cs in zip(indices, spans) for c in cs]
+        docs = [job.documents[i] for i in indices]
+        chunked = None if job.chunked is None else [job.chunked[i] for i in indices]
+        # With chunking, every chunk of every document in one call: they share the query's prefix state.
+        texts = docs if chunked is None else chunk_texts(docs, chunked)
         results = await self._score(model.name, job.query, texts, job.max_tokens_per_doc)
         if len(results) != len(texts):
             raise PrismError(ErrorKind.INTERNAL, f"the {model.name} scorer returned {len(results)} results "
                                                  f"for {len(texts)} documents")
-        ranked, at = [], 0
-        for i, cs in zip(indices, spans):
-            mine, at = results[at:at + len(cs)], at + len(cs)
+        ranked = []
+        for n, (i, mine) in enumerate(zip(indices, [[r] for r in results] if chunked is None
+                                          else per_document(chunked, results))):
             k = best_chunk([r["score"] for r in mine])
             best = mine[k]
             chunk = None
             truncated = best["truncated"]
-            if job.chunked is not None:
+            if chunked is not None:
+                cs = chunked[n].chunks
                 chunk = {"index": k, "count": len(cs), "start": cs[k].start, "end": cs[k].end}
-                truncated = job.chunked[i].truncated or any(r["truncated"] for r in mine)
+                truncated = chunked[n].truncated or any(r["truncated"] for r in mine)
             ranked.append(RankedDocument(i, best["score"], best["logit"], sum(r["num_tokens"] for r in mine),
                                          truncated, model.name, compute_ms=best.get("compute_ms", 0.0), chunk=chunk))
         if not job.truncate:

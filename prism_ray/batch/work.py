@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from prism_ray.batch.rows import CHUNK_COLUMNS, output_schema
 from prism_ray.batch.store import OutputStore
-from prism_ray.chunking import best_chunk, chunk_documents
+from prism_ray.chunking import best_chunk, chunk_documents, chunk_texts, per_document
 from prism_ray.config import ModelConfig
 from prism_ray.factory import Tier, build_engine, deployment_name
 from prism_ray.ranking import ranks, wants_evidence
@@ -138,10 +138,9 @@ def score_bucket(rows: list[dict], backend, stage: Stage) -> dict[str, list]:
     if stage.chunking is not None:
         out.update({c: [None] * n for c in CHUNK_COLUMNS}, _scored_text=[r["text"] for r in rows])
         chunked = [chunk_documents(backend.prompts, q, docs, **stage.chunking) for q, docs in groups]
-        groups = [(q, [d[c.start:c.end] for d, cd in zip(docs, cds) for c in cd.chunks])
-                  for (q, docs), cds in zip(groups, chunked)]
+        groups = [(q, chunk_texts(docs, cds)) for (q, docs), cds in zip(groups, chunked)]
     for g, (idxs, result) in enumerate(zip(members, backend.score(groups) if groups else [])):
-        at = 0
+        by_doc = per_document(chunked[g], result) if stage.chunking is not None and isinstance(result, list) else None
         for j, i in enumerate(idxs):
             if isinstance(result, Exception):
                 out["error"][i] = f"scoring failed: {_describe(result)}"
@@ -150,8 +149,7 @@ def score_bucket(rows: list[dict], backend, stage: Stage) -> dict[str, list]:
                 for key in ("score", "logit", "truncated", "num_tokens"):
                     out[key][i] = result[j][key]
                 continue
-            doc = chunked[g][j]  # this document's chunks: its best one gives the score
-            mine, at = result[at:at + len(doc.chunks)], at + len(doc.chunks)
+            doc, mine = chunked[g][j], by_doc[j]  # this document's chunks: its best one gives the score
             k = best_chunk([r["score"] for r in mine])
             span = doc.chunks[k]
             out["score"][i], out["logit"][i] = mine[k]["score"], mine[k]["logit"]
