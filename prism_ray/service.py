@@ -82,15 +82,9 @@ class RerankService:
         if len(job.documents) > lim.max_documents:
             raise PrismError(ErrorKind.TOO_LARGE, f"{field}: {len(job.documents)} documents; the limit is "
                                                   f"{lim.max_documents} (max_documents)", field)
-        if len(job.query) > lim.max_query_chars:
-            raise PrismError(ErrorKind.BAD_REQUEST, f"query: {len(job.query)} characters; the limit is "
-                                                    f"{lim.max_query_chars} (max_query_chars)", "query")
         screen = self.model(job.cascade.screen, "cascade.screen") if job.cascade is not None else None
         for m in {model.name: model, **({screen.name: screen} if screen else {})}.values():
-            try:
-                self.prompts[m.name].encode(job.query, "")
-            except PromptTooLong as exc:
-                raise PrismError(ErrorKind.BAD_REQUEST, f"query: {exc} of model {m.name!r}", "query") from None
+            self._check_query(job.query, m, "query")
         if job.chunking is not None:
             self._chunk(job, model)
         ev = job.evidence
@@ -107,6 +101,17 @@ class RerankService:
                                                         f"is {lim.max_new_tokens} (max_new_tokens)",
                                  "evidence.max_new_tokens")
         return model
+
+    def _check_query(self, query: str, model: ModelConfig, param: str) -> list[int]:
+        """The query within max_query_chars and leaving room for a document under the model's max_length;
+        returns its prefix tokens."""
+        if len(query) > self.limits.max_query_chars:
+            raise PrismError(ErrorKind.BAD_REQUEST, f"{param}: a query of {len(query)} characters; the limit is "
+                                                    f"{self.limits.max_query_chars} (max_query_chars)", param)
+        try:
+            return self.prompts[model.name].encode(query, "").prefix
+        except PromptTooLong as exc:
+            raise PrismError(ErrorKind.BAD_REQUEST, f"{param}: {exc} of model {model.name!r}", param) from None
 
     def _chunk(self, job: RerankJob, model: ModelConfig) -> None:
         """Cut the job's documents into chunks (with the model's tokenizer), within the chunk limits."""
@@ -209,13 +214,7 @@ class RerankService:
         for query, _ in job.pairs:
             if query in rooms:
                 continue
-            if len(query) > lim.max_query_chars:
-                raise PrismError(ErrorKind.BAD_REQUEST, f"queries: a query of {len(query)} characters; the limit "
-                                                        f"is {lim.max_query_chars} (max_query_chars)", "queries")
-            try:
-                prefix = prompts.encode(query, "").prefix
-            except PromptTooLong as exc:
-                raise PrismError(ErrorKind.BAD_REQUEST, f"queries: {exc} of model {model.name!r}", "queries") from None
+            prefix = self._check_query(query, model, "queries")
             cap = job.truncate_prompt_tokens
             rooms[query] = None if cap is None else max(1, cap - len(prefix) - len(prompts.suffix))
         return model, [rooms[q] for q, _ in job.pairs]

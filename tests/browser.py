@@ -15,12 +15,12 @@ import itertools
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import httpx
+from conftest import free_port
 
 BINARIES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
@@ -46,11 +46,6 @@ def find_or_install_chromium() -> tuple[str | None, str]:
     return None, f"`apt-get install -y chromium` did not install a browser: {out}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class Browser:
     """One headless Chromium with one page; `open` navigates and waits for a JS condition."""
@@ -58,7 +53,7 @@ class Browser:
     def __init__(self, binary: str, profile_dir: Path, width: int = 1200, height: int = 1600):
         from websockets.sync.client import connect
 
-        port = _free_port()
+        port = free_port()
         self._log = open(profile_dir / "chromium.log", "w")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
             [binary, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",

@@ -14,13 +14,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import threading
 import time
 
 import httpx
 import pytest
-from conftest import english_texts
+from conftest import english_texts, free_port, serve_tier
 
 pytestmark = pytest.mark.cluster
 
@@ -28,15 +27,10 @@ QUERY = "What is the boiling point of water at sea level?"
 DOCS = english_texts(5, 20, 60)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tier(**extra):
-    return {"ray_actor_options": {"num_cpus": 0.5}, "num_replicas": 1, "torch_threads": 1,
-            "graceful_shutdown_timeout_s": 30, **extra}
+    return serve_tier(graceful_shutdown_timeout_s=30, **extra)
 
 
 def _tiny(ckpt, scorer_replicas=2) -> dict:
@@ -58,7 +52,7 @@ def cluster(tiny_ckpt):
     from deployments.app import build_app
 
     ray.init(num_cpus=8, object_store_memory=128 * 1024**2, include_dashboard=False, log_to_driver=False)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(_config(tiny_ckpt, 60)), name="prism", route_prefix="/")
     serve.run(build_app(_config(tiny_ckpt, 2, scorer_replicas=1)), name="tight", route_prefix="/tight")

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import httpx
 import pytest
+from conftest import free_port
 
 pytestmark = pytest.mark.cluster  # starts a Ray cluster
 
@@ -24,11 +24,6 @@ DASHBOARD = Path(__file__).resolve().parents[1] / "deployments" / "grafana" / "p
 QUERY = "What is the boiling point of water at sea level?"
 DOCS = ["Water boils at 100 degrees Celsius at sea level.", "Mount Everest is 8,849 metres high.", "The sea is salty."]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def queries(dashboard: dict) -> list[str]:
@@ -87,8 +82,8 @@ def metrics_port(tiny_ckpt):
     from deployments.app import build_app
 
     ray.init(num_cpus=8, object_store_memory=128 * 1024**2, include_dashboard=False, log_to_driver=False,
-             _metrics_export_port=_free_port())
-    port = _free_port()
+             _metrics_export_port=free_port())
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     tier = {"ray_actor_options": {"num_cpus": 0.5}, "num_replicas": 1, "torch_threads": 1}
     serve.run(build_app({"models": [{"name": "prism-tiny", "model": str(tiny_ckpt), "size": "0.8b", "dtype": "float32",

@@ -10,7 +10,6 @@ module is skipped only when no browser can be had. A screenshot lands in out/art
 from __future__ import annotations
 
 import json
-import socket
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import urlencode
@@ -18,7 +17,7 @@ from urllib.parse import urlencode
 import httpx
 import pytest
 from browser import Browser, find_or_install_chromium
-from conftest import english_texts
+from conftest import english_texts, free_port, serve_tier
 
 pytestmark = pytest.mark.cluster  # starts a Ray cluster
 
@@ -29,14 +28,6 @@ DOCS = ["Water boils at 100 degrees Celsius (212 °F) at sea level; higher up it
 KEY = "playground-key"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tier(**extra):
-    return {"ray_actor_options": {"num_cpus": 0.5}, "num_replicas": 1, "torch_threads": 1, **extra}
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +46,12 @@ def server(tiny_ckpt):
     from deployments.app import build_app
 
     ray.init(num_cpus=8, object_store_memory=128 * 1024**2, include_dashboard=False, log_to_driver=False)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     tiny = {"name": "prism-tiny", "model": str(tiny_ckpt), "size": "0.8b", "dtype": "float32", "max_length": 512}
-    serve.run(build_app({"models": [{**tiny, "scorer": _tier(), "evidence": _tier(max_batch_pairs=4)}],
+    serve.run(build_app({"models": [{**tiny, "scorer": serve_tier(), "evidence": serve_tier(max_batch_pairs=4)}],
                          "limits": {"max_new_tokens": 64}}), name="prism", route_prefix="/")
-    serve.run(build_app({"models": [{**tiny, "scorer": _tier(), "evidence": None}], "api_keys": [KEY]}),
+    serve.run(build_app({"models": [{**tiny, "scorer": serve_tier(), "evidence": None}], "api_keys": [KEY]}),
               name="guarded", route_prefix="/guarded")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()

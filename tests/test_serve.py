@@ -9,12 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import socket
 import time
 
 import httpx
 import pytest
-from conftest import english_texts
+from conftest import english_texts, free_port, serve_tier
 
 from prism_ray.engine import EvidenceEngine, ScoreEngine
 
@@ -24,14 +23,6 @@ TOL = 1e-5
 pytestmark = pytest.mark.cluster  # starts a Ray cluster
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tier(**extra):
-    return {"ray_actor_options": {"num_cpus": 0.5}, "num_replicas": 1, "torch_threads": 1, **extra}
 
 
 @pytest.fixture(scope="module")
@@ -42,20 +33,20 @@ def server(tiny_ckpt, qwen3_ckpt):
     from deployments.app import build_app
 
     ray.init(num_cpus=8, object_store_memory=128 * 1024**2, include_dashboard=False, log_to_driver=False)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     main = {
         "default_model": "prism-tiny",
         "models": [
             {"name": "prism-tiny", "model": str(tiny_ckpt), "size": "0.8b", "dtype": "float32", "max_length": 512,
-             "scorer": _tier(max_batch_tokens=1024), "evidence": _tier(max_batch_pairs=8)},
+             "scorer": serve_tier(max_batch_tokens=1024), "evidence": serve_tier(max_batch_pairs=8)},
             {"name": "prism-qwen3", "model": str(qwen3_ckpt), "size": "4b-exp", "dtype": "float32",
-             "scorer": _tier(), "evidence": None},
+             "scorer": serve_tier(), "evidence": None},
         ],
         "limits": {"max_documents": 40, "max_query_chars": 64, "max_body_bytes": 65536, "max_new_tokens": 64},
     }
     guarded = {
-        "models": [{"name": "prism-tiny", "model": str(tiny_ckpt), "dtype": "float32", "scorer": _tier(),
+        "models": [{"name": "prism-tiny", "model": str(tiny_ckpt), "dtype": "float32", "scorer": serve_tier(),
                     "evidence": None}],
         "api_keys": ["secret-key"],
         "limits": {"max_in_flight": 1},
@@ -325,7 +316,7 @@ def test_autoscaling_up_under_load_and_back_down(server, tiny_ckpt):
 
     from deployments.app import build_app
 
-    scorer = _tier(max_batch_tokens=512)
+    scorer = serve_tier(max_batch_tokens=512)
     del scorer["num_replicas"]
     scorer["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
                                     "upscale_delay_s": 0.5, "downscale_delay_s": 3, "metrics_interval_s": 0.5,
@@ -357,7 +348,7 @@ def test_autoscaling_up_under_load_and_back_down(server, tiny_ckpt):
         serve.delete("scaling")
 
 
-def test_prometheus_metrics_per_model_and_tier(client):
+def test_prometheus_metrics_per_model_andserve_tier(client):
     import ray
 
     client.post("/v2/rerank", json={"query": QUERY, "documents": DOCS[:3], "evidence": {"top_n": 1, "max_new_tokens": 2}})
@@ -381,7 +372,7 @@ def test_saturated_tier_is_503_with_retry_after(server, tiny_ckpt):
 
     from deployments.app import build_app
 
-    scorer = _tier(max_ongoing_requests=1, max_queued_requests=1)
+    scorer = serve_tier(max_ongoing_requests=1, max_queued_requests=1)
     config = {"models": [{"name": "prism-tiny", "model": str(tiny_ckpt), "dtype": "float32", "scorer": scorer,
                           "evidence": None}]}
     serve.run(build_app(config), name="saturated", route_prefix="/saturated")
