@@ -1,0 +1,154 @@
+"""A faster chunked gated delta rule for the engines' Gated DeltaNet prefill on CPU.
+
+The Qwen3.5 linear-attention layers spend most of their non-projection time in transformers'
+PyTorch reference `torch_chunk_gated_delta_rule` wherever the flash-linear-attention Triton kernels
+do not run (every CPU). This module computes the same function, exact in float32 (the same
+arithmetic, reordered), in fewer and larger tensor operations:
+
+- the (I + A)^-1 of each chunk's UT system is formed once (one triangular solve against the
+  identity) and applied to the values and the decayed keys in one matmul, instead of two solves;
+- each chunk's reads of the recurrent state (by the decayed keys and by the queries) are one matmul;
+- the state update and output accumulate in place (`baddbmm`), with batch and heads flattened.
+
+Before any of that, each row's chunk grid starts at the row's first token, as in the reference, so
+the chunk padding at the end is the same.
+
+`use_fast_gated_delta()` routes the transformers modules' calls here for the duration of a `with`
+block in the calling thread (a context variable, so a reference model running elsewhere in the same
+process, as the benchmarks and parity tests do, keeps the reference code). On CUDA with
+flash-linear-attention installed the Triton kernels are kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib
+
+import torch
+import torch.nn.functional as F
+
+_ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("prism_fast_gated_delta", default=False)
+# transformers modules whose Gated DeltaNet layers call a module-level `torch_chunk_gated_delta_rule`.
+_MODULES = ("transformers.models.qwen3_5.modeling_qwen3_5", "transformers.models.qwen3_next.modeling_qwen3_next")
+
+
+def _l2norm(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    # As transformers' (and FLA's) l2norm: x * rsqrt(sum(x^2) + 1e-6).
+    return x * (torch.rsqrt((x * x).sum(-1, keepdim=True) + 1e-6) * scale)
+
+
+def chunk_gated_delta_rule(query, key, value, g, beta, chunk_size: int = 64, initial_state=None,
+                           output_final_state: bool = False, use_qk_l2norm_in_kernel: bool = False, **_):
+    """Same arguments, shapes and result as transformers' `torch_chunk_gated_delta_rule`.
+
+    query/key (B, T, Hk, Dk), value (B, T, Hv, Dv), g/beta (B, T, Hv), initial_state (B, Hv, Dk, Dv).
+    Returns (output (B, T, Hv, Dv) in query's dtype, final state (B, Hv, Dk, Dv) in float32 or None).
+    """
+    out_dtype = query.dtype
+    batch, length, k_heads, k_dim = key.shape
+    v_heads, v_dim = value.shape[-2:]
+    if k_heads != v_heads:
+        query = query.repeat_interleave(v_heads // k_heads, dim=2)
+        key = key.repeat_interleave(v_heads // k_heads, dim=2)
+    size = chunk_size
+    pad = (size - length % size) % size
+    chunks = (length + pad) // size
+    rows = batch * v_heads
+
+    def to_chunks(x: torch.Tensor) -> torch.Tensor:
+        """(B, T, H[, D]) -> float32 (chunks, B * H, size[, D]), contiguous, padded: one copy. Each chunk's
+        slice is contiguous for the sequential scan, and batch and heads are one axis for bmm."""
+        if pad:
+            x = F.pad(x, (0, 0) * (x.ndim - 2) + (0, pad))
+        extra = x.shape[3:]
+        x = x.reshape(batch, chunks, size, v_heads, *extra).permute(1, 0, 3, 2, *range(4, 4 + len(extra)))
+        return x.to(torch.float32, memory_format=torch.contiguous_format).reshape(chunks, rows, size, *extra)
+
+    q, k, v = (to_chunks(x) for x in (query, key, value))
+    beta = to_chunks(beta)[..., None]
+    cum = to_chunks(g).cumsum(-1)  # log decay from each chunk's start
+    scale = k_dim ** -0.5
+    if use_qk_l2norm_in_kernel:
+        q, k = _l2norm(q, scale), _l2norm(k)
+    else:
+        q = q * scale
+
+    upper = torch.ones(size, size, dtype=torch.bool, device=q.device).triu(1)
+    decay = (cum[..., :, None] - cum[..., None, :]).masked_fill_(upper, float("-inf")).exp_()
+    k_beta = k * beta
+    k_t = k.transpose(-1, -2)
+    system = (k_beta @ k_t).mul_(decay)  # its strict lower triangle is the UT system's A
+    attn = (q @ k_t).mul_(decay)  # intra-chunk attention, causal (diagonal included)
+    eye = torch.eye(size, dtype=system.dtype, device=system.device).expand_as(system)
+    inverse = torch.linalg.solve_triangular(system, eye, upper=False, unitriangular=True)  # (I + A)^-1
+    cum_exp = cum.exp()[..., None]
+    # One matmul for the corrected values u = (I+A)^-1 (beta v) and the decayed keys w = (I+A)^-1 (beta k e^cum).
+    rhs = torch.empty(chunks, rows, size, v_dim + k_dim, dtype=torch.float32, device=q.device)
+    torch.mul(v, beta, out=rhs[..., :v_dim])
+    torch.mul(k_beta, cum_exp, out=rhs[..., v_dim:])
+    uw = inverse @ rhs
+    u = uw[..., :v_dim]
+    # Each chunk reads the state twice, by w (to correct u) and by the decayed queries: one matmul.
+    readers = torch.empty(chunks, rows, 2 * size, k_dim, dtype=torch.float32, device=q.device)
+    readers[:, :, :size] = uw[..., v_dim:]
+    torch.mul(q, cum_exp, out=readers[:, :, size:])
+    k_last = (k * (cum[..., -1:, None] - cum[..., None]).exp()).transpose(-1, -2).contiguous()
+    chunk_decay = cum[..., -1].exp()[..., None, None]  # (chunks, rows, 1, 1)
+
+    state = (torch.zeros(rows, k_dim, v_dim, dtype=torch.float32, device=q.device) if initial_state is None
+             else initial_state.to(torch.float32).reshape(rows, k_dim, v_dim).clone())
+    out = torch.empty(chunks, rows, size, v_dim, dtype=torch.float32, device=q.device)
+    for i in range(chunks):
+        read = torch.bmm(readers[i], state)
+        v_new = torch.sub(u[i], read[:, :size])
+        torch.baddbmm(read[:, size:], attn[i], v_new, out=out[i])
+        state.mul_(chunk_decay[i]).baddbmm_(k_last[i], v_new)
+
+    out = out.reshape(chunks, batch, v_heads, size, v_dim).permute(1, 0, 3, 2, 4)
+    out = out.reshape(batch, chunks * size, v_heads, v_dim)
+    out = out[:, :length].to(out_dtype, memory_format=torch.contiguous_format)
+    final = state.reshape(batch, v_heads, k_dim, v_dim) if output_final_state else None
+    return out, final
+
+
+@functools.cache
+def _triton_kernels(device_type: str) -> bool:
+    from prism_ray.engine.kernels import linear_attention_kernels
+
+    return linear_attention_kernels(torch.device(device_type))["gated_delta_rule"] != "torch"
+
+
+@functools.cache
+def _install() -> None:
+    """Wrap each transformers module's chunk function once: ours when `_ACTIVE` says so (and not on a
+    device where flash-linear-attention's kernels run), the module's own otherwise."""
+    for name in _MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        original = getattr(module, "torch_chunk_gated_delta_rule", None)
+        if original is None or getattr(original, "_prism_dispatch", False):
+            continue
+
+        def dispatch(*args, _original=original, **kwargs):
+            query = args[0] if args else kwargs["query"]
+            if _ACTIVE.get() and not _triton_kernels(query.device.type):
+                return chunk_gated_delta_rule(*args, **kwargs)
+            return _original(*args, **kwargs)
+
+        dispatch._prism_dispatch = True
+        module.torch_chunk_gated_delta_rule = dispatch
+
+
+@contextlib.contextmanager
+def use_fast_gated_delta():
+    """Within the block (this thread / task only), Gated DeltaNet prefill runs `chunk_gated_delta_rule`."""
+    _install()
+    token = _ACTIVE.set(True)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
