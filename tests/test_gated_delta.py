@@ -1,4 +1,4 @@
-"""The engines' chunked gated delta rule against transformers' PyTorch reference, which path A runs."""
+"""The engines' gated delta rules (chunked prefill, recurrent decode) against transformers' PyTorch reference, which path A runs."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import pytest
 import torch
 from transformers.models.qwen3_5 import modeling_qwen3_5
 from transformers.models.qwen3_5.modeling_qwen3_5 import torch_chunk_gated_delta_rule as reference
+from transformers.models.qwen3_5.modeling_qwen3_5 import torch_recurrent_gated_delta_rule as reference_recurrent
 
 from prism_ray.engine import gated_delta
-from prism_ray.engine.gated_delta import chunk_gated_delta_rule, use_fast_gated_delta
+from prism_ray.engine.gated_delta import chunk_gated_delta_rule, recurrent_gated_delta_rule, use_fast_gated_delta
 
 
 def _inputs(batch, length, k_heads, v_heads, dim, dtype, seed=0, with_state=True):
@@ -75,3 +76,21 @@ def test_only_the_calling_context_runs_it(monkeypatch):
     outside, _ = modeling_qwen3_5.torch_chunk_gated_delta_rule(**args, use_qk_l2norm_in_kernel=True)
     assert len(calls) == 1  # outside the block the module's own function runs
     torch.testing.assert_close(inside, outside, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("length,k_heads,v_heads", [(1, 4, 4), (3, 2, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_recurrent_step_matches_the_reference(length, k_heads, v_heads, dtype):
+    args = _inputs(3, length, k_heads, v_heads, 32, dtype)
+    ref_out, ref_state = reference_recurrent(**{**args, "initial_state": args["initial_state"].clone()},
+                                             output_final_state=True, use_qk_l2norm_in_kernel=True)
+    state = args["initial_state"]
+    out, new_state = recurrent_gated_delta_rule(**args, output_final_state=True, use_qk_l2norm_in_kernel=True)
+    assert new_state is state  # updated in place: the caller's cache tensor
+    scale = max(1.0, ref_out.float().abs().max().item())
+    tol = 1e-5 * scale if dtype == torch.float32 else 2 ** -7 * scale
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=tol, rtol=0)
+    torch.testing.assert_close(new_state, ref_state, atol=1e-5, rtol=1e-5)
+    fresh, _ = recurrent_gated_delta_rule(**{**args, "initial_state": None}, use_qk_l2norm_in_kernel=True)
+    ref_fresh, _ = reference_recurrent(**{**args, "initial_state": None}, use_qk_l2norm_in_kernel=True)
+    torch.testing.assert_close(fresh.float(), ref_fresh.float(), atol=tol, rtol=0)

@@ -84,10 +84,10 @@ class EvidenceEngine:
         results: list[EvidenceResult | None] = [None] * len(pairs)
         for start in range(0, len(pairs), self.max_batch_size):
             chunk = list(range(start, min(start + self.max_batch_size, len(pairs))))
+            stopped = (lambda k, chunk=chunk: should_stop(chunk[k])) if should_stop is not None else None
             with use_fast_gated_delta():
                 rows, caches = self._prefill([pairs[i] for i in chunk], temperature, gen)
-            stopped = (lambda k, chunk=chunk: should_stop(chunk[k])) if should_stop is not None else None
-            self._decode(rows, caches, max_new_tokens, temperature, gen, stopped)
+                self._decode(rows, caches, max_new_tokens, temperature, gen, stopped)
             for i, row in zip(chunk, rows):
                 results[i] = self._finish(row, max_new_tokens)
         return results  # type: ignore[return-value]
@@ -138,7 +138,7 @@ class EvidenceEngine:
                 mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
                 out = self.loaded.model(input_ids=last[:, None], attention_mask=mask, position_ids=positions[:, None],
                                         cache=cache, use_cache=True, logits_to_keep=1)
-                last = self._pick(out.logits[:, -1].float(), temperature, gen)
+                last = self._pick(out.logits[:, -1], temperature, gen)
                 window.append(last)
                 positions = positions + 1
             remaining -= len(window)
@@ -158,10 +158,11 @@ class EvidenceEngine:
             active = [active[k] for k in keep]
 
     def _pick(self, logits: torch.Tensor, temperature: float, gen) -> torch.Tensor:
-        """The next token of each row, on the logits' device."""
+        """The next token of each row, on the logits' device. Greedy picks in the logits' own dtype (a bf16
+        to float32 cast is exact, so the argmax is the same, and it skips a copy of B x vocabulary per step)."""
         if temperature == 0:
             return logits.argmax(dim=-1)
-        probs = F.softmax(logits / temperature, dim=-1)
+        probs = F.softmax(logits.float() / temperature, dim=-1)
         return torch.multinomial(probs, 1, generator=gen)[:, 0]
 
     def _finish(self, row: _Row, max_new_tokens: int) -> EvidenceResult:

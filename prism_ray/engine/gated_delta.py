@@ -113,6 +113,59 @@ def chunk_gated_delta_rule(query, key, value, g, beta, chunk_size: int = 64, ini
     return out, final
 
 
+def recurrent_gated_delta_rule(query, key, value, g, beta, initial_state=None, output_final_state: bool = False,
+                               use_qk_l2norm_in_kernel: bool = False, **_):
+    """Same arguments, shapes and result as transformers' `torch_recurrent_gated_delta_rule` (the decode step),
+    with `initial_state` updated in place when it is a float32 tensor (the engines' caches are their own
+    copies, and transformers then copies the state onto itself, which torch skips).
+
+    The reference makes about ten passes over the (B, H, Dk, Dv) float32 state per token, most of them
+    new tensors; decoding a batch of 8 on the 0.8B model that is ~8 MB per layer and pass, and it dominates
+    the step. Here a token costs one read (the state read by the key and the query in one bmm, the decay
+    folded in afterwards: k.(d S) = d (k.S), q.(d S + k delta^T) = d (q.S) + (q.k) delta) and two in-place
+    read-writes (decay, rank-1 update).
+    """
+    out_dtype = query.dtype
+    batch, length, k_heads, k_dim = key.shape
+    v_heads, v_dim = value.shape[-2:]
+    if k_heads != v_heads:
+        query = query.repeat_interleave(v_heads // k_heads, dim=2)
+        key = key.repeat_interleave(v_heads // k_heads, dim=2)
+    rows = batch * v_heads
+
+    def by_row(x: torch.Tensor) -> torch.Tensor:  # (B, T, H[, D]) -> float32 (B * H, T, D or 1)
+        x = x.transpose(1, 2).to(torch.float32)
+        return x.reshape(rows, length, -1)
+
+    q, k, v, beta, decay = (by_row(x) for x in (query, key, value, beta, g))
+    scale = k_dim ** -0.5
+    if use_qk_l2norm_in_kernel:
+        q, k = _l2norm(q, scale), _l2norm(k)
+    else:
+        q = q * scale
+    decay = decay.exp()
+    qk = (q * k).sum(-1, keepdim=True)
+    readers = torch.stack([k, q], dim=2)  # (rows, T, 2, Dk)
+
+    if initial_state is None:
+        state = torch.zeros(batch, v_heads, k_dim, v_dim, dtype=torch.float32, device=q.device)
+    elif initial_state.dtype == torch.float32 and initial_state.is_contiguous():
+        state = initial_state
+    else:
+        state = initial_state.to(torch.float32, memory_format=torch.contiguous_format).clone()
+    flat = state.view(rows, k_dim, v_dim)
+    out = torch.empty(rows, length, v_dim, dtype=torch.float32, device=q.device)
+    for t in range(length):
+        read = torch.bmm(readers[:, t], flat)  # (rows, 2, Dv): k.S and q.S
+        d = decay[:, t]
+        delta = (v[:, t] - read[:, 0] * d) * beta[:, t]
+        torch.addcmul(read[:, 1] * d, qk[:, t], delta, out=out[:, t])
+        flat.mul_(d[:, :, None]).baddbmm_(k[:, t, :, None], delta[:, None, :])
+
+    out = out.reshape(batch, v_heads, length, v_dim).transpose(1, 2).to(out_dtype, memory_format=torch.contiguous_format)
+    return out, (state if output_final_state else None)
+
+
 @functools.cache
 def _triton_kernels(device_type: str) -> bool:
     from prism_ray.engine.kernels import linear_attention_kernels
@@ -120,27 +173,35 @@ def _triton_kernels(device_type: str) -> bool:
     return linear_attention_kernels(torch.device(device_type))["gated_delta_rule"] != "torch"
 
 
+_FAST = {"torch_chunk_gated_delta_rule": "chunk_gated_delta_rule",
+         "torch_recurrent_gated_delta_rule": "recurrent_gated_delta_rule"}
+
+
 @functools.cache
 def _install() -> None:
-    """Wrap each transformers module's chunk function once: ours when `_ACTIVE` says so (and not on a
-    device where flash-linear-attention's kernels run), the module's own otherwise."""
+    """Wrap each transformers module's gated delta functions once: ours when `_ACTIVE` says so (and not on
+    a device where flash-linear-attention's kernels run), the module's own otherwise."""
     for name in _MODULES:
         try:
             module = importlib.import_module(name)
         except ImportError:
             continue
-        original = getattr(module, "torch_chunk_gated_delta_rule", None)
-        if original is None or getattr(original, "_prism_dispatch", False):
-            continue
+        for reference, fast in _FAST.items():
+            original = getattr(module, reference, None)
+            if original is None or getattr(original, "_prism_dispatch", False):
+                continue
+            setattr(module, reference, _dispatcher(original, fast))
 
-        def dispatch(*args, _original=original, **kwargs):
-            query = args[0] if args else kwargs["query"]
-            if _ACTIVE.get() and not _triton_kernels(query.device.type):
-                return chunk_gated_delta_rule(*args, **kwargs)
-            return _original(*args, **kwargs)
 
-        dispatch._prism_dispatch = True
-        module.torch_chunk_gated_delta_rule = dispatch
+def _dispatcher(original, fast: str):
+    def dispatch(*args, **kwargs):
+        query = args[0] if args else kwargs["query"]
+        if _ACTIVE.get() and not _triton_kernels(query.device.type):
+            return globals()[fast](*args, **kwargs)
+        return original(*args, **kwargs)
+
+    dispatch._prism_dispatch = True
+    return dispatch
 
 
 @contextlib.contextmanager
