@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -48,3 +52,14 @@ def test_kernel_report_names_the_triton_kernels_only_where_they_run(monkeypatch)
     monkeypatch.setattr(iu, "is_causal_conv1d_available", lambda: False)
     assert linear_attention_kernels(torch.device("cuda")) == {"gated_delta_rule": "fla", "causal_conv1d": "torch"}
     assert linear_attention_kernels(CPU) == {"gated_delta_rule": "torch", "causal_conv1d": "torch"}
+
+
+def test_malloc_thresholds_are_raised_once_unless_turned_off():
+    """Engines call this on CPU (see prism_ray/engine/allocator.py); in a fresh process, as it is per process."""
+    code = ("from prism_ray.engine.allocator import tune_allocator; "
+            "print(tune_allocator(), tune_allocator())")
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert on.stdout.split() == ["True", "True"]  # glibc here; the second call is the cached first
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PRISM_RAY_MALLOC_TUNING": "0"})
+    assert off.stdout.split() == ["False", "False"]
