@@ -47,12 +47,19 @@ def documents(n: int, lo: int = 60, hi: int = 180) -> list[str]:
 
 
 def best_of(fn, repeats: int) -> float:
-    times = []
+    return interleaved([fn], repeats)[0]
+
+
+def interleaved(fns, repeats: int) -> list[float]:
+    """Best time of each function over `repeats` rounds, the functions taking turns within a round, so a
+    slow spell of a shared machine falls on every contender alike rather than on whichever ran then."""
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        for fn, spent in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - t0)
+    return [min(t) for t in times]
 
 
 def path_a_cheap(model, tok, docs):
@@ -125,9 +132,9 @@ def bench_scores(ckpt: Path, repeats: int, dtype: torch.dtype) -> None:
     ce = CrossEncoder(str(ckpt), local_files_only=True, model_kwargs={"dtype": dtype})
 
     engine.score_pairs(QUERY, docs[:2]), path_a_cheap(loaded.model, tok, docs[:2]), ce.predict([(QUERY, docs[0])])
-    t_e = best_of(lambda: engine.score_pairs(QUERY, docs), repeats)
-    t_a = best_of(lambda: path_a_cheap(loaded.model, tok, docs), repeats)
-    t_b = best_of(lambda: ce.predict([(QUERY, d) for d in docs]), repeats)
+    t_e, t_a, t_b = interleaved([lambda: engine.score_pairs(QUERY, docs),
+                                 lambda: path_a_cheap(loaded.model, tok, docs),
+                                 lambda: ce.predict([(QUERY, d) for d in docs])], repeats)
     results = engine.score_pairs(QUERY, docs)
     ours = [r.score for r in results]
     ref = path_a_cheap(loaded.model, tok, docs)
@@ -167,8 +174,9 @@ def bench_evidence(ckpt: Path, repeats: int, max_new_tokens: int, dtype: torch.d
     engine = EvidenceEngine(loaded)
     model, tok = loaded.model, loaded.prompts.hf
     engine.generate([(QUERY, docs[0])], max_new_tokens=2), path_a_generate(model, tok, docs[:1], 2)  # warm-up
-    t_a = best_of(lambda: path_a_generate(model, tok, docs, max_new_tokens), repeats)
-    t_e = best_of(lambda: engine.generate([(QUERY, d) for d in docs], max_new_tokens=max_new_tokens), repeats)
+    t_a, t_e = interleaved([lambda: path_a_generate(model, tok, docs, max_new_tokens),
+                            lambda: engine.generate([(QUERY, d) for d in docs], max_new_tokens=max_new_tokens)],
+                           repeats)
     ref = path_a_generate(model, tok, docs, max_new_tokens)
     ours = engine.generate([(QUERY, d) for d in docs], max_new_tokens=max_new_tokens)
     tokens = sum(r.generated_tokens for r in ours)

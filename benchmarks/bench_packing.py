@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_engines import best_of  # noqa: E402  (this folder is on sys.path when run as a script)
+from bench_engines import interleaved  # noqa: E402  (this folder is on sys.path when run as a script)
 
 from prism_ray.checkpoints import build_checkpoint  # noqa: E402
 from prism_ray.engine import ScoreEngine, load_model  # noqa: E402
@@ -65,8 +65,8 @@ def main() -> None:
     pairs = sum(len(d) for _, d in reqs)
     with torch.inference_mode():
         engine.score(reqs[:2])  # warm-up
-        t_one = best_of(lambda: [engine.score([r]) for r in reqs], args.repeats)
-        t_packed = best_of(lambda: engine.score(reqs), args.repeats)
+        t_one, t_packed = interleaved([lambda: [engine.score([r]) for r in reqs], lambda: engine.score(reqs)],
+                                      args.repeats)
         packed = engine.score(reqs)
         one = [engine.score([r])[0] for r in reqs]
     tokens = sum(x.num_tokens for group in packed for x in group)
