@@ -62,7 +62,7 @@ class Scorer:
         items, counts = [], []
         for query, documents, max_doc_tokens in groups:
             prefix = prompts.prefix(query)
-            pairs = [prompts.encode(query, d, prefix=prefix, max_doc_tokens=max_doc_tokens) for d in documents]
+            pairs = prompts.encode_documents(query, documents, prefix=prefix, max_doc_tokens=max_doc_tokens)
             mine = self._split(prefix, pairs)
             items.extend(mine)
             counts.append(len(mine))

@@ -77,3 +77,19 @@ def test_query_too_long_for_budget_is_a_clear_error(tiny_ckpt):
     p = PrismPromptTokenizer(AutoTokenizer.from_pretrained(tiny_ckpt), max_length=250)
     with pytest.raises(PromptTooLong, match="max_length=250"):
         p.encode("word " * 400, "doc")
+
+
+def test_documents_encoded_as_a_batch_equal_the_whole_prompts(any_ckpt):
+    hf = AutoTokenizer.from_pretrained(any_ckpt)
+    p = PrismPromptTokenizer(hf, max_length=300)
+    long_doc = " ".join(english_texts(5, 200, 200))
+    docs = [*ORDINARY, *SPECIAL_STRINGS, long_doc, ""]
+    for q in QUERIES[:2]:
+        pairs = p.encode_documents(q, docs)
+        assert [pair.ids for pair in pairs] == [p.encode(q, d).ids for d in docs]
+        assert pairs[-2].truncated and pairs[-2].num_tokens == 300 and not pairs[0].truncated
+        assert pairs[0].ids == hf(prompt.build_prompt(q, docs[0])).input_ids
+        capped = p.encode_documents(q, docs, max_doc_tokens=3)
+        assert all(len(pair.document) <= 3 for pair in capped) and capped[-2].truncated
+    with pytest.raises(PromptTooLong, match="max_length=300"):
+        p.encode_documents("word " * 400, docs)

@@ -85,8 +85,8 @@ class ScoreEngine:
         encoded = []
         for query, docs in groups:
             prefix = prompts.prefix(query)
-            encoded.append((prefix, [prompts.encode(query, d, prefix=prefix, max_doc_tokens=max_doc_tokens)
-                                     for d in docs]))
+            encoded.append((prefix, prompts.encode_documents(query, list(docs), prefix=prefix,
+                                                             max_doc_tokens=max_doc_tokens)))
         return self.score_encoded_groups(encoded)
 
     def score_pairs(self, query: str, documents: Sequence[str]) -> list[ScoreResult]:
