@@ -51,7 +51,9 @@ def test_kernel_report_names_the_triton_kernels_only_where_they_run(monkeypatch)
     monkeypatch.setattr(iu, "is_flash_linear_attention_available", lambda: True)
     monkeypatch.setattr(iu, "is_causal_conv1d_available", lambda: False)
     assert linear_attention_kernels(torch.device("cuda")) == {"gated_delta_rule": "fla", "causal_conv1d": "torch"}
-    assert linear_attention_kernels(CPU) == {"gated_delta_rule": "torch", "causal_conv1d": "torch"}
+    assert linear_attention_kernels(CPU) == {"gated_delta_rule": "prism", "causal_conv1d": "torch"}
+    monkeypatch.setattr(iu, "is_flash_linear_attention_available", lambda: False)
+    assert linear_attention_kernels(torch.device("cuda"))["gated_delta_rule"] == "prism"
 
 
 def test_malloc_thresholds_are_raised_once_unless_turned_off():

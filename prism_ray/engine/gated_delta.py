@@ -170,7 +170,7 @@ def recurrent_gated_delta_rule(query, key, value, g, beta, initial_state=None, o
 def _triton_kernels(device_type: str) -> bool:
     from prism_ray.engine.kernels import linear_attention_kernels
 
-    return linear_attention_kernels(torch.device(device_type))["gated_delta_rule"] != "torch"
+    return linear_attention_kernels(torch.device(device_type))["gated_delta_rule"] == "fla"
 
 
 _FAST = {"torch_chunk_gated_delta_rule": "chunk_gated_delta_rule",
