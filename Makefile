@@ -38,6 +38,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_packing.py --preset 0.8b
 	$(PY) benchmarks/bench_serve.py
 	$(PY) benchmarks/bench_batch.py
+	$(PY) benchmarks/bench_tokenize.py
 
 # The playground test's headless browser (Debian's chromium; needs root).
 browser:

@@ -1,17 +1,20 @@
-"""A faster chunked gated delta rule for the engines' Gated DeltaNet prefill on CPU.
+"""The engines' own gated delta rule for the Gated DeltaNet layers wherever the Triton kernels do not run.
 
-The Qwen3.5 linear-attention layers spend most of their non-projection time in transformers'
-PyTorch reference `torch_chunk_gated_delta_rule` wherever the flash-linear-attention Triton kernels
-do not run (every CPU). This module computes the same function, exact in float32 (the same
-arithmetic, reordered), in fewer and larger tensor operations:
+The Qwen3.5 linear-attention layers spend most of their non-projection time in transformers' PyTorch
+reference code (`torch_chunk_gated_delta_rule` for prefill, `torch_recurrent_gated_delta_rule` for each
+decode step) wherever the flash-linear-attention Triton kernels do not run (every CPU). This module
+computes the same functions, in float32 as the reference does and equal to it up to float32 rounding
+(the same arithmetic, reordered; `tests/test_gated_delta.py`), in fewer and larger tensor operations.
+Prefill (`chunk_gated_delta_rule`):
 
 - the (I + A)^-1 of each chunk's UT system is formed once (one triangular solve against the
   identity) and applied to the values and the decayed keys in one matmul, instead of two solves;
 - each chunk's reads of the recurrent state (by the decayed keys and by the queries) are one matmul;
-- the state update and output accumulate in place (`baddbmm`), with batch and heads flattened.
+- the state update and output accumulate in place (`baddbmm`), with batch and heads flattened, on
+  chunk-major copies made once, so each step of the scan reads contiguous memory.
 
-Before any of that, each row's chunk grid starts at the row's first token, as in the reference, so
-the chunk padding at the end is the same.
+Each row's chunk grid starts at the row's first token, as in the reference, so the padding is the same.
+Decode (`recurrent_gated_delta_rule`) reads the state once per token instead of about ten times.
 
 `use_fast_gated_delta()` routes the transformers modules' calls here for the duration of a `with`
 block in the calling thread (a context variable, so a reference model running elsewhere in the same
@@ -206,7 +209,7 @@ def _dispatcher(original, fast: str):
 
 @contextlib.contextmanager
 def use_fast_gated_delta():
-    """Within the block (this thread / task only), Gated DeltaNet prefill runs `chunk_gated_delta_rule`."""
+    """Within the block (this thread / task only), Gated DeltaNet layers run this module's functions."""
     _install()
     token = _ACTIVE.set(True)
     try:
