@@ -37,9 +37,21 @@ _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("prism_fast_gated
 _MODULES = ("transformers.models.qwen3_5.modeling_qwen3_5", "transformers.models.qwen3_next.modeling_qwen3_next")
 
 
-def _l2norm(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    # As transformers' (and FLA's) l2norm: x * rsqrt(sum(x^2) + 1e-6).
-    return x * (torch.rsqrt((x * x).sum(-1, keepdim=True) + 1e-6) * scale)
+def _share_key_heads(query, key, v_heads: int):
+    """Grouped value heads: each query/key head serves v_heads // k_heads consecutive value heads."""
+    k_heads = key.shape[2]
+    if k_heads == v_heads:
+        return query, key
+    return query.repeat_interleave(v_heads // k_heads, dim=2), key.repeat_interleave(v_heads // k_heads, dim=2)
+
+
+def _normalize(q: torch.Tensor, k: torch.Tensor, l2norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries scaled by 1/sqrt(Dk); with `l2norm`, both first normalized as transformers' (and FLA's)
+    l2norm does: x * rsqrt(sum(x^2) + 1e-6)."""
+    scale = q.shape[-1] ** -0.5
+    if not l2norm:
+        return q * scale, k
+    return tuple(x * (torch.rsqrt((x * x).sum(-1, keepdim=True) + 1e-6) * c) for x, c in ((q, scale), (k, 1.0)))
 
 
 def chunk_gated_delta_rule(query, key, value, g, beta, chunk_size: int = 64, initial_state=None,
@@ -50,11 +62,9 @@ def chunk_gated_delta_rule(query, key, value, g, beta, chunk_size: int = 64, ini
     Returns (output (B, T, Hv, Dv) in query's dtype, final state (B, Hv, Dk, Dv) in float32 or None).
     """
     out_dtype = query.dtype
-    batch, length, k_heads, k_dim = key.shape
-    v_heads, v_dim = value.shape[-2:]
-    if k_heads != v_heads:
-        query = query.repeat_interleave(v_heads // k_heads, dim=2)
-        key = key.repeat_interleave(v_heads // k_heads, dim=2)
+    query, key = _share_key_heads(query, key, value.shape[-2])
+    batch, length, v_heads, k_dim = key.shape
+    v_dim = value.shape[-1]
     size = chunk_size
     pad = (size - length % size) % size
     chunks = (length + pad) // size
@@ -72,11 +82,7 @@ def chunk_gated_delta_rule(query, key, value, g, beta, chunk_size: int = 64, ini
     q, k, v = (to_chunks(x) for x in (query, key, value))
     beta = to_chunks(beta)[..., None]
     cum = to_chunks(g).cumsum(-1)  # log decay from each chunk's start
-    scale = k_dim ** -0.5
-    if use_qk_l2norm_in_kernel:
-        q, k = _l2norm(q, scale), _l2norm(k)
-    else:
-        q = q * scale
+    q, k = _normalize(q, k, use_qk_l2norm_in_kernel)
 
     upper = torch.ones(size, size, dtype=torch.bool, device=q.device).triu(1)
     decay = (cum[..., :, None] - cum[..., None, :]).masked_fill_(upper, float("-inf")).exp_()
@@ -129,11 +135,9 @@ def recurrent_gated_delta_rule(query, key, value, g, beta, initial_state=None, o
     read-writes (decay, rank-1 update).
     """
     out_dtype = query.dtype
-    batch, length, k_heads, k_dim = key.shape
-    v_heads, v_dim = value.shape[-2:]
-    if k_heads != v_heads:
-        query = query.repeat_interleave(v_heads // k_heads, dim=2)
-        key = key.repeat_interleave(v_heads // k_heads, dim=2)
+    query, key = _share_key_heads(query, key, value.shape[-2])
+    batch, length, v_heads, k_dim = key.shape
+    v_dim = value.shape[-1]
     rows = batch * v_heads
 
     def by_row(x: torch.Tensor) -> torch.Tensor:  # (B, T, H[, D]) -> float32 (B * H, T, D or 1)
@@ -141,11 +145,7 @@ def recurrent_gated_delta_rule(query, key, value, g, beta, initial_state=None, o
         return x.reshape(rows, length, -1)
 
     q, k, v, beta, decay = (by_row(x) for x in (query, key, value, beta, g))
-    scale = k_dim ** -0.5
-    if use_qk_l2norm_in_kernel:
-        q, k = _l2norm(q, scale), _l2norm(k)
-    else:
-        q = q * scale
+    q, k = _normalize(q, k, use_qk_l2norm_in_kernel)
     decay = decay.exp()
     qk = (q * k).sum(-1, keepdim=True)
     readers = torch.stack([k, q], dim=2)  # (rows, T, 2, Dk)
