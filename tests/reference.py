@@ -7,6 +7,7 @@ tokenized as text with a second, independent tokenizer implementation (tiktoken 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -68,6 +69,25 @@ def prompt_ids(path: str, query: str, doc: str) -> list[int]:
     tail = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
     plain = _tiktoken(model.config.model_type != "qwen3").encode(user, allowed_special=set(), disallowed_special=())
     return tok(head).input_ids + plain + tok(tail).input_ids
+
+
+@contextlib.contextmanager
+def onednn_gemm():
+    """Path A (or anything else run in the block) with torch's float32 CPU GEMM for `F.linear` swapped for
+    oneDNN's, nothing else changed: the like-for-like reference for engines that run their projections
+    in oneDNN (prism_ray/engine/linear.py)."""
+    original = torch.nn.functional.linear
+
+    def linear(x, weight, bias=None):
+        if x.dtype == torch.float32 and x.device.type == "cpu":
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return original(x, weight, bias)
+
+    torch.nn.functional.linear = linear
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = original
 
 
 @torch.no_grad()

@@ -9,7 +9,8 @@ from transformers.models.qwen3_5.modeling_qwen3_5 import torch_chunk_gated_delta
 from transformers.models.qwen3_5.modeling_qwen3_5 import torch_recurrent_gated_delta_rule as reference_recurrent
 
 from prism_ray.engine import gated_delta
-from prism_ray.engine.gated_delta import chunk_gated_delta_rule, recurrent_gated_delta_rule, use_fast_gated_delta
+from prism_ray.engine.gated_delta import chunk_gated_delta_rule, recurrent_gated_delta_rule
+from prism_ray.engine.scope import engine_kernels
 
 
 def _inputs(batch, length, k_heads, v_heads, dim, dtype, seed=0, with_state=True):
@@ -70,7 +71,7 @@ def test_only_the_calling_context_runs_it(monkeypatch):
 
     monkeypatch.setattr(gated_delta, "chunk_gated_delta_rule", counting)
     args = _inputs(1, 10, 2, 2, 16, torch.float32)
-    with use_fast_gated_delta():
+    with engine_kernels():
         inside, _ = modeling_qwen3_5.torch_chunk_gated_delta_rule(**args, use_qk_l2norm_in_kernel=True)
     assert len(calls) == 1
     outside, _ = modeling_qwen3_5.torch_chunk_gated_delta_rule(**args, use_qk_l2norm_in_kernel=True)

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from prism_ray.engine.cache_ops import merge
-from prism_ray.engine.gated_delta import use_fast_gated_delta
 from prism_ray.engine.loading import LoadedModel, expand_state, load_model, prefix_state
+from prism_ray.engine.scope import engine_kernels
 from prism_ray.engine.score import sigmoid, validate_group
 from prism_ray.output import parse_output
 from prism_ray.prompt import DEFAULT_MAX_LENGTH, EncodedPair
@@ -85,7 +85,7 @@ class EvidenceEngine:
         for start in range(0, len(pairs), self.max_batch_size):
             chunk = list(range(start, min(start + self.max_batch_size, len(pairs))))
             stopped = (lambda k, chunk=chunk: should_stop(chunk[k])) if should_stop is not None else None
-            with use_fast_gated_delta():
+            with engine_kernels():
                 rows, caches = self._prefill([pairs[i] for i in chunk], temperature, gen)
                 self._decode(rows, caches, max_new_tokens, temperature, gen, stopped)
             for i, row in zip(chunk, rows):

@@ -16,23 +16,21 @@ Prefill (`chunk_gated_delta_rule`):
 Each row's chunk grid starts at the row's first token, as in the reference, so the padding is the same.
 Decode (`recurrent_gated_delta_rule`) reads the state once per token instead of about ten times.
 
-`use_fast_gated_delta()` routes the transformers modules' calls here for the duration of a `with`
-block in the calling thread (a context variable, so a reference model running elsewhere in the same
-process, as the benchmarks and parity tests do, keeps the reference code). On CUDA with
-flash-linear-attention installed the Triton kernels are kept.
+Inside `scope.engine_kernels()` the transformers modules' calls come here (outside it, a reference model
+in the same process keeps the reference code). On CUDA with flash-linear-attention installed the Triton
+kernels are kept.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 import importlib
 
 import torch
 import torch.nn.functional as F
 
-_ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("prism_fast_gated_delta", default=False)
+from prism_ray.engine import scope
+
 # transformers modules whose Gated DeltaNet layers call a module-level `torch_chunk_gated_delta_rule`.
 _MODULES = ("transformers.models.qwen3_5.modeling_qwen3_5", "transformers.models.qwen3_next.modeling_qwen3_next")
 
@@ -181,8 +179,8 @@ _FAST = {"torch_chunk_gated_delta_rule": "chunk_gated_delta_rule",
 
 
 @functools.cache
-def _install() -> None:
-    """Wrap each transformers module's gated delta functions once: ours when `_ACTIVE` says so (and not on
+def install() -> None:
+    """Wrap each transformers module's gated delta functions once: ours inside `scope.engine_kernels()` (and not on
     a device where flash-linear-attention's kernels run), the module's own otherwise."""
     for name in _MODULES:
         try:
@@ -199,20 +197,9 @@ def _install() -> None:
 def _dispatcher(original, fast: str):
     def dispatch(*args, **kwargs):
         query = args[0] if args else kwargs["query"]
-        if _ACTIVE.get() and not _triton_kernels(query.device.type):
+        if scope.active() and not _triton_kernels(query.device.type):
             return globals()[fast](*args, **kwargs)
         return original(*args, **kwargs)
 
     dispatch._prism_dispatch = True
     return dispatch
-
-
-@contextlib.contextmanager
-def use_fast_gated_delta():
-    """Within the block (this thread / task only), Gated DeltaNet layers run this module's functions."""
-    _install()
-    token = _ACTIVE.set(True)
-    try:
-        yield
-    finally:
-        _ACTIVE.reset(token)

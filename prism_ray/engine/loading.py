@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from prism_ray.engine import linear
 from prism_ray.engine.allocator import tune_allocator
 from prism_ray.engine.cache_ops import repeat_rows, split_rows
 from prism_ray.engine.kernels import log_kernels
@@ -75,6 +76,7 @@ def load_model(model: str | Path, dtype: str | torch.dtype = "auto", device: str
     lm = lm.to(dev).eval()
     if dev.type == "cpu":
         tune_allocator()
+        linear.install(lm)
     log_kernels(dev.type, "linear_attention" in (getattr(lm.config, "layer_types", None) or ()))
     return LoadedModel(name, lm, PrismPromptTokenizer(tok, max_length=max_length), dev, torch_dtype)
 

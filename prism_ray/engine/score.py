@@ -22,9 +22,9 @@ import torch
 
 from prism_ray.engine.batching import budget_batches
 from prism_ray.engine.cache_ops import merge
-from prism_ray.engine.gated_delta import use_fast_gated_delta
 from prism_ray.engine.last_token import LastTokenForward
 from prism_ray.engine.loading import LoadedModel, PrefixState, expand_state, load_model, prefix_states
+from prism_ray.engine.scope import engine_kernels
 from prism_ray.prompt import DEFAULT_MAX_LENGTH, EncodedPair
 
 # Padded tokens per forward. On a 2-core CPU, 512-1024 was fastest of 512-8192 (bench preset; 8192
@@ -106,7 +106,7 @@ class ScoreEngine:
         that mixes queries merges their prefix states (K/V left-padded and masked, Gated DeltaNet
         states stacked per row), so many small requests fill a forward as one large one would.
         """
-        with use_fast_gated_delta():
+        with engine_kernels():
             return self._score_encoded_groups(groups)
 
     def _score_encoded_groups(self, groups):
