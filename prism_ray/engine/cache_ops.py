@@ -11,6 +11,7 @@ this layout is a change to this module only.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
 
@@ -82,6 +83,23 @@ def left_pad(t: torch.Tensor, length: int) -> torch.Tensor:
     return F.pad(t, (0, 0, length - t.shape[-2], 0))
 
 
+def concat(caches: list, masks: list[torch.Tensor]):
+    """One batched cache from batched caches whose K/V have different lengths, and its mask.
+
+    `masks[i]` (rows of cache i, its K/V length; 1 = real slot) may have holes (the right pads of a
+    batched prefill). K/V are left-padded to the longest and the masks with them; linear-attention states
+    are stacked. The inputs are not changed.
+    """
+    longest = max(m.shape[1] for m in masks)
+    merged = _rebuild(caches, kv=lambda ts: torch.cat([left_pad(t, longest) for t in ts]), state=torch.cat)
+    return merged, torch.cat([F.pad(m, (longest - m.shape[1], 0)) for m in masks])
+
+
+def select_rows(cache, index: torch.Tensor):
+    """A new cache of the given rows (repeats allowed) of a batched cache."""
+    return _rebuild([cache], kv=lambda ts: ts[0].index_select(0, index), state=lambda ts: ts[0].index_select(0, index))
+
+
 def merge(caches: list, lengths: list[int], rows: list[int] | None = None):
     """One batched cache from batch-1 caches of different cached lengths, and the (batch, longest) mask
     of its real slots (1) and left pads (0).
@@ -89,12 +107,40 @@ def merge(caches: list, lengths: list[int], rows: list[int] | None = None):
     `rows[b]` is the cache batch row b continues from (default: one row per cache, in order), so several
     rows can continue from one query's state. The inputs are not changed.
     """
-    rows = list(range(len(caches))) if rows is None else rows
-    longest = max(lengths)
-    index = torch.tensor(rows, dtype=torch.long, device=cache_device(caches[0]))
-    merged = _rebuild(caches, kv=lambda ts: torch.cat([left_pad(t, longest) for t in ts]).index_select(0, index),
-                      state=lambda ts: torch.cat(ts).index_select(0, index))
-    mask = torch.zeros(len(rows), longest, dtype=torch.long)
-    for b, r in enumerate(rows):
-        mask[b, longest - lengths[r]:] = 1
-    return merged, mask
+    merged, mask = concat(caches, [torch.ones(1, n, dtype=torch.long) for n in lengths])
+    if rows is None or rows == list(range(len(caches))):
+        return merged, mask
+    index = torch.tensor(rows, dtype=torch.long)
+    return select_rows(merged, index.to(cache_device(merged))), mask[index]
+
+
+@contextlib.contextmanager
+def conv_states_end_at(cache, ends: torch.Tensor):
+    """Within the block, a prefill of right-padded rows into `cache` leaves each row's Gated DeltaNet conv
+    state holding the inputs of its own last real tokens (`ends[b]` real tokens in row b's new input),
+    where transformers keeps the last columns of the whole padded input."""
+    patched = []
+    for layer in cache.layers:
+        if isinstance(getattr(layer, "conv_states", None), dict) and not getattr(layer, "record_past", False):
+            layer.update_conv_state = _conv_update_ending_at(layer, layer.update_conv_state, ends)
+            patched.append(layer)
+    try:
+        yield
+    finally:
+        for layer in patched:
+            del layer.update_conv_state  # back to the class's method
+
+
+def _conv_update_ending_at(layer, update: Callable, ends: torch.Tensor) -> Callable:
+    def ending_at(conv_states: torch.Tensor, state_idx: int = 0, **kwargs) -> torch.Tensor:
+        full = update(conv_states, state_idx, **kwargs)  # earlier columns (state or zeros), then the new input
+        state = layer.conv_states[state_idx]
+        batch, channels, width = state.shape
+        before = full.shape[-1] - conv_states.shape[-1]
+        padded = F.pad(full, (width, 0))  # so a row shorter than the kernel reads zeros, as a fresh one would
+        start = ends.to(full.device) + before  # (B,): in padded columns, end - width
+        index = start[:, None] + torch.arange(width, device=full.device)[None]
+        state.copy_(padded.gather(2, index[:, None, :].expand(batch, channels, width)))
+        return full
+
+    return ending_at

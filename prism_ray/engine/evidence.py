@@ -1,14 +1,19 @@
 """EvidenceEngine: the model's full answer (yes/no, contribution, evidence), batched.
 
-Each pair is prefilled on its own, continuing from its query's shared prefix state: batching
-prefills would put pads into the recurrent state. The per-pair caches are then merged into one
-batch for decoding: attention K/V are left-padded to a common length and masked, the Gated
-DeltaNet states (fixed size) are stacked, and every row keeps its own position ids. Finished rows
+Prefill: each query's shared prefix runs once; the pairs' remaining tokens run as right-padded
+batches of up to `token_budget` tokens, each row continuing from its query's prefix state (rows of
+several queries share a batch as in ScoreEngine). Pads must not reach the state a row decodes from:
+attention K/V slots of pads are masked for the rest of the generation, and the Gated DeltaNet scan
+and short convolution are told where each row ends (`gated_delta.rows_end_at`,
+`cache_ops.conv_states_end_at`), so each row's recurrent and conv states are those after its own
+last real token. Decode: the batches' caches are merged into one (K/V left-padded, masks kept with
+their holes, Gated DeltaNet states stacked), every row keeps its own position ids, and finished rows
 leave the batch, so one long answer does not make short ones pay.
 """
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,10 +22,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from prism_ray.engine.cache_ops import merge
-from prism_ray.engine.loading import LoadedModel, expand_state, load_model, prefix_state
+from prism_ray.engine.batching import budget_batches
+from prism_ray.engine.cache_ops import concat, conv_states_end_at, merge, select_rows
+from prism_ray.engine.gated_delta import rows_end_at
+from prism_ray.engine.loading import LoadedModel, PrefixState, expand_state, load_model, prefix_states
 from prism_ray.engine.scope import engine_kernels
-from prism_ray.engine.score import sigmoid, validate_group
+from prism_ray.engine.score import DEFAULT_TOKEN_BUDGET, sigmoid, validate_group
 from prism_ray.output import parse_output
 from prism_ray.prompt import DEFAULT_MAX_LENGTH, EncodedPair
 
@@ -51,9 +58,12 @@ class _Row:
 
 class EvidenceEngine:
     def __init__(self, model: str | Path | LoadedModel, dtype: str | torch.dtype = "auto",
-                 device: str | None = None, max_length: int = DEFAULT_MAX_LENGTH, max_batch_size: int = 32):
+                 device: str | None = None, max_length: int = DEFAULT_MAX_LENGTH, max_batch_size: int = 32,
+                 token_budget: int | None = None):
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype, device, max_length)
         self.max_batch_size = max_batch_size
+        # Padded prompt tokens per prefill forward (the decode batch is `max_batch_size` rows).
+        self.token_budget = token_budget or DEFAULT_TOKEN_BUDGET.get(self.loaded.device.type, 8192)
         self.sync_every = 8  # decode steps between host syncs (see _decode)
         p = self.loaded.prompts
         self._stop = set(p.eos_ids)
@@ -86,37 +96,73 @@ class EvidenceEngine:
             chunk = list(range(start, min(start + self.max_batch_size, len(pairs))))
             stopped = (lambda k, chunk=chunk: should_stop(chunk[k])) if should_stop is not None else None
             with engine_kernels():
-                rows, caches = self._prefill([pairs[i] for i in chunk], temperature, gen)
-                self._decode(rows, caches, max_new_tokens, temperature, gen, stopped)
+                rows, cache, mask = self._prefill([pairs[i] for i in chunk], temperature, gen)
+                self._decode(rows, cache, mask, max_new_tokens, temperature, gen, stopped)
             for i, row in zip(chunk, rows):
                 results[i] = self._finish(row, max_new_tokens)
         return results  # type: ignore[return-value]
 
-    # -- prefill: one pair at a time, from its query's prefix state ---------------------------------
+    # -- prefill: right-padded batches of pairs, each row from its query's prefix state ---------------
     def _prefill(self, pairs, temperature, gen):
-        prompts, lm = self.loaded.prompts, self.loaded.model
-        prefixes: dict[str, tuple[list[int], object]] = {}
-        rows, caches = [], []
-        for query, doc in pairs:
-            if query not in prefixes:
-                ids = prompts.prefix(query)
-                prefixes[query] = (ids, prefix_state(self.loaded, ids))
-            prefix, state = prefixes[query]
-            pair = prompts.encode(query, doc, prefix=prefix)
-            cache = expand_state(state, 1)
-            tail = torch.tensor([state.tail(pair.ids)], device=self.loaded.device)
-            positions = torch.arange(state.cached_len, pair.num_tokens, device=self.loaded.device)[None]
-            out = lm(input_ids=tail, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
-            logits = out.logits[0, -1].float()
-            logit = (logits[prompts.yes_id] - logits[prompts.no_id]).item()
-            rows.append(_Row(pair, logit, [int(self._pick(logits[None], temperature, gen)[0])]))
+        """Rows with their first token, and one cache (with its mask) holding every row's state."""
+        prompts = self.loaded.prompts
+        prefixes: dict[str, int] = {}
+        for query, _ in pairs:
+            prefixes.setdefault(query, len(prefixes))
+        prefix_ids = [prompts.prefix(q) for q in prefixes]
+        states = prefix_states(self.loaded, prefix_ids)
+        encoded = [prompts.encode(q, d, prefix=prefix_ids[prefixes[q]]) for q, d in pairs]
+        slots = [prefixes[q] for q, _ in pairs]
+        tails = [states[s].tail(p.ids) for s, p in zip(slots, encoded)]
+        rows: list[_Row | None] = [None] * len(pairs)
+        caches, masks, order = [], [], []
+        for batch in budget_batches([len(t) for t in tails], self.token_budget):
+            cache, mask, logits = self._prefill_batch(states, [slots[i] for i in batch], [tails[i] for i in batch])
+            firsts = self._pick(logits, temperature, gen).tolist()
+            diffs = (logits[:, prompts.yes_id].float() - logits[:, prompts.no_id].float()).tolist()
+            for i, first, diff in zip(batch, firsts, diffs):
+                rows[i] = _Row(encoded[i], diff, [first], done=first in self._stop)
             caches.append(cache)
-        for row in rows:
-            row.done = row.tokens[-1] in self._stop
-        return rows, caches
+            masks.append(mask)
+            order.extend(batch)
+        cache, mask = concat(caches, masks) if len(caches) > 1 else (caches[0], masks[0])
+        if order != list(range(len(pairs))):  # back to the pairs' order
+            back = torch.tensor(sorted(range(len(order)), key=order.__getitem__))
+            cache, mask = select_rows(cache, back.to(self.loaded.device)), mask[back]
+        return rows, cache, mask
+
+    def _prefill_batch(self, states: list[PrefixState], slots: list[int], tails: list[list[int]]):
+        """One forward over right-padded tails; returns the cache, its (rows, slots) mask (0 at left pads of
+        the merged prefixes and at the right pads), and the logits at each row's last real token."""
+        device, lm = self.loaded.device, self.loaded.model
+        width = max(len(t) for t in tails)
+        ids = torch.full((len(tails), width), self.loaded.prompts.pad_id, dtype=torch.long)
+        for row, tail in enumerate(tails):
+            ids[row, : len(tail)] = torch.tensor(tail)
+        ends = torch.tensor([len(t) for t in tails])
+        used = sorted(set(slots))
+        if len(used) == 1:
+            cache = expand_state(states[used[0]], len(tails))
+            prefix_mask = torch.ones(len(tails), states[used[0]].cached_len, dtype=torch.long)
+        else:
+            index = {s: k for k, s in enumerate(used)}
+            cache, prefix_mask = merge([states[s].cache for s in used], [states[s].cached_len for s in used],
+                                       rows=[index[s] for s in slots])
+        starts = torch.tensor([states[s].cached_len for s in slots])
+        positions = starts[:, None] + torch.arange(width)[None]
+        tail_mask = (torch.arange(width)[None] < ends[:, None]).long()
+        mask = torch.cat([prefix_mask, tail_mask], dim=1)
+        padded = bool((ends < width).any())
+        with rows_end_at(ends) if padded else contextlib.nullcontext(), \
+                conv_states_end_at(cache, ends) if padded else contextlib.nullcontext():
+            hidden = self.loaded.backbone(input_ids=ids.to(device), position_ids=positions.to(device),
+                                          attention_mask=mask.to(device) if (padded or len(used) > 1) else None,
+                                          cache=cache, use_cache=True).last_hidden_state
+        last = hidden[torch.arange(len(tails), device=device), (ends - 1).to(device)]
+        return cache, mask, lm.get_output_embeddings()(last)
 
     # -- decode: all unfinished rows together ----------------------------------------------------
-    def _decode(self, rows: list[_Row], caches: list, max_new_tokens: int, temperature: float, gen,
+    def _decode(self, rows: list[_Row], cache, mask: torch.Tensor, max_new_tokens: int, temperature: float, gen,
                 stopped: Callable[[int], bool] | None = None) -> None:
         """Tokens stay on the device between syncs: every `sync_every` steps one transfer brings the new
         tokens to the host, rows that reached a stop token keep only what precedes it (and their stop)
@@ -125,11 +171,13 @@ class EvidenceEngine:
         active = [i for i, r in enumerate(rows) if not r.done]
         if not active or max_new_tokens <= 1:
             return
-        lengths = [rows[i].pair.num_tokens for i in active]
-        cache, mask = merge([caches[i] for i in active], lengths)
         device = self.loaded.device
         mask = mask.to(device)
-        positions = torch.tensor(lengths, device=device)
+        if len(active) < len(rows):
+            index = torch.tensor(active, device=device)
+            cache.reorder_cache(index)
+            mask = mask[index]
+        positions = torch.tensor([rows[i].pair.num_tokens for i in active], device=device)
         last = torch.tensor([rows[i].tokens[-1] for i in active], device=device)
         remaining = max_new_tokens - 1
         while remaining > 0 and active:

@@ -23,6 +23,8 @@ kernels are kept.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib
 
@@ -32,6 +34,8 @@ import torch.nn.functional as F
 from prism_ray.engine import scope
 
 # transformers modules whose Gated DeltaNet layers call a module-level `torch_chunk_gated_delta_rule`.
+# Per-row real lengths of a right-padded prefill (see `rows_end_at`); None: every position is real.
+_ROW_ENDS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("prism_row_ends", default=None)
 _MODULES = ("transformers.models.qwen3_5.modeling_qwen3_5", "transformers.models.qwen3_next.modeling_qwen3_next")
 
 
@@ -196,6 +200,8 @@ def install() -> None:
 
 def _dispatcher(original, fast: str):
     def dispatch(*args, **kwargs):
+        if fast == "chunk_gated_delta_rule" and _ROW_ENDS.get() is not None:
+            args, kwargs = _hold_past_row_ends(args, kwargs, _ROW_ENDS.get())
         query = args[0] if args else kwargs["query"]
         if scope.active() and not _triton_kernels(query.device.type):
             return globals()[fast](*args, **kwargs)
@@ -203,3 +209,36 @@ def _dispatcher(original, fast: str):
 
     dispatch._prism_dispatch = True
     return dispatch
+
+
+def _hold_past_row_ends(args, kwargs, ends: torch.Tensor):
+    """beta = 0 and g = 0 (no write, no decay) at every position at or past its row's end, so the final
+    recurrent state is the state after each row's last real token, whatever kernel runs the scan. g and
+    beta are the 4th and 5th arguments, passed either way; the call keeps its form (kernels name their
+    parameters differently)."""
+    args = list(args)
+
+    def masked(position: int, name: str) -> None:
+        x = args[position] if len(args) > position else kwargs[name]
+        real = torch.arange(x.shape[1], device=x.device)[None] < ends.to(x.device)[:, None]
+        x = x * real[..., None].to(x.dtype)
+        if len(args) > position:
+            args[position] = x
+        else:
+            kwargs[name] = x
+
+    masked(3, "g")
+    masked(4, "beta")
+    return tuple(args), kwargs
+
+
+@contextlib.contextmanager
+def rows_end_at(ends: torch.Tensor):
+    """Within the block, a Gated DeltaNet prefill over right-padded rows leaves each row's recurrent state as
+    it was after its own last real token (`ends[b]` real tokens in row b; see `_hold_past_row_ends`)."""
+    install()
+    token = _ROW_ENDS.set(ends)
+    try:
+        yield
+    finally:
+        _ROW_ENDS.reset(token)
