@@ -23,6 +23,7 @@ def evidence_engines(tiny_ckpt, qwen3_ckpt):
 def test_text_equals_path_a_greedy(evidence_engines, any_ckpt, max_batch_size):
     engine = evidence_engines[str(any_ckpt)]
     engine.max_batch_size = max_batch_size
+    engine.token_budget = 1 if max_batch_size == 1 else 100_000  # batches of 4: one right-padded prefill each
     pairs = [(QUERY, d) for d in english_texts(5, 5, 140)] + [("沸点", CHINESE[0]), (QUERY, "")]
     results = engine.generate(pairs, max_new_tokens=20)
     texts = set()
