@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prism_ray.checkpoints import build_checkpoint  # noqa: E402
 from prism_ray.engine import EvidenceEngine, ScoreEngine, load_model  # noqa: E402
+from prism_ray.engine.linear import f_linear_on_onednn, uses_onednn  # noqa: E402
 from prism_ray.engine.loading import resolve_dtype  # noqa: E402
 from prism_ray.prompt import build_prompt  # noqa: E402
 
@@ -158,6 +159,14 @@ def bench_scores(ckpt: Path, repeats: int, dtype: torch.dtype) -> None:
         print(f"  path A cheap mode (float32):                     {n / t_a32:8.2f} pairs/s   "
               f"ScoreEngine = {t_a32 / t_e:.2f}x")
         print(f"    vs path A float32: {agreement(ours, ref32)}")
+    if uses_onednn(fp32.model):
+        a32 = fp32.model
+        with f_linear_on_onednn():
+            path_a_cheap(a32, tok, docs[:1])
+            t_dnn = best_of(lambda: path_a_cheap(a32, tok, docs), repeats)
+        print(f"  path A cheap mode (float32, F.linear on oneDNN):  {n / t_dnn:8.2f} pairs/s   "
+              f"ScoreEngine = {t_dnn / t_e:.2f}x  (the engines' float32 projections run in oneDNN here, "
+              "see prism_ray/engine/linear.py; this line takes that library's gain out)")
     else:
         prefix = engine.prompts.prefix(QUERY)
         cached = (len(prefix) // 64) * 64
@@ -187,6 +196,12 @@ def bench_evidence(ckpt: Path, repeats: int, max_new_tokens: int, dtype: torch.d
     print(f"  path A (sequential generate): {len(docs) / t_a:7.3f} pairs/s  {tokens / t_a:7.1f} tokens/s")
     print(f"  EvidenceEngine (batched):     {len(docs) / t_e:7.3f} pairs/s  {tokens / t_e:7.1f} tokens/s")
     print(f"  EvidenceEngine / path A = {t_a / t_e:.2f}x")
+    if dtype == torch.float32 and uses_onednn(model):
+        with f_linear_on_onednn():
+            path_a_generate(model, tok, docs[:1], 2)
+            t_dnn = best_of(lambda: path_a_generate(model, tok, docs, max_new_tokens), repeats)
+        print(f"  path A, F.linear on oneDNN:     {len(docs) / t_dnn:7.3f} pairs/s  {tokens / t_dnn:7.1f} tokens/s"
+              f"  EvidenceEngine = {t_dnn / t_e:.2f}x  (takes the oneDNN projections' gain out)")
     same = sum(r.text == a for r, a in zip(ours, ref))
     print(f"  identical text to path A in {name}: {same}/{len(docs)}"
           + ("" if same == len(docs) or dtype == torch.float32 else

@@ -108,3 +108,15 @@ def test_engines_on_onednn_equal_path_a_on_the_same_gemm(forced, any_ckpt):
         assert abs(s.score - r["score"]) <= 1e-5, doc
         assert a.text == r["text"], doc
     assert max(s.logit for s in scores) - min(s.logit for s in scores) > 0.1  # the scores depend on the input
+
+
+def test_the_benchmarks_swap_of_f_linear_is_undone(monkeypatch):
+    calls = []
+    real = linear._onednn
+    monkeypatch.setattr(linear, "_onednn", lambda *a: calls.append(1) or real(*a))
+    original = F.linear
+    x, w = torch.randn(2, 8), torch.randn(4, 8)
+    with linear.f_linear_on_onednn():
+        torch.testing.assert_close(F.linear(x, w), original(x, w), atol=1e-5, rtol=1e-5)
+        F.linear(x.double(), w.double())  # float64 keeps torch's own
+    assert len(calls) == 1 and F.linear is original

@@ -16,6 +16,7 @@ only inside `scope.engine_kernels()` (a reference model on the same weights keep
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -105,3 +106,27 @@ def install(model: torch.nn.Module) -> bool:
     for layer in layers:
         layer.__class__ = EngineLinear
     return True
+
+
+def uses_onednn(model: torch.nn.Module) -> bool:
+    """Whether `install` switched this model's layers to oneDNN."""
+    return any(type(m) is EngineLinear for m in model.modules())
+
+
+@contextlib.contextmanager
+def f_linear_on_onednn():
+    """For benchmarks: within the block every float32 CPU `F.linear` in this process (a reference model's
+    too) runs in oneDNN, so that a reference path can be timed on the engines' GEMM library and the gain
+    of the library told apart from the rest. Not for serving: it swaps a torch function process-wide."""
+    original = F.linear
+
+    def linear(x, weight, bias=None):
+        if x.dtype == torch.float32 and x.device.type == "cpu" and weight.dtype == torch.float32:
+            return _onednn(x, weight, bias)
+        return original(x, weight, bias)
+
+    F.linear = linear
+    try:
+        yield
+    finally:
+        F.linear = original
