@@ -107,6 +107,7 @@ def speed(ckpt: Path, device: str, sizes: dict, budget: int | None, cases=("one"
     dev = loaded.device
     engine = ScoreEngine(loaded, token_budget=budget)
     print(f"bf16 ScoreEngine, token budget {engine.token_budget}; kernels {linear_attention_kernels(dev)}")
+    print(f"  ScoreEngine.warm_up() (what a replica runs before taking traffic): {engine.warm_up():.2f} s", flush=True)
     engine.score(workload(2, 4)), path_a_batched(loaded, workload(2, 4), engine.token_budget)  # warm-up
     # Each case runs twice: Triton (fla) compiles and autotunes per new shape, and some autotune keys
     # hold the batch size, so the first call of a shape can be mostly compile time. The second call of
@@ -126,7 +127,7 @@ def speed(ckpt: Path, device: str, sizes: dict, budget: int | None, cases=("one"
         return
     pairs, new = sizes["evidence"]
     ev = EvidenceEngine(loaded, max_batch_size=pairs)
-    ev.generate([("warm", "up")], max_new_tokens=2)
+    print(f"  EvidenceEngine.warm_up(): {ev.warm_up():.2f} s", flush=True)
     work = [(q, d) for q, docs in workload(pairs, 1) for d in docs]
     for run in ("first call", "warm"):
         out, t = timed(lambda: ev.generate(work, max_new_tokens=new), dev)

@@ -7,11 +7,14 @@ holds by construction rather than by two copies kept in step.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from prism_ray.config import ModelConfig, TierConfig
+
+log = logging.getLogger("prism_ray")
 
 Tier = Literal["scorer", "evidence"]
 TIERS: tuple[Tier, ...] = ("scorer", "evidence")
@@ -72,7 +75,8 @@ def engine_settings(model: ModelConfig, tier: Tier) -> EngineSettings:
 
 
 def build_engine(model: ModelConfig, tier: Tier):
-    """The tier's engine (ScoreEngine or EvidenceEngine), loaded in this process.
+    """The tier's engine (ScoreEngine or EvidenceEngine), loaded in this process and warmed up (one small
+    call, so a replica's first request does not pay the kernels' compile; `engine.warm_up_s` says how long).
 
     Sets torch's thread count first when the tier configures one: Ray sets OMP_NUM_THREADS from an
     actor's `num_cpus`, and a tier may want another count for its compute thread.
@@ -88,4 +92,6 @@ def build_engine(model: ModelConfig, tier: Tier):
     engine = (ScoreEngine(loaded, token_budget=s.token_budget) if tier == "scorer"
               else EvidenceEngine(loaded, max_batch_size=s.max_batch_pairs))
     engine.settings = s
+    engine.warm_up_s = engine.warm_up()
+    log.info("%s engine for %s warmed up in %.2f s", tier, s.checkpoint, engine.warm_up_s)
     return engine

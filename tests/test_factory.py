@@ -43,6 +43,7 @@ def test_a_batch_evidence_actor_and_a_serve_evidence_replica_build_the_same_engi
     replica = Evidence.func_or_class(model.model_dump(mode="json"))  # the Serve replica's own constructor
     actor = EngineBackend(model, "evidence")  # what a batch EvidenceActor holds
     for engine in (replica.engine, actor.evidence):
+        assert engine.warm_up_s > 0  # built warm: one real call before the first request
         assert engine.settings == engine_settings(model, "evidence")
         assert engine.max_batch_size == 3 and engine.loaded.dtype == torch.float32
         assert engine.prompts.max_length == 384
@@ -50,6 +51,7 @@ def test_a_batch_evidence_actor_and_a_serve_evidence_replica_build_the_same_engi
     scorer_actor = EngineBackend(model, "scorer")
     for engine in (scorer_replica.engine, scorer_actor.scorer):
         assert engine.settings == engine_settings(model, "scorer") and engine.token_budget == 777
+        assert engine.warm_up_s > 0
     unset = ModelConfig(name="t", model=str(tiny_ckpt), dtype="float32")
     assert build_engine(unset, "scorer").token_budget == 1024  # the CPU default when the config is silent
 

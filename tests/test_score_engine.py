@@ -133,3 +133,14 @@ def test_packing_really_mixes_queries_in_one_forward(engines, tiny_ckpt, monkeyp
     groups = _many_queries()
     engine.score(groups)
     assert seen == [len(groups)]  # one forward, every query in it
+
+
+def test_warm_up_is_a_real_call_that_leaves_scores_alone(engines, tiny_ckpt, monkeypatch):
+    engine = engines[str(tiny_ckpt)]
+    before = engine.score_pairs("boiling point", ["water boils at 100 C"])
+    calls = []
+    real = engine.score_encoded_groups
+    monkeypatch.setattr(engine, "score_encoded_groups", lambda groups: calls.append(groups) or real(groups))
+    assert engine.warm_up() > 0
+    assert len(calls) == 1 and sum(len(pairs) for _, pairs in calls[0]) == 2
+    assert engine.score_pairs("boiling point", ["water boils at 100 C"]) == before

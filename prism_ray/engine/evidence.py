@@ -27,7 +27,7 @@ from prism_ray.engine.cache_ops import concat, conv_states_end_at, merge, select
 from prism_ray.engine.gated_delta import rows_end_at
 from prism_ray.engine.loading import LoadedModel, PrefixState, expand_state, load_model, prefix_states
 from prism_ray.engine.scope import engine_kernels
-from prism_ray.engine.score import sigmoid, validate_group
+from prism_ray.engine.score import elapsed, sigmoid, validate_group
 from prism_ray.output import parse_output
 from prism_ray.prompt import DEFAULT_MAX_LENGTH, EncodedPair
 
@@ -76,6 +76,11 @@ class EvidenceEngine:
     @property
     def prompts(self):
         return self.loaded.prompts
+
+    def warm_up(self) -> float:
+        """A two-pair, two-token generation (prefill and decode), for the reason of `ScoreEngine.warm_up`."""
+        return elapsed(lambda: self.generate([("warm-up query", "a warm-up document"), ("warm-up query", "another")],
+                                            max_new_tokens=2, seed=0))
 
     @torch.inference_mode()
     def generate(self, pairs: Sequence[tuple[str, str]], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,

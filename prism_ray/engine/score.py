@@ -14,6 +14,7 @@ computed, never the full vocabulary.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,12 @@ class ScoreEngine:
     @property
     def prompts(self):
         return self.loaded.prompts
+
+    def warm_up(self) -> float:
+        """One small scoring call, so that one-time costs (Triton's compile of the Gated DeltaNet kernels on a
+        GPU, which made a fresh H200 replica's first request take ~15 s; oneDNN's first primitives on a CPU)
+        fall before a replica takes traffic. Returns the seconds it took."""
+        return elapsed(lambda: self.score([("warm-up query", ["a warm-up document", "another one"])]))
 
     @torch.inference_mode()
     def score(self, groups: Sequence[tuple[str, Sequence[str]]],
@@ -149,6 +156,13 @@ class ScoreEngine:
         positions = starts[:, None] + torch.arange(width)[None]
         hidden = self._forward(ids.to(device), positions.to(device), cache, cached_len, last.to(device), prefix_mask)
         return (hidden.float() @ self._score_vector.float()).tolist()
+
+
+def elapsed(call) -> float:
+    """Seconds `call()` took."""
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
 
 
 def _result(pair: EncodedPair, logit: float) -> ScoreResult:
