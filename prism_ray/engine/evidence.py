@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from prism_ray.engine.batching import budget_batches
-from prism_ray.engine.cache_ops import concat, conv_states_end_at, merge, select_rows
+from prism_ray.engine.cache_ops import concat, conv_states_end_at, select_rows
 from prism_ray.engine.gated_delta import rows_end_at
-from prism_ray.engine.loading import LoadedModel, PrefixState, expand_state, load_model, prefix_states
+from prism_ray.engine.loading import LoadedModel, PrefixState, continue_rows, load_model, prefix_states
 from prism_ray.engine.scope import engine_kernels
 from prism_ray.engine.score import elapsed, sigmoid, validate_group
 from prism_ray.output import parse_output
@@ -144,32 +144,21 @@ class EvidenceEngine:
     def _prefill_batch(self, states: list[PrefixState], slots: list[int], tails: list[list[int]]):
         """One forward over right-padded tails; returns the cache, its (rows, slots) mask (0 at left pads of
         the merged prefixes and at the right pads), and the logits at each row's last real token."""
-        device, lm = self.loaded.device, self.loaded.model
-        width = max(len(t) for t in tails)
-        ids = torch.full((len(tails), width), self.loaded.prompts.pad_id, dtype=torch.long)
-        for row, tail in enumerate(tails):
-            ids[row, : len(tail)] = torch.tensor(tail)
-        ends = torch.tensor([len(t) for t in tails])
-        used = sorted(set(slots))
-        if len(used) == 1:
-            cache = expand_state(states[used[0]], len(tails))
-            prefix_mask = torch.ones(len(tails), states[used[0]].cached_len, dtype=torch.long)
-        else:
-            index = {s: k for k, s in enumerate(used)}
-            cache, prefix_mask = merge([states[s].cache for s in used], [states[s].cached_len for s in used],
-                                       rows=[index[s] for s in slots])
-        starts = torch.tensor([states[s].cached_len for s in slots])
-        positions = starts[:, None] + torch.arange(width)[None]
-        tail_mask = (torch.arange(width)[None] < ends[:, None]).long()
-        mask = torch.cat([prefix_mask, tail_mask], dim=1)
+        device = self.loaded.device
+        batch = continue_rows(self.loaded, states, slots, tails)
+        ends, width = batch.ends, batch.ids.shape[1]
+        prefix_mask = batch.prefix_mask if batch.prefix_mask is not None else torch.ones(len(tails), batch.cached_len,
+                                                                                          dtype=torch.long)
+        mask = torch.cat([prefix_mask, (torch.arange(width)[None] < ends[:, None]).long()], dim=1)
         padded = bool((ends < width).any())
         with rows_end_at(ends) if padded else contextlib.nullcontext(), \
-                conv_states_end_at(cache, ends) if padded else contextlib.nullcontext():
-            hidden = self.loaded.backbone(input_ids=ids.to(device), position_ids=positions.to(device),
-                                          attention_mask=mask.to(device) if (padded or len(used) > 1) else None,
-                                          cache=cache, use_cache=True).last_hidden_state
+                conv_states_end_at(batch.cache, ends) if padded else contextlib.nullcontext():
+            needs_mask = padded or batch.prefix_mask is not None
+            hidden = self.loaded.backbone(input_ids=batch.ids, position_ids=batch.positions, cache=batch.cache,
+                                          attention_mask=mask.to(device) if needs_mask else None,
+                                          use_cache=True).last_hidden_state
         last = hidden[torch.arange(len(tails), device=device), (ends - 1).to(device)]
-        return cache, mask, lm.get_output_embeddings()(last)
+        return batch.cache, mask, self.loaded.model.get_output_embeddings()(last)
 
     # -- decode: all unfinished rows together ----------------------------------------------------
     def _decode(self, rows: list[_Row], cache, mask: torch.Tensor, max_new_tokens: int, temperature: float, gen,

@@ -9,7 +9,7 @@ import torch
 
 from prism_ray.engine import linear
 from prism_ray.engine.allocator import tune_allocator
-from prism_ray.engine.cache_ops import repeat_rows, split_rows
+from prism_ray.engine.cache_ops import merge, repeat_rows, split_rows
 from prism_ray.engine.kernels import log_kernels
 from prism_ray.prompt import DEFAULT_MAX_LENGTH, PrismPromptTokenizer
 
@@ -135,3 +135,39 @@ def expand_state(state: PrefixState, batch_size: int):
     The prefix cache is reused by every batch of its query, so each batch works on its own copy.
     """
     return repeat_rows(state.cache, batch_size)
+
+
+@dataclass
+class ContinuedRows:
+    """A right-padded batch of token rows, each continuing from one query's prefix state (see `continue_rows`)."""
+
+    ids: torch.Tensor  # (rows, width) on the device; pad id after each row's `ends[b]` tokens
+    positions: torch.Tensor  # (rows, width) on the device; row b starts at its prefix's cached length
+    ends: torch.Tensor  # (rows,) on the host: real tokens per row
+    cache: object  # the rows' prefix states, one per row, as one batch (a copy)
+    cached_len: int  # K/V slots in `cache`
+    prefix_mask: torch.Tensor | None  # (rows, cached_len) on the host, 0 at left pads; None: no pads (one query)
+
+
+def continue_rows(loaded: LoadedModel, states: list[PrefixState], slots: list[int], tails: list[list[int]]) -> ContinuedRows:
+    """Rows `tails[b]` continuing from `states[slots[b]]`, right-padded into one batch. With one query, its
+    state is repeated; with several, their states are merged (K/V left-padded and masked, Gated DeltaNet
+    states stacked per row)."""
+    device = loaded.device
+    width = max(len(t) for t in tails)
+    ids = torch.full((len(tails), width), loaded.prompts.pad_id, dtype=torch.long)
+    for row, tail in enumerate(tails):
+        ids[row, : len(tail)] = torch.tensor(tail)
+    used = sorted(set(slots))
+    if len(used) == 1:
+        state = states[used[0]]
+        cache, cached_len, prefix_mask = expand_state(state, len(tails)), state.cached_len, None
+    else:
+        index = {s: k for k, s in enumerate(used)}
+        cache, prefix_mask = merge([states[s].cache for s in used], [states[s].cached_len for s in used],
+                                   rows=[index[s] for s in slots])
+        cached_len = prefix_mask.shape[1]
+    starts = torch.tensor([states[s].cached_len for s in slots])
+    positions = starts[:, None] + torch.arange(width)[None]
+    return ContinuedRows(ids.to(device), positions.to(device), torch.tensor([len(t) for t in tails]), cache, cached_len,
+                         prefix_mask)

@@ -22,9 +22,8 @@ from pathlib import Path
 import torch
 
 from prism_ray.engine.batching import budget_batches
-from prism_ray.engine.cache_ops import merge
 from prism_ray.engine.last_token import LastTokenForward
-from prism_ray.engine.loading import LoadedModel, PrefixState, expand_state, load_model, prefix_states
+from prism_ray.engine.loading import LoadedModel, PrefixState, continue_rows, load_model, prefix_states
 from prism_ray.engine.scope import engine_kernels
 from prism_ray.prompt import DEFAULT_MAX_LENGTH, EncodedPair
 
@@ -135,26 +134,10 @@ class ScoreEngine:
     def _forward_rows(self, states: list[PrefixState], rows: list[tuple[int, int, int, list[int]]]) -> list[float]:
         """Logit differences for document+suffix rows, each continuing from its query's prefix state."""
         device = self.loaded.device
-        tails = [r[3] for r in rows]
-        width = max(len(t) for t in tails)
-        ids = torch.full((len(tails), width), self.loaded.prompts.pad_id, dtype=torch.long)
-        for row, tail in enumerate(tails):
-            ids[row, : len(tail)] = torch.tensor(tail)
-        last = torch.tensor([len(t) - 1 for t in tails])
-        used = sorted({r[2] for r in rows})
-        if len(used) == 1:  # one query: its state repeated, no pads in the cache
-            state = states[used[0]]
-            cache, cached_len, prefix_mask = expand_state(state, len(rows)), state.cached_len, None
-            starts = torch.full((len(rows),), state.cached_len)
-        else:
-            slot = {s: k for k, s in enumerate(used)}
-            cache, prefix_mask = merge([states[s].cache for s in used], [states[s].cached_len for s in used],
-                                       rows=[slot[r[2]] for r in rows])
-            cached_len = prefix_mask.shape[1]
-            prefix_mask = prefix_mask.to(device)
-            starts = torch.tensor([states[r[2]].cached_len for r in rows])
-        positions = starts[:, None] + torch.arange(width)[None]
-        hidden = self._forward(ids.to(device), positions.to(device), cache, cached_len, last.to(device), prefix_mask)
+        batch = continue_rows(self.loaded, states, [r[2] for r in rows], [r[3] for r in rows])
+        prefix_mask = None if batch.prefix_mask is None else batch.prefix_mask.to(device)
+        hidden = self._forward(batch.ids, batch.positions, batch.cache, batch.cached_len, (batch.ends - 1).to(device),
+                               prefix_mask)
         return (hidden.float() @ self._score_vector.float()).tolist()
 
 
