@@ -39,6 +39,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_serve.py
 	$(PY) benchmarks/bench_batch.py
 	$(PY) benchmarks/bench_tokenize.py
+	$(PY) benchmarks/bench_linear.py
 
 # The playground test's headless browser (Debian's chromium; needs root).
 browser:

@@ -1,17 +1,17 @@
 """Float32 projections on CPU through oneDNN, where that is measured to be faster than torch's default.
 
 torch computes a float32 `F.linear` on CPU with MKL's sgemm. On some CPUs MKL takes a slow code path
-(on this project's AMD EPYC machines it reaches about half of what oneDNN does on the same shapes: a
-3584 x 1024 weight at 8 rows, 1.0 ms against 0.5 ms; the 248k-row LM head at 8 rows, 113 ms against
-41 ms). torch ships oneDNN too (it already runs every bf16 matmul), and its linear operator takes
-the ordinary dense weight, so nothing is copied or converted. The result is float32 arithmetic,
-summed in another order: it differs from MKL's by float32 rounding.
+(on this project's AMD EPYC machines it reaches about half of what oneDNN does on the same shapes:
+`benchmarks/bench_linear.py` measured a 3584 x 1024 weight at 8 rows in 0.75 ms against 0.41 ms, and
+the 248k-row LM head at 8 rows in 99 ms against 38 ms). torch ships oneDNN too (it already runs every
+bf16 matmul), and its linear operator takes the ordinary dense weight, so nothing is copied or
+converted. The result is float32 arithmetic, summed in another order: it differs from MKL's by float32
+rounding.
 
 `install(model)` times both on a weight shaped like the model's largest projection (once per process
-and shape), and
-when oneDNN wins by a clear margin, makes the model's `nn.Linear` layers use it for float32 CPU input,
-only inside `scope.engine_kernels()` (a reference model on the same weights keeps `F.linear`).
-`PRISM_RAY_LINEAR=onednn` or `=torch` skips the measurement.
+and shape), and when oneDNN wins by a clear margin, makes the model's `nn.Linear` layers use it for
+float32 CPU input, only inside `scope.engine_kernels()` (a reference model on the same weights keeps
+`F.linear`). `PRISM_RAY_LINEAR=onednn` or `=torch` skips the measurement.
 """
 
 from __future__ import annotations
