@@ -40,6 +40,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_batch.py
 	$(PY) benchmarks/bench_tokenize.py
 	$(PY) benchmarks/bench_linear.py
+	$(PY) benchmarks/bench_prefill.py --preset 0.8b
 
 # The playground test's headless browser (Debian's chromium; needs root).
 browser:

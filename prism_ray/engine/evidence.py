@@ -32,10 +32,11 @@ from prism_ray.output import parse_output
 from prism_ray.prompt import DEFAULT_MAX_LENGTH, EncodedPair
 
 DEFAULT_MAX_NEW_TOKENS = 512
-# Padded prompt tokens per prefill forward; 1 runs each pair on its own. On a 2-core CPU, one pair per
-# forward was faster than padded batches (0.8b preset, 8 pairs: bf16 4.3-4.6 s against 4.9-5.0 s at 1024
-# or 4096 tokens; fp32 6.9 s against 7.2 s): a CPU is busy with one pair's ~200 tokens, and a batch
-# adds pads and a masked attention. A GPU needs the batch to be busy at all.
+# Padded prompt tokens per prefill forward; 1 runs each pair on its own. On a 2-core CPU one pair per
+# forward was the fastest (`benchmarks/bench_prefill.py --preset 0.8b`, 8 pairs, best of 3: bf16 4.67 s
+# against 4.79 s at 1024 tokens and 4.91 s at 4096; fp32 6.58 s against 7.15 s and 7.32 s): a CPU is busy
+# with one pair's ~200 tokens, and a batch adds pads and a masked attention. A GPU needs the batch to be
+# busy at all (not measured on one yet).
 DEFAULT_PREFILL_BUDGET = {"cpu": 1, "cuda": 16384}
 
 
