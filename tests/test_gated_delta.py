@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from transformers.models.qwen3_5 import modeling_qwen3_5
@@ -95,3 +97,23 @@ def test_recurrent_step_matches_the_reference(length, k_heads, v_heads, dtype):
     fresh, _ = recurrent_gated_delta_rule(**{**args, "initial_state": None}, use_qk_l2norm_in_kernel=True)
     ref_fresh, _ = reference_recurrent(**{**args, "initial_state": None}, use_qk_l2norm_in_kernel=True)
     torch.testing.assert_close(fresh.float(), ref_fresh.float(), atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("ours", [True, False])
+def test_rows_end_at_holds_the_pads_out_of_the_final_state(ours):
+    """Right-padded rows (lengths 70, 5, 64 in a batch of 100 positions) end in the state each row's own
+    tokens leave, with this module's scan and with transformers' (which stands for any kernel: the pads
+    are held out before the call)."""
+    gated_delta.install()
+    padded = _inputs(3, 100, 2, 4, 32, torch.float32, seed=3)
+    ends = torch.tensor([70, 5, 64])
+    with engine_kernels() if ours else contextlib.nullcontext(), gated_delta.rows_end_at(ends):
+        out, state = modeling_qwen3_5.torch_chunk_gated_delta_rule(**padded, output_final_state=True,
+                                                                   use_qk_l2norm_in_kernel=True)
+    for row, end in enumerate(ends.tolist()):
+        alone = {k: v[row:row + 1, :end] if k != "initial_state" else v[row:row + 1] for k, v in padded.items()}
+        ref_out, ref_state = reference(**alone, output_final_state=True, use_qk_l2norm_in_kernel=True)
+        torch.testing.assert_close(state[row:row + 1], ref_state, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[row:row + 1, :end], ref_out, atol=1e-5, rtol=1e-5)
+    _, unheld = reference(**padded, output_final_state=True, use_qk_l2norm_in_kernel=True)
+    assert not torch.allclose(unheld[1], state[1], atol=1e-2)  # without the block, row 1's pads do write

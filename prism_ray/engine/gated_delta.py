@@ -33,9 +33,9 @@ import torch.nn.functional as F
 
 from prism_ray.engine import scope
 
-# transformers modules whose Gated DeltaNet layers call a module-level `torch_chunk_gated_delta_rule`.
 # Per-row real lengths of a right-padded prefill (see `rows_end_at`); None: every position is real.
 _ROW_ENDS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("prism_row_ends", default=None)
+# transformers modules whose Gated DeltaNet layers call a module-level `torch_chunk_gated_delta_rule`.
 _MODULES = ("transformers.models.qwen3_5.modeling_qwen3_5", "transformers.models.qwen3_next.modeling_qwen3_next")
 
 
@@ -184,8 +184,9 @@ _FAST = {"torch_chunk_gated_delta_rule": "chunk_gated_delta_rule",
 
 @functools.cache
 def install() -> None:
-    """Wrap each transformers module's gated delta functions once: ours inside `scope.engine_kernels()` (and not on
-    a device where flash-linear-attention's kernels run), the module's own otherwise."""
+    """Wrap each transformers module's gated delta functions once: ours inside `scope.engine_kernels()` (and
+    not on a device where flash-linear-attention's kernels run), the module's own otherwise; and, inside
+    `rows_end_at`, the prefill's pads held out of the state whichever runs."""
     for name in _MODULES:
         try:
             module = importlib.import_module(name)
