@@ -11,8 +11,8 @@ import pytest
 from prism_ray.checkpoints import build_checkpoint
 
 # Parity tests compare the engines with path A on torch's default float32 GEMM, so the engines use it too:
-# swapping the GEMM library alone moves path A's own scores by up to ~2.4e-5 on the test checkpoints,
-# more than the 1e-5 parity bound. tests/test_linear.py checks the engines on oneDNN (what "auto" picks
+# swapping the GEMM library alone moves path A's own scores by up to 2.4e-5 on the tiny checkpoint
+# (benchmarks/gemm_floor.py), more than the 1e-5 parity bound. tests/test_linear.py checks the engines on oneDNN (what "auto" picks
 # on this project's AMD machines) against path A on oneDNN's GEMM.
 os.environ.setdefault("PRISM_RAY_LINEAR", "torch")
 
