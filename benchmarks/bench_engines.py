@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from prism_ray.checkpoints import build_checkpoint  # noqa: E402
+from prism_ray.checkpoints import preset_checkpoint  # noqa: E402
 from prism_ray.engine import EvidenceEngine, ScoreEngine, load_model  # noqa: E402
 from prism_ray.engine.linear import f_linear_on_onednn, uses_onednn  # noqa: E402
 from prism_ray.engine.loading import resolve_dtype  # noqa: E402
@@ -221,10 +221,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    ckpt = Path(args.checkpoint or f"checkpoints/{args.preset}")
-    if not (ckpt / "config.json").is_file():
-        print(f"building the {args.preset} preset at {ckpt} ...", flush=True)
-        build_checkpoint(args.preset, ckpt)
+    ckpt = preset_checkpoint(args.preset, args.checkpoint)
     dtype = resolve_dtype(args.dtype, torch.device("cpu"))
     torch.manual_seed(0)
     with torch.inference_mode():

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_engines import interleaved  # noqa: E402  (this folder is on sys.path when run as a script)
 
-from prism_ray.checkpoints import build_checkpoint  # noqa: E402
+from prism_ray.checkpoints import preset_checkpoint  # noqa: E402
 from prism_ray.engine import ScoreEngine, load_model  # noqa: E402
 from prism_ray.engine.loading import resolve_dtype  # noqa: E402
 
@@ -55,10 +55,7 @@ def main() -> None:
     ap.add_argument("--token-budget", type=int, default=None, help="padded tokens per forward (default: per device)")
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
-    ckpt = Path(args.checkpoint or f"checkpoints/{args.preset}")
-    if not (ckpt / "config.json").is_file():
-        print(f"building the {args.preset} preset at {ckpt} ...", flush=True)
-        build_checkpoint(args.preset, ckpt)
+    ckpt = preset_checkpoint(args.preset, args.checkpoint)
     dtype = resolve_dtype(args.dtype, torch.device("cpu"))
     engine = ScoreEngine(load_model(ckpt, dtype=dtype), token_budget=args.token_budget)
     reqs = requests(args.requests)

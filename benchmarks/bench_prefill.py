@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_engines import QUERY, documents, interleaved  # noqa: E402
 
-from prism_ray.checkpoints import build_checkpoint  # noqa: E402
+from prism_ray.checkpoints import preset_checkpoint  # noqa: E402
 from prism_ray.engine import EvidenceEngine, load_model  # noqa: E402
 
 
@@ -34,9 +34,7 @@ def main() -> None:
     ap.add_argument("--budgets", default="1,1024,4096", help="prefill token budgets (1: one pair per forward)")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    ckpt = Path(f"checkpoints/{args.preset}")
-    if not (ckpt / "config.json").is_file():
-        build_checkpoint(args.preset, ckpt)
+    ckpt = preset_checkpoint(args.preset)
     loaded = load_model(ckpt, dtype=args.dtype)
     budgets = [int(b) for b in args.budgets.split(",")]
     engines = [EvidenceEngine(loaded, token_budget=b) for b in budgets]

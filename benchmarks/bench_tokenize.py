@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_engines import documents  # noqa: E402
 
-from prism_ray.checkpoints import build_checkpoint  # noqa: E402
+from prism_ray.checkpoints import preset_checkpoint  # noqa: E402
 
 
 def main() -> None:
@@ -28,9 +28,7 @@ def main() -> None:
     ap.add_argument("--preset", default="tiny", help="any preset: they share the real tokenizer")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    ckpt = Path(f"checkpoints/{args.preset}")
-    if not (ckpt / "config.json").is_file():
-        build_checkpoint(args.preset, ckpt)
+    ckpt = preset_checkpoint(args.preset)
     from transformers import AutoTokenizer
 
     from prism_ray.prompt import PrismPromptTokenizer

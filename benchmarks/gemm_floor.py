@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from prism_ray.checkpoints import build_checkpoint  # noqa: E402
+from prism_ray.checkpoints import preset_checkpoint  # noqa: E402
 from prism_ray.engine import load_model  # noqa: E402
 from prism_ray.engine.linear import f_linear_on_onednn  # noqa: E402
 
@@ -50,9 +50,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny")
     args = ap.parse_args()
-    ckpt = Path(f"checkpoints/{args.preset}")
-    if not (ckpt / "config.json").is_file():
-        build_checkpoint(args.preset, ckpt)
+    ckpt = preset_checkpoint(args.preset)
     loaded = load_model(ckpt, dtype="float32", max_length=320)
     docs = documents()
     threads = torch.get_num_threads()

@@ -151,6 +151,16 @@ def _rescale_(model, seed: int) -> None:
         final_norm.fill_(scale - 1.0 if zero_centred else scale)
 
 
+def preset_checkpoint(preset: str, path: str | Path | None = None) -> Path:
+    """The preset's checkpoint dir (default `checkpoints/<preset>`), built there on first use: what the
+    benchmarks and scripts load."""
+    ckpt = Path(path or f"checkpoints/{preset}")
+    if not (ckpt / "config.json").is_file():
+        print(f"building the {preset} preset at {ckpt} ...", flush=True)
+        build_checkpoint(preset, ckpt)
+    return ckpt
+
+
 def build_checkpoint(preset: str, out: str | Path, seed: int = 0) -> Path:
     """Write a local Hugging Face checkpoint dir for `preset`; loads offline with Auto* classes."""
     import torch

@@ -64,3 +64,15 @@ def test_build_is_reproducible(tiny_ckpt, tmp_path):
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         checkpoints.build_checkpoint("huge", "/tmp/never")
+
+
+def test_preset_checkpoint_builds_once_then_reuses(tmp_path, monkeypatch):
+    from prism_ray import checkpoints
+
+    built = []
+    real = checkpoints.build_checkpoint
+    monkeypatch.setattr(checkpoints, "build_checkpoint", lambda preset, out: built.append(out) or real(preset, out))
+    first = checkpoints.preset_checkpoint("tiny", tmp_path / "tiny")
+    again = checkpoints.preset_checkpoint("tiny", tmp_path / "tiny")
+    assert first == again == tmp_path / "tiny" and (first / "config.json").is_file()
+    assert built == [tmp_path / "tiny"]
