@@ -7,8 +7,9 @@ Prints, for the 0.8b preset in bf16: ScoreEngine prompt tokens/s (every pair's w
 timed end to end per engine call, tokenizing included) for 1 query x 20 docs, 16 queries x 20 docs
 packed into one call, and 64 x 100; next to path A batched in bf16 (a plain forward over right-padded
 batches of whole prompts, reading the last real token) on the same pairs; and EvidenceEngine tokens/s
-at 32 pairs x 128 new tokens; each case twice (first call with compiles, then warm). Exits 1 if fp32
-parity with path A fails.
+at 32 pairs x 128 new tokens; each case twice (first call with compiles, then warm). Last, a diagnosis of
+one warm 16 x 20 call of each (host syncs, GPU busy time against wall time, the top kernels), so that a
+run that misses a target also says where the time went. Exits 1 if fp32 parity with path A fails.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -136,6 +138,49 @@ def speed(ckpt: Path, device: str, sizes: dict, budget: int | None, cases=("one"
               f"({generated} tokens in {t:.2f} s)", flush=True)
 
 
+def host_syncs(fn, device: torch.device) -> int | None:
+    """How many times `fn()` made the host wait for the GPU (torch's sync debug mode warns once per
+    synchronizing call); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def diagnose(ckpt: Path, device: str, sizes: dict, budget: int | None) -> None:
+    """Where one warm packed call's time goes, for the engine and for path A batched: host syncs, the
+    device's busy time against wall time (busy well under wall: the GPU waits for the host), and the
+    kernels (or, on the CPU, the ops) that take the most time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    loaded = load_model(ckpt, dtype="bfloat16", device=device)
+    dev = loaded.device
+    engine = ScoreEngine(loaded, token_budget=budget)
+    groups = workload(*sizes["packed"])
+    calls = {"ScoreEngine": lambda: engine.score(groups),
+             "path A batched": lambda: path_a_batched(loaded, groups, engine.token_budget)}
+    cuda = dev.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    for name, call in calls.items():
+        call()  # warm: compiles and autotunes out of the way
+        syncs = host_syncs(call, dev)
+        with profile(activities=activities) as prof:
+            _, wall = timed(call, dev)
+        busy = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA) / 1e6
+        print(f"  diagnosis, {name}, {sizes['packed'][0]} x {sizes['packed'][1]} warm: wall {wall:.3f} s (profiled)"
+              + (f", GPU busy {busy:.3f} s ({busy / wall:.0%}), host syncs {syncs}" if cuda else ""), flush=True)
+        table = prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                          row_limit=14, max_name_column_width=60)
+        print("\n".join("    " + line for line in table.splitlines()), flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu", action="store_true", help="dry run: tiny preset, small sizes, on the CPU")
@@ -144,6 +189,7 @@ def main() -> int:
     ap.add_argument("--cases", default="one,packed,large", help="scoring cases to time (a short run: one,packed)")
     ap.add_argument("--no-parity", action="store_true", help="skip the fp32 parity step (a short run)")
     ap.add_argument("--no-evidence", action="store_true", help="skip the evidence timing (a short run)")
+    ap.add_argument("--no-diagnosis", action="store_true", help="skip the profile of one warm packed call")
     args = ap.parse_args()
     device = "cpu" if args.cpu else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -158,6 +204,11 @@ def main() -> int:
     ok = True if args.no_parity else parity(ckpt, device)
     speed(ckpt, device, CPU_SIZES if args.cpu else GPU_SIZES, args.token_budget, tuple(args.cases.split(",")),
           not args.no_evidence)
+    if not args.no_diagnosis:
+        try:  # last, and never at the cost of the figures above
+            diagnose(ckpt, device, CPU_SIZES if args.cpu else GPU_SIZES, args.token_budget)
+        except Exception as exc:  # noqa: BLE001 - a diagnosis that fails is reported, not fatal
+            print(f"  diagnosis failed: {type(exc).__name__}: {exc}", flush=True)
     return 0 if ok else 1
 
 

@@ -18,6 +18,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from prism_ray.engine.transfer import to_device
+
 _STATE_DICTS = ("conv_states", "recurrent_states")
 _FLAG_DICTS = ("is_conv_states_initialized", "is_recurrent_states_initialized", "has_previous_state")
 
@@ -111,7 +113,7 @@ def merge(caches: list, lengths: list[int], rows: list[int] | None = None):
     if rows is None or rows == list(range(len(caches))):
         return merged, mask
     index = torch.tensor(rows, dtype=torch.long)
-    return select_rows(merged, index.to(cache_device(merged))), mask[index]
+    return select_rows(merged, to_device(index, cache_device(merged))), mask[index]
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ from prism_ray.engine import linear
 from prism_ray.engine.allocator import tune_allocator
 from prism_ray.engine.cache_ops import merge, repeat_rows, split_rows
 from prism_ray.engine.kernels import log_kernels
+from prism_ray.engine.transfer import to_device
 from prism_ray.prompt import DEFAULT_MAX_LENGTH, PrismPromptTokenizer
 
 
@@ -121,7 +122,7 @@ def prefix_states(loaded: LoadedModel, prefixes: list[list[int]]) -> list[Prefix
     for i, ids in enumerate(prefixes):
         by_length.setdefault(cached_length(loaded, len(ids)), []).append(i)
     for cached, members in by_length.items():
-        ids = torch.tensor([prefixes[i][:cached] for i in members], device=loaded.device)
+        ids = to_device(torch.tensor([prefixes[i][:cached] for i in members]), loaded.device)
         cache = loaded.backbone(input_ids=ids, use_cache=True).cache
         rows = [cache] if len(members) == 1 else split_rows(cache, len(members))
         for i, row in zip(members, rows):
@@ -169,5 +170,5 @@ def continue_rows(loaded: LoadedModel, states: list[PrefixState], slots: list[in
         cached_len = prefix_mask.shape[1]
     starts = torch.tensor([states[s].cached_len for s in slots])
     positions = starts[:, None] + torch.arange(width)[None]
-    return ContinuedRows(ids.to(device), positions.to(device), torch.tensor([len(t) for t in tails]), cache, cached_len,
-                         prefix_mask)
+    return ContinuedRows(to_device(ids, device), to_device(positions, device), torch.tensor([len(t) for t in tails]), cache,
+                         cached_len, prefix_mask)

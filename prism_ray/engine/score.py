@@ -25,6 +25,7 @@ from prism_ray.engine.batching import budget_batches
 from prism_ray.engine.last_token import LastTokenForward
 from prism_ray.engine.loading import LoadedModel, PrefixState, continue_rows, load_model, prefix_states
 from prism_ray.engine.scope import engine_kernels
+from prism_ray.engine.transfer import to_device
 from prism_ray.prompt import DEFAULT_MAX_LENGTH, EncodedPair
 
 # Padded tokens per forward. On a 2-core CPU, 512-1024 was fastest of 512-8192 (bench preset; 8192
@@ -124,21 +125,27 @@ class ScoreEngine:
         for g, (prefix, pairs) in enumerate(groups):
             s = unique[tuple(prefix)]
             rows.extend((g, i, s, states[s].tail(p.ids)) for i, p in enumerate(pairs))
-        logits = [[0.0] * len(pairs) for _, pairs in groups]
+        # The logits stay on the device until every batch is queued: one transfer per call, so on a GPU the
+        # host builds batch k+1 while batch k runs instead of waiting for it.
+        order, values = [], []
         for batch in budget_batches([len(r[3]) for r in rows], self.token_budget):
             chosen = [rows[k] for k in batch]
-            for (g, i, _, _), value in zip(chosen, self._forward_rows(states, chosen)):
-                logits[g][i] = value
+            order.extend(chosen)
+            values.append(self._forward_rows(states, chosen))
+        logits = [[0.0] * len(pairs) for _, pairs in groups]
+        for (g, i, _, _), value in zip(order, torch.cat(values).tolist()):
+            logits[g][i] = value
         return [[_result(p, x) for p, x in zip(pairs, xs)] for (_, pairs), xs in zip(groups, logits)]
 
-    def _forward_rows(self, states: list[PrefixState], rows: list[tuple[int, int, int, list[int]]]) -> list[float]:
-        """Logit differences for document+suffix rows, each continuing from its query's prefix state."""
+    def _forward_rows(self, states: list[PrefixState], rows: list[tuple[int, int, int, list[int]]]) -> torch.Tensor:
+        """Logit differences (on the device, float32) for document+suffix rows, each continuing from its
+        query's prefix state."""
         device = self.loaded.device
         batch = continue_rows(self.loaded, states, [r[2] for r in rows], [r[3] for r in rows])
-        prefix_mask = None if batch.prefix_mask is None else batch.prefix_mask.to(device)
-        hidden = self._forward(batch.ids, batch.positions, batch.cache, batch.cached_len, (batch.ends - 1).to(device),
-                               prefix_mask)
-        return (hidden.float() @ self._score_vector.float()).tolist()
+        prefix_mask = None if batch.prefix_mask is None else to_device(batch.prefix_mask, device)
+        hidden = self._forward(batch.ids, batch.positions, batch.cache, batch.cached_len,
+                               to_device(batch.ends - 1, device), prefix_mask)
+        return hidden.float() @ self._score_vector.float()
 
 
 def elapsed(call) -> float:
