@@ -103,9 +103,9 @@ def parity(ckpt: Path, device: str) -> bool:
     return ok
 
 
-def speed(ckpt: Path, device: str, sizes: dict, budget: int | None, cases=("one", "packed", "large"),
+def speed(loaded, sizes: dict, budget: int | None, cases=("one", "packed", "large"),
           evidence: bool = True) -> None:
-    loaded = load_model(ckpt, dtype="bfloat16", device=device)
+    """bf16 speed of `loaded` (a bf16 model) per case, first call and warm, next to path A batched."""
     dev = loaded.device
     engine = ScoreEngine(loaded, token_budget=budget)
     print(f"bf16 ScoreEngine, token budget {engine.token_budget}; kernels {linear_attention_kernels(dev)}")
@@ -153,14 +153,13 @@ def host_syncs(fn, device: torch.device) -> int | None:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def diagnose(ckpt: Path, device: str, sizes: dict, budget: int | None) -> None:
+def diagnose(loaded, sizes: dict, budget: int | None) -> None:
     """Where one warm packed call's time goes, for the engine and for path A batched: host syncs, the
     device's busy time against wall time (busy well under wall: the GPU waits for the host), and the
     kernels (or, on the CPU, the ops) that take the most time."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    loaded = load_model(ckpt, dtype="bfloat16", device=device)
     dev = loaded.device
     engine = ScoreEngine(loaded, token_budget=budget)
     groups = workload(*sizes["packed"])
@@ -202,11 +201,12 @@ def main() -> int:
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     print(f"device check: {name}, preset {preset}, torch {torch.__version__}", flush=True)
     ok = True if args.no_parity else parity(ckpt, device)
-    speed(ckpt, device, CPU_SIZES if args.cpu else GPU_SIZES, args.token_budget, tuple(args.cases.split(",")),
-          not args.no_evidence)
+    sizes = CPU_SIZES if args.cpu else GPU_SIZES
+    bf16 = load_model(ckpt, dtype="bfloat16", device=device)
+    speed(bf16, sizes, args.token_budget, tuple(args.cases.split(",")), not args.no_evidence)
     if not args.no_diagnosis:
         try:  # last, and never at the cost of the figures above
-            diagnose(ckpt, device, CPU_SIZES if args.cpu else GPU_SIZES, args.token_budget)
+            diagnose(bf16, sizes, args.token_budget)
         except Exception as exc:  # noqa: BLE001 - a diagnosis that fails is reported, not fatal
             print(f"  diagnosis failed: {type(exc).__name__}: {exc}", flush=True)
     return 0 if ok else 1

@@ -97,9 +97,15 @@ def test_right_padded_prefill_leaves_each_row_as_one_pair_at_a_time(evidence_eng
         rows_a, cache_a, mask_a = alone._prefill(pairs, 0.0, gen)
     assert len({len(r.pair.ids) for r in rows_t}) >= 4  # lengths differ: pads in the batch
     assert (mask_t == 0).any(dim=1).sum() >= len(pairs) - 1
-    for i, (rt, ra) in enumerate(zip(rows_t, rows_a)):
+    # Rows come in the cache's order; `index` says which pair each is.
+    assert sorted(r.index for r in rows_t) == sorted(r.index for r in rows_a) == list(range(len(pairs)))
+    at_a = {r.index: k for k, r in enumerate(rows_a)}
+    for i, rt in enumerate(rows_t):
+        j = at_a[rt.index]
+        ra = rows_a[j]
+        assert rt.pair.ids == ra.pair.ids == engine.prompts.encode(*pairs[rt.index]).ids
         assert abs(rt.logit - ra.logit) <= 1e-4 and rt.tokens == ra.tokens  # score tests allow 1e-4 in logits too
-        for a, b in zip(_real_slots(cache_t, mask_t, i), _real_slots(cache_a, mask_a, i)):
+        for a, b in zip(_real_slots(cache_t, mask_t, i), _real_slots(cache_a, mask_a, j)):
             if isinstance(a, tuple):
                 for x, y in zip(a, b):
                     torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)

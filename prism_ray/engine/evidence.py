@@ -23,11 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from prism_ray.engine.batching import budget_batches
-from prism_ray.engine.cache_ops import concat, conv_states_end_at, select_rows
+from prism_ray.engine.cache_ops import concat, conv_states_end_at
 from prism_ray.engine.gated_delta import rows_end_at
 from prism_ray.engine.loading import LoadedModel, PrefixState, continue_rows, load_model, prefix_states
 from prism_ray.engine.scope import engine_kernels
 from prism_ray.engine.score import elapsed, sigmoid, validate_group
+from prism_ray.engine.transfer import to_device
 from prism_ray.output import parse_output
 from prism_ray.prompt import DEFAULT_MAX_LENGTH, EncodedPair
 
@@ -56,6 +57,7 @@ class EvidenceResult:
 
 @dataclass
 class _Row:
+    index: int  # the pair's position in the generate call's chunk (rows are in the cache's order)
     pair: EncodedPair
     logit: float
     tokens: list[int]
@@ -105,17 +107,20 @@ class EvidenceEngine:
         results: list[EvidenceResult | None] = [None] * len(pairs)
         for start in range(0, len(pairs), self.max_batch_size):
             chunk = list(range(start, min(start + self.max_batch_size, len(pairs))))
-            stopped = (lambda k, chunk=chunk: should_stop(chunk[k])) if should_stop is not None else None
             with engine_kernels():
                 rows, cache, mask = self._prefill([pairs[i] for i in chunk], temperature, gen)
+                stopped = ((lambda k, chunk=chunk, rows=rows: should_stop(chunk[rows[k].index]))
+                           if should_stop is not None else None)
                 self._decode(rows, cache, mask, max_new_tokens, temperature, gen, stopped)
-            for i, row in zip(chunk, rows):
-                results[i] = self._finish(row, max_new_tokens)
+            for row in rows:
+                results[chunk[row.index]] = self._finish(row, max_new_tokens)
         return results  # type: ignore[return-value]
 
     # -- prefill: right-padded batches of pairs, each row from its query's prefix state ---------------
     def _prefill(self, pairs, temperature, gen):
-        """Rows with their first token, and one cache (with its mask) holding every row's state."""
+        """Rows with their first token, and one cache (with its mask) holding every row's state. Row k of the
+        list is row k of the cache; both are in the prefill batches' order (`_Row.index` says which pair), so
+        the batches' caches are concatenated once and never reordered."""
         prompts = self.loaded.prompts
         prefixes: dict[str, int] = {}
         for query, _ in pairs:
@@ -125,21 +130,17 @@ class EvidenceEngine:
         encoded = [prompts.encode(q, d, prefix=prefix_ids[prefixes[q]]) for q, d in pairs]
         slots = [prefixes[q] for q, _ in pairs]
         tails = [states[s].tail(p.ids) for s, p in zip(slots, encoded)]
-        rows: list[_Row | None] = [None] * len(pairs)
-        caches, masks, order = [], [], []
+        rows: list[_Row] = []
+        caches, masks = [], []
         for batch in budget_batches([len(t) for t in tails], self.token_budget):
             cache, mask, logits = self._prefill_batch(states, [slots[i] for i in batch], [tails[i] for i in batch])
             firsts = self._pick(logits, temperature, gen).tolist()
             diffs = (logits[:, prompts.yes_id].float() - logits[:, prompts.no_id].float()).tolist()
-            for i, first, diff in zip(batch, firsts, diffs):
-                rows[i] = _Row(encoded[i], diff, [first], done=first in self._stop)
+            rows.extend(_Row(i, encoded[i], diff, [first], done=first in self._stop)
+                        for i, first, diff in zip(batch, firsts, diffs))
             caches.append(cache)
             masks.append(mask)
-            order.extend(batch)
         cache, mask = concat(caches, masks) if len(caches) > 1 else (caches[0], masks[0])
-        if order != list(range(len(pairs))):  # back to the pairs' order
-            back = torch.tensor(sorted(range(len(order)), key=order.__getitem__))
-            cache, mask = select_rows(cache, back.to(self.loaded.device)), mask[back]
         return rows, cache, mask
 
     def _prefill_batch(self, states: list[PrefixState], slots: list[int], tails: list[list[int]]):
@@ -156,9 +157,9 @@ class EvidenceEngine:
                 conv_states_end_at(batch.cache, ends) if padded else contextlib.nullcontext():
             needs_mask = padded or batch.prefix_mask is not None
             hidden = self.loaded.backbone(input_ids=batch.ids, position_ids=batch.positions, cache=batch.cache,
-                                          attention_mask=mask.to(device) if needs_mask else None,
+                                          attention_mask=to_device(mask, device) if needs_mask else None,
                                           use_cache=True).last_hidden_state
-        last = hidden[torch.arange(len(tails), device=device), (ends - 1).to(device)]
+        last = hidden[torch.arange(len(tails), device=device), to_device(ends - 1, device)]
         return batch.cache, mask, self.loaded.model.get_output_embeddings()(last)
 
     # -- decode: all unfinished rows together ----------------------------------------------------
