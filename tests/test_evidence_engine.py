@@ -8,7 +8,6 @@ import torch
 from conftest import CHINESE, english_texts
 
 from prism_ray.engine import EvidenceEngine
-from prism_ray.engine.scope import engine_kernels
 
 QUERY = "What is the boiling point of water at sea level?"
 
@@ -69,45 +68,53 @@ def test_sampling_with_seed_is_reproducible(evidence_engines, tiny_ckpt):
     assert a[0].text == b[0].text
 
 
-def _real_slots(cache, mask, row):
-    """Row `row`'s attention K/V at its real slots, and its linear-attention states, per layer."""
+def _layer_tensors(state):
+    """A sequence state's tensors, layer by layer: attention K/V, or linear-attention conv and recurrent state."""
     out = []
-    for layer in cache.layers:
-        keys = getattr(layer, "keys", None)
-        if isinstance(keys, torch.Tensor) and keys.numel():
-            real = mask[row].bool().to(keys.device)
-            out.append((keys[row][:, real], layer.values[row][:, real]))
-        for name in ("conv_states", "recurrent_states"):
-            out.extend(t[row] for t in (getattr(layer, name, None) or {}).values() if isinstance(t, torch.Tensor))
+    for layer in state.layers:
+        out.extend((layer.k, layer.v) if hasattr(layer, "k") else (layer.conv, layer.recurrent))
     return out
 
 
-def test_right_padded_prefill_leaves_each_row_as_one_pair_at_a_time(evidence_engines, any_ckpt):
-    """Pairs of two queries and lengths 1 to ~200 tokens in one padded forward: every row's first-token logit,
-    attention K/V (at its real slots) and Gated DeltaNet conv and recurrent states equal those of a prefill
-    of that pair alone, to float32 rounding (which depends on the batch shape, so 1e-4). Letting the pads
-    reach the conv state, or the recurrent state, moves some state by 3.3, or 0.96, on the tiny checkpoint."""
+def test_packed_prefill_leaves_each_row_as_one_pair_at_a_time(evidence_engines, any_ckpt):
+    """Pairs of two queries and lengths 1 to ~200 tokens packed into one forward: every row's first-token logit,
+    attention K/V and Gated DeltaNet conv and recurrent states equal those of a prefill of that pair alone, to
+    float32 rounding (which depends on the batch shape, so 1e-4)."""
     engine = evidence_engines[str(any_ckpt)]
     pairs = [(QUERY, d) for d in ["", "water"] + english_texts(3, 20, 160)] + [("沸点", CHINESE[0])]
     together = EvidenceEngine(engine.loaded, token_budget=100_000)
-    alone = EvidenceEngine(engine.loaded, token_budget=1)  # every pair its own batch: no pads
+    alone = EvidenceEngine(engine.loaded, token_budget=1)  # every pair its own forward
     gen = torch.Generator()
-    with torch.inference_mode(), engine_kernels():
-        rows_t, cache_t, mask_t = together._prefill(pairs, 0.0, gen)
-        rows_a, cache_a, mask_a = alone._prefill(pairs, 0.0, gen)
-    assert len({len(r.pair.ids) for r in rows_t}) >= 4  # lengths differ: pads in the batch
-    assert (mask_t == 0).any(dim=1).sum() >= len(pairs) - 1
-    # Rows come in the cache's order; `index` says which pair each is.
-    assert sorted(r.index for r in rows_t) == sorted(r.index for r in rows_a) == list(range(len(pairs)))
-    at_a = {r.index: k for k, r in enumerate(rows_a)}
-    for i, rt in enumerate(rows_t):
-        j = at_a[rt.index]
-        ra = rows_a[j]
-        assert rt.pair.ids == ra.pair.ids == engine.prompts.encode(*pairs[rt.index]).ids
+    rows_t, rows_a = together._encode(pairs), alone._encode(pairs)
+    with torch.inference_mode():
+        together._prefill(rows_t, 0.0, gen)
+        alone._prefill(rows_a, 0.0, gen)
+    assert len({r.pair.num_tokens for r in rows_t}) >= 4  # lengths differ
+    for rt, ra, pair in zip(rows_t, rows_a, pairs):
+        assert rt.pair.ids == ra.pair.ids == engine.prompts.encode(*pair).ids
+        assert rt.state.length == ra.state.length == rt.pair.num_tokens
         assert abs(rt.logit - ra.logit) <= 1e-4 and rt.tokens == ra.tokens  # score tests allow 1e-4 in logits too
-        for a, b in zip(_real_slots(cache_t, mask_t, i), _real_slots(cache_a, mask_a, j)):
-            if isinstance(a, tuple):
-                for x, y in zip(a, b):
-                    torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
-            else:
-                torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        for x, y in zip(_layer_tensors(rt.state), _layer_tensors(ra.state), strict=True):
+            torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow  # path A greedy generation for every pair
+def test_pairs_joining_and_leaving_mid_decode_keep_path_a_text(evidence_engines, any_ckpt):
+    """Two slots, five pairs: pair 0 is cancelled at the first host sync, so pair 2 joins the running decode
+    beside pair 1, and so on. Every pair that ran to its end writes path A's greedy text; the cancelled one a
+    prefix of it."""
+    engine = EvidenceEngine(evidence_engines[str(any_ckpt)].loaded, max_batch_size=2)
+    engine.sync_every = 4
+    pairs = [(QUERY, d) for d in english_texts(4, 5, 120)] + [("沸点", CHINESE[1])]
+    admitted = []
+    original = engine._prefill
+    engine._prefill = lambda rows, *a: admitted.append([r.index for r in rows]) or original(rows, *a)
+    results = engine.generate(pairs, max_new_tokens=14, should_stop=lambda i: i == 0)
+    assert admitted[0] == [0, 1] and admitted[1] == [2]  # pair 2 took pair 0's slot while pair 1 decoded
+    for i, ((q, d), r) in enumerate(zip(pairs, results)):
+        ref = reference.path_a(str(any_ckpt), reference.prompt_ids(str(any_ckpt), q, d), max_new_tokens=14)
+        if i == 0:
+            assert r.generated_tokens == 5 and ref["text"].startswith(r.text)
+        else:
+            assert r.text == ref["text"], (q, d)
+            assert abs(r.score - ref["score"]) <= 1e-5

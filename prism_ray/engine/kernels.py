@@ -1,43 +1,39 @@
-"""Which kernels the Gated DeltaNet layers of a Qwen3.5 checkpoint run on, said once per process.
+"""Which kernels the engines' forward runs, chosen once when a model loads and logged.
 
-On CUDA, transformers runs the gated delta rule in the `flash-linear-attention` Triton kernels and the
-short convolution in `causal-conv1d` when those packages are installed, and otherwise in its PyTorch
-reference code, which it warns is far slower. `pip install "prism-ray[gpu]"` installs
-flash-linear-attention (pure Triton, no build step); causal-conv1d ships only as a source package that
-compiles against the local CUDA toolkit (`pip install causal-conv1d --no-build-isolation`).
-Wherever the Triton kernels do not run (every CPU), the engines run the gated delta rule in their own
-PyTorch code (`gated_delta.py`, "prism"), and the short convolution in transformers' reference code.
+- projections: torch's `F.linear`, or on CPU in float32 oneDNN's where measured faster (`linear.py`);
+- the gated delta rule of Qwen3.5's linear-attention layers: the project's chunked scan over packed rows and
+  its recurrent step (`delta_rule.py`), on every device for now;
+- the short convolution: one grouped `F.conv1d` over the packed rows (prefill), a weighted sum (decode);
+- attention: torch's scaled_dot_product_attention, per row in prefill, masked in decode.
+
+flash-linear-attention's variable-length Triton kernels (`prism-ray[gpu]`) and CUDA graphs for decode are
+the GPU path still to come: nothing GPU-only runs before a device run has checked it against these.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch
 
+from prism_ray.engine.linear import linear_for
+
 log = logging.getLogger("prism_ray")
 
 
-def linear_attention_kernels(device: torch.device) -> dict[str, str]:
-    """{"gated_delta_rule": ..., "causal_conv1d": ...} inside the engines: "fla" (Triton) or "prism"
-    (`gated_delta.py`); "causal_conv1d" or "torch" (transformers' reference)."""
-    from transformers.utils.import_utils import is_causal_conv1d_available, is_flash_linear_attention_available
-
-    cuda = device.type == "cuda"
-    return {"gated_delta_rule": "fla" if cuda and is_flash_linear_attention_available() else "prism",
-            "causal_conv1d": "causal_conv1d" if cuda and is_causal_conv1d_available() else "torch"}
+def _largest_projection(lm: torch.nn.Module) -> tuple[int, int]:
+    """The largest decoder-layer projection's shape (the LM head, a vocabulary of rows, is not typical)."""
+    shapes = [tuple(p.shape) for n, p in lm.named_parameters() if p.ndim == 2 and ".layers." in f".{n}" and p.shape[0] < 65536]
+    return max(shapes, key=lambda s: s[0] * s[1]) if shapes else (1, 1)
 
 
-@functools.cache
-def log_kernels(device_type: str, has_linear_attention: bool) -> dict[str, str] | None:
-    """Logs (once per device type) which kernels the linear-attention layers use; returns them."""
-    if not has_linear_attention:
-        return None
-    kernels = linear_attention_kernels(torch.device(device_type))
-    slow = device_type == "cuda" and (kernels["gated_delta_rule"] != "fla" or kernels["causal_conv1d"] != "causal_conv1d")
-    (log.warning if slow else log.info)(
-        "Gated DeltaNet kernels on %s: gated delta rule = %s, short conv = %s%s", device_type,
-        kernels["gated_delta_rule"], kernels["causal_conv1d"],
-        " (PyTorch code: install prism-ray[gpu] for the Triton kernels)" if slow else "")
-    return kernels
+def choose_kernels(lm: torch.nn.Module, device: torch.device, dtype: torch.dtype):
+    """({op: kernel name}, the projection function) for this model on this device."""
+    linear_name, linear = linear_for(_largest_projection(lm), dtype, device)
+    hybrid = "linear_attention" in (getattr(lm.config.get_text_config(), "layer_types", None) or ())
+    kernels = {"linear": linear_name, "attention": "sdpa"}
+    if hybrid:
+        kernels.update(gated_delta_rule="prism", causal_conv1d="torch")
+    log.info("engine kernels on %s (%s): %s", device.type, str(dtype).replace("torch.", ""),
+             ", ".join(f"{op} = {name}" for op, name in kernels.items()))
+    return kernels, linear

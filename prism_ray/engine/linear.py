@@ -8,15 +8,14 @@ bf16 matmul), and its linear operator takes the ordinary dense weight, so nothin
 converted. The result is float32 arithmetic, summed in another order: it differs from MKL's by float32
 rounding.
 
-`install(model)` times both on a weight shaped like the model's largest projection (once per process
-and shape), and when oneDNN wins by a clear margin, makes the model's `nn.Linear` layers use it for
-float32 CPU input, only inside `scope.engine_kernels()` (a reference model on the same weights keeps
-`F.linear`). `PRISM_RAY_LINEAR=onednn` or `=torch` skips the measurement.
+`linear_for` times both on a weight shaped like the model's largest projection (once per process and
+shape) and, when oneDNN wins by a clear margin, hands the engines' forward (`models/`) oneDNN's function
+for its projections. Nothing outside the engines changes: a reference model on the same weights keeps
+`F.linear`. `PRISM_RAY_LINEAR=onednn` or `=torch` skips the measurement.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
@@ -24,8 +23,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-
-from prism_ray.engine import scope
 
 log = logging.getLogger("prism_ray")
 
@@ -37,16 +34,6 @@ _PROBE_ROWS = (8, 256)
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-
-class EngineLinear(torch.nn.Linear):
-    """An `nn.Linear` (same parameters, same state dict) whose float32 CPU forward runs in oneDNN inside
-    the engines' scope. The class of an existing layer is switched to this one; no weight is touched."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if scope.active() and x.dtype == torch.float32 and self.weight.dtype == torch.float32 and x.device.type == "cpu":
-            return _onednn(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
 
 
 def _median_ms(fn, repeats: int = 5) -> float:
@@ -93,40 +80,10 @@ def choose(out_features: int, in_features: int) -> str:
     return chosen
 
 
-def install(model: torch.nn.Module) -> bool:
-    """Switch the model's linear layers to `EngineLinear` if oneDNN is the faster float32 path here; returns
-    whether it did. Only for a float32 model on CPU (bf16 matmuls already run in oneDNN)."""
-    layers = [m for m in model.modules() if type(m) is torch.nn.Linear]
-    if not layers or layers[0].weight.dtype != torch.float32 or layers[0].weight.device.type != "cpu":
-        return False
-    # The largest projection of a decoder layer; the LM head (a vocabulary of rows) is not typical of them.
-    probe = max(layers, key=lambda m: m.weight.numel() if m.weight.shape[0] < 65536 else 0)
-    if choose(*probe.weight.shape) != "onednn":
-        return False
-    for layer in layers:
-        layer.__class__ = EngineLinear
-    return True
-
-
-def uses_onednn(model: torch.nn.Module) -> bool:
-    """Whether `install` switched this model's layers to oneDNN."""
-    return any(type(m) is EngineLinear for m in model.modules())
-
-
-@contextlib.contextmanager
-def f_linear_on_onednn():
-    """For benchmarks: within the block every float32 CPU `F.linear` in this process (a reference model's
-    too) runs in oneDNN, so that a reference path can be timed on the engines' GEMM library and the gain
-    of the library told apart from the rest. Not for serving: it swaps a torch function process-wide."""
-    original = F.linear
-
-    def linear(x, weight, bias=None):
-        if x.dtype == torch.float32 and x.device.type == "cpu" and weight.dtype == torch.float32:
-            return _onednn(x, weight, bias)
-        return original(x, weight, bias)
-
-    F.linear = linear
-    try:
-        yield
-    finally:
-        F.linear = original
+def linear_for(probe_shape: tuple[int, int], dtype: torch.dtype, device: torch.device):
+    """The projection function for a model of this dtype and device: oneDNN's for float32 on a CPU where
+    `choose` measured it faster on the model's largest layer shape, torch's `F.linear` otherwise (bf16 matmuls
+    already run in oneDNN). Returns (name, function)."""
+    if dtype == torch.float32 and device.type == "cpu" and choose(*probe_shape) == "onednn":
+        return "onednn", _onednn
+    return "torch", F.linear

@@ -1,14 +1,12 @@
 """ScoreEngine: Prism relevance scores with one forward pass per document and a shared prefix.
 
-Per query, the prefix (system prompt + instruction + query, ~200 tokens) is run once; its state
-(attention K/V and Gated DeltaNet conv/recurrent states) is copied into each batch (rows of several
-queries share a batch, each continuing from its own query's state), and only the
-document + suffix tokens (plus the few prefix tokens past the last 64-token chunk boundary, see
-`loading.prefix_state`) are run per pair; the final layer runs only on each row's last token
-(`last_token`). Rows are right-padded: a causal model never lets a real token see the pads after
-it, so each row's last real token is exact, whereas pads placed between the prefix and the
-document would decay the recurrent state. Only `(w_yes - w_no) · h_last` is
-computed, never the full vocabulary.
+Per query, the prefix (system prompt + instruction + query, ~200 tokens) runs once (`prefix.PrefixCache`:
+the head every query shares once per process, then the query's own tokens). The rows of a call, every
+document of every query, each holding its document + suffix tokens (plus the few prefix tokens past the
+last 64-token chunk boundary), then run packed as one token stream without padding, each continuing from
+its query's prefix state where that state lies (`models.base.Model.forward_rows`). The final layer runs
+only where each row's last token needs it, and only `(w_yes - w_no) · h_last` is computed, never the full
+vocabulary.
 """
 
 from __future__ import annotations
@@ -21,15 +19,13 @@ from pathlib import Path
 
 import torch
 
-from prism_ray.engine.batching import budget_batches
-from prism_ray.engine.last_token import LastTokenForward
-from prism_ray.engine.loading import LoadedModel, PrefixState, continue_rows, load_model, prefix_states
-from prism_ray.engine.scope import engine_kernels
+from prism_ray.engine.batching import packed_batches
+from prism_ray.engine.loading import LoadedModel, load_model
+from prism_ray.engine.models import Rows, SequenceState
 from prism_ray.engine.transfer import to_device
 from prism_ray.prompt import DEFAULT_MAX_LENGTH, EncodedPair
 
-# Padded tokens per forward. On a 2-core CPU, 512-1024 was fastest of 512-8192 (bench preset; 8192
-# took twice as long per pair); GPUs want far larger batches.
+# Prompt tokens per forward (real tokens: rows are packed, not padded). GPUs want far larger batches.
 DEFAULT_TOKEN_BUDGET = {"cpu": 1024, "cuda": 16384}
 
 
@@ -62,11 +58,6 @@ class ScoreEngine:
                  token_budget: int | None = None):
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype, device, max_length)
         self.token_budget = token_budget or DEFAULT_TOKEN_BUDGET.get(self.loaded.device.type, 8192)
-        lm = self.loaded.model
-        head = lm.get_output_embeddings().weight
-        p = self.loaded.prompts
-        self._score_vector = (head[p.yes_id] - head[p.no_id]).detach().clone()
-        self._forward = LastTokenForward(self.loaded.backbone)
 
     @property
     def prompts(self):
@@ -108,27 +99,23 @@ class ScoreEngine:
         """Scores already-encoded pairs of several queries, one result list per (prefix, pairs) group.
 
         For callers that tokenize anyway, such as a Serve replica sizing its batches by tokens. Each
-        distinct prefix runs once (prefixes of equal cached length together); then the rows of every
-        group are packed into forward passes by `token_budget`, whatever query they belong to: a batch
-        that mixes queries merges their prefix states (K/V left-padded and masked, Gated DeltaNet
-        states stacked per row), so many small requests fill a forward as one large one would.
+        distinct prefix runs once (all of them in one forward); then the rows of every group are packed
+        into forward passes of up to `token_budget` tokens, whatever query they belong to, each row reading
+        its own query's prefix state, so many small requests fill a forward as one large one would.
         """
-        with engine_kernels():
-            return self._score_encoded_groups(groups)
-
-    def _score_encoded_groups(self, groups):
         unique: dict[tuple[int, ...], int] = {}
         for prefix, _ in groups:
             unique.setdefault(tuple(prefix), len(unique))
-        states = prefix_states(self.loaded, [list(p) for p in unique])
+        states = self.loaded.prefixes.states([list(p) for p in unique])
         rows: list[tuple[int, int, int, list[int]]] = []  # (group, pair, state, tail)
         for g, (prefix, pairs) in enumerate(groups):
             s = unique[tuple(prefix)]
-            rows.extend((g, i, s, states[s].tail(p.ids)) for i, p in enumerate(pairs))
+            start = states[s].length if states[s] is not None else 0
+            rows.extend((g, i, s, p.ids[start:]) for i, p in enumerate(pairs))
         # The logits stay on the device until every batch is queued: one transfer per call, so on a GPU the
         # host builds batch k+1 while batch k runs instead of waiting for it.
         order, values = [], []
-        for batch in budget_batches([len(r[3]) for r in rows], self.token_budget):
+        for batch in packed_batches([len(r[3]) for r in rows], self.token_budget):
             chosen = [rows[k] for k in batch]
             order.extend(chosen)
             values.append(self._forward_rows(states, chosen))
@@ -137,15 +124,14 @@ class ScoreEngine:
             logits[g][i] = value
         return [[_result(p, x) for p, x in zip(pairs, xs)] for (_, pairs), xs in zip(groups, logits)]
 
-    def _forward_rows(self, states: list[PrefixState], rows: list[tuple[int, int, int, list[int]]]) -> torch.Tensor:
+    def _forward_rows(self, states: list[SequenceState | None], rows: list[tuple[int, int, int, list[int]]]) -> torch.Tensor:
         """Logit differences (on the device, float32) for document+suffix rows, each continuing from its
         query's prefix state."""
         device = self.loaded.device
-        batch = continue_rows(self.loaded, states, [r[2] for r in rows], [r[3] for r in rows])
-        prefix_mask = None if batch.prefix_mask is None else to_device(batch.prefix_mask, device)
-        hidden = self._forward(batch.ids, batch.positions, batch.cache, batch.cached_len,
-                               to_device(batch.ends - 1, device), prefix_mask)
-        return hidden.float() @ self._score_vector.float()
+        ids = to_device(torch.tensor([t for r in rows for t in r[3]]), device)
+        packed = Rows([len(r[3]) for r in rows], [states[r[2]] for r in rows], device)
+        hidden, _ = self.loaded.net.forward_rows(ids, packed)
+        return self.loaded.net.scores(hidden)
 
 
 def elapsed(call) -> float:

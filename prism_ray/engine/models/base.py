@@ -1,0 +1,355 @@
+"""The decoder stack the engines run, in plain PyTorch over a checkpoint's own weight tensors.
+
+What every backbone shares lives here: packed rows (`Rows`), the state a sequence leaves behind
+(`SequenceState`), the decode slot pool (`SlotPool`), rope, full attention (with Qwen3.5's output gate as an
+option), the MLP and the stack itself (`Model`). What a family adds or changes (its norm, its rotary width,
+its linear-attention layer, the chunk alignment of cached states) is a `Family` built by that backbone's
+module (`qwen3_5.py`, `qwen3.py`).
+
+Two entry points, as gpt-fast's prefill and decode_one_token:
+
+- `Model.forward_rows`: the rows of a call as one flat token stream (no padding), each row continuing from
+  its own context state where that state lies (attention reads the context's K/V, a linear-attention row
+  starts from the context's recurrent and conv state; nothing is copied per row). With `last_only`, the last
+  layer runs only where a row's last token needs it. With `keep_states`, each row's state is returned.
+- `Model.decode_step`: one token for each of some slots of a `SlotPool`, whose K/V and linear-attention
+  states are written in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+Linear = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+# -- states ------------------------------------------------------------------------------------------------
+@dataclass
+class AttentionState:
+    k: torch.Tensor  # (kv_heads, length, head_dim), normed and rotated
+    v: torch.Tensor
+
+
+@dataclass
+class LinearState:
+    conv: torch.Tensor  # (kernel - 1, channels): the last inputs of the short convolution
+    recurrent: torch.Tensor  # (v_heads, k_dim, v_dim) float32
+
+
+@dataclass
+class SequenceState:
+    """What a sequence of `length` tokens leaves for the tokens after it: one entry per layer."""
+
+    length: int
+    layers: list[AttentionState | LinearState]
+
+
+# -- packed rows -------------------------------------------------------------------------------------------
+@dataclass
+class Rows:
+    """Rows of tokens packed one after another; row i continues from `contexts[i]` (None: from nothing)."""
+
+    lengths: list[int]
+    contexts: list[SequenceState | None]
+    device: torch.device
+    cu: list[int] = field(init=False)  # row i is tokens cu[i]:cu[i + 1] of the stream
+    positions: torch.Tensor = field(init=False)  # (T,) on the device
+    last: torch.Tensor = field(init=False)  # (rows,) each row's last token in the stream
+    _cache: dict = field(init=False, default_factory=dict)
+
+    def __post_init__(self):
+        if any(n < 1 for n in self.lengths):
+            raise ValueError("every row needs at least one token")
+        self.cu = [0]
+        for n in self.lengths:
+            self.cu.append(self.cu[-1] + n)
+        starts = [0 if c is None else c.length for c in self.contexts]
+        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, self.lengths)])
+        self.positions = positions.to(self.device)
+        self.last = torch.tensor(self.cu[1:], device=self.device) - 1
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def cached(self, key, build):
+        """Per-call values that several layers use (rope tables, conv gather indices), built once."""
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+
+class SlotPool:
+    """Preallocated decode state for `slots` sequences of up to `max_len` tokens: K/V per attention layer,
+    conv and recurrent state per linear-attention layer, all indexed by slot and written in place. A slot
+    that ends is freed for the next sequence; nothing else moves."""
+
+    def __init__(self, model: Model, slots: int, max_len: int):
+        self.slots, self.max_len = slots, max_len
+        self._free = list(range(slots - 1, -1, -1))
+        self.layers = [layer.mixer.empty_pool(slots, max_len) for layer in model.layers]
+        self.device = model.device
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise RuntimeError("no free slot")
+        return self._free.pop()
+
+    def release(self, slot: int) -> None:
+        self._free.append(slot)
+        self._free.sort(reverse=True)  # lowest first: the active slots stay a compact range
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    def store(self, slot: int, state: SequenceState) -> None:
+        """Write a sequence's state (a prefill's output) into `slot`."""
+        if state.length > self.max_len:
+            raise ValueError(f"sequence of {state.length} tokens is longer than the pool's {self.max_len}")
+        for pool, layer_state in zip(self.layers, state.layers):
+            pool.store(slot, layer_state)
+
+    def select(self, slots: list[int]) -> SlotSelection:
+        return SlotSelection(slots, self.device)
+
+
+class SlotSelection:
+    """Some slots of a pool: a slice where they are consecutive (views, no copy), an index otherwise."""
+
+    def __init__(self, slots: list[int], device: torch.device):
+        self.slots = slots
+        lo = slots[0]
+        self.range = slice(lo, lo + len(slots)) if slots == list(range(lo, lo + len(slots))) else None
+        self.index = None if self.range is not None else torch.tensor(slots, device=device)
+        self.index_tensor = self.index if self.index is not None else torch.arange(lo, lo + len(slots), device=device)
+
+    def read(self, t: torch.Tensor) -> torch.Tensor:
+        return t[self.range] if self.range is not None else t.index_select(0, self.index)
+
+    def write_back(self, t: torch.Tensor, value: torch.Tensor) -> None:
+        """Store `value` (what `read` returned, updated) in the selected slots; a view is already there."""
+        if self.range is None:
+            t.index_copy_(0, self.index, value)
+        elif value.data_ptr() != t[self.range].data_ptr():
+            t[self.range].copy_(value)
+
+
+# -- shared pieces -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Family:
+    """What a backbone family decides for the shared pieces."""
+
+    name: str
+    norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]  # (x, weight, eps)
+    rotary_dim: int
+    rope_theta: float
+    gated_attention: bool  # Qwen3.5: q_proj also yields a sigmoid gate on the attention output
+    chunk_align: int  # a cached state must end at a multiple of this (64 with linear attention, else 1)
+    eps: float
+
+
+def rope_tables(family: Family, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (T, rotary_dim) for the positions, computed in float32 and cast as transformers does."""
+    dim = family.rotary_dim
+    inv_freq = 1.0 / (family.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim))
+    freqs = positions[:, None].float() * inv_freq[None]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (T, heads, head_dim); the first rotary_dim dims rotated (rotate-half layout), the rest passed."""
+    dim = cos.shape[-1]
+    rot, rest = x[..., :dim], x[..., dim:]
+    half = dim // 2
+    rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+    out = rot * cos[:, None] + rotated * sin[:, None]
+    return torch.cat([out, rest], dim=-1) if rest.shape[-1] else out
+
+
+class MLP:
+    def __init__(self, w: dict[str, torch.Tensor], linear: Linear):
+        self.gate, self.up, self.down, self.linear = w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"], w["mlp.down_proj.weight"], linear
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lin = self.linear
+        return lin(F.silu(lin(x, self.gate, None)) * lin(x, self.up, None), self.down, None)
+
+
+class Attention:
+    """Full (softmax) attention with grouped K/V heads, per-head q/k norms and rope; Qwen3.5's output gate."""
+
+    def __init__(self, w: dict[str, torch.Tensor], family: Family, linear: Linear, heads: int, kv_heads: int, head_dim: int):
+        p = "self_attn."
+        self.q, self.k, self.v, self.o = (w[f"{p}{n}_proj.weight"] for n in "qkvo")
+        self.qb, self.kb, self.vb, self.ob = (w.get(f"{p}{n}_proj.bias") for n in "qkvo")
+        self.q_norm, self.k_norm = w[f"{p}q_norm.weight"], w[f"{p}k_norm.weight"]
+        self.family, self.linear = family, linear
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+
+    def _query(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(T, heads, head_dim) normed, rotated queries, and the output gate (T, heads * head_dim) or None."""
+        f, d = self.family, self.head_dim
+        q = self.linear(x, self.q, self.qb)
+        gate = None
+        if f.gated_attention:
+            q, gate = q.view(len(x), self.heads, 2 * d).chunk(2, dim=-1)
+            gate = gate.reshape(len(x), -1)
+        q = f.norm(q.reshape(len(x), self.heads, d), self.q_norm, f.eps)
+        return apply_rope(q, cos, sin), gate
+
+    def _key_value(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        f, d = self.family, self.head_dim
+        k = f.norm(self.linear(x, self.k, self.kb).view(len(x), self.kv_heads, d), self.k_norm, f.eps)
+        v = self.linear(x, self.v, self.vb).view(len(x), self.kv_heads, d)
+        return apply_rope(k, cos, sin), v
+
+    def _out(self, attn: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        attn = attn.reshape(len(attn), -1)
+        if gate is not None:
+            attn = attn * torch.sigmoid(gate)
+        return self.linear(attn, self.o, self.ob)
+
+    def prefill(self, x: torch.Tensor, rows: Rows, index: int, rope, keep_states: bool, last_only: bool = False):
+        """Output (T, hidden), or (rows, hidden) at each row's last token with `last_only`; and the rows'
+        states (context K/V followed by the row's) with `keep_states`."""
+        cos, sin = rope
+        k, v = self._key_value(x, cos, sin)
+        if last_only:
+            q, gate = self._query(x[rows.last], cos[rows.last], sin[rows.last])
+        else:
+            q, gate = self._query(x, cos, sin)
+        out = torch.empty_like(q)
+        states = []
+        for i, ctx in enumerate(rows.contexts):
+            lo, hi = rows.cu[i], rows.cu[i + 1]
+            ki, vi = k[lo:hi].transpose(0, 1), v[lo:hi].transpose(0, 1)
+            if ctx is not None:
+                c = ctx.layers[index]
+                ki, vi = torch.cat([c.k, ki], dim=1), torch.cat([c.v, vi], dim=1)
+            if keep_states:
+                states.append(AttentionState(ki, vi))
+            past = ki.shape[1] - (hi - lo)
+            if last_only:
+                out[i] = _sdpa(q[i:i + 1].transpose(0, 1), ki, vi, None, False)[:, 0]
+                continue
+            qi = q[lo:hi].transpose(0, 1)
+            mask = None
+            if past:
+                mask = torch.arange(ki.shape[1], device=x.device)[None] <= (past + torch.arange(hi - lo, device=x.device))[:, None]
+            out[lo:hi] = _sdpa(qi, ki, vi, mask, not past).transpose(0, 1)
+        return self._out(out, gate), (states if keep_states else None)
+
+    def decode(self, x: torch.Tensor, positions: torch.Tensor, sel: SlotSelection, pool, rope, width: int) -> torch.Tensor:
+        """One token per selected slot, at `positions`; its K/V written into the pool. `width`: keys to read
+        (the longest selected sequence, the new token included)."""
+        cos, sin = rope
+        q, gate = self._query(x, cos, sin)
+        k, v = self._key_value(x, cos, sin)
+        pool.k[sel.index_tensor, :, positions] = k
+        pool.v[sel.index_tensor, :, positions] = v
+        keys, values = sel.read(pool.k[:, :, :width]), sel.read(pool.v[:, :, :width])
+        mask = (torch.arange(width, device=x.device)[None] <= positions[:, None])[:, None, None]
+        out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask, enable_gqa=True)
+        return self._out(out[:, :, 0], gate)
+
+    def empty_pool(self, slots: int, max_len: int):
+        return AttentionPool(slots, self.kv_heads, max_len, self.head_dim, self.k.dtype, self.k.device)
+
+
+def _sdpa(q, k, v, mask, causal: bool) -> torch.Tensor:
+    """q (heads, n, d) against k/v (kv_heads, m, d)."""
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, is_causal=causal and mask is None,
+                                          enable_gqa=True)[0]
+
+
+class AttentionPool:
+    def __init__(self, slots, kv_heads, max_len, head_dim, dtype, device):
+        self.k = torch.zeros(slots, kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def store(self, slot: int, state: AttentionState) -> None:
+        n = state.k.shape[1]
+        self.k[slot, :, :n] = state.k
+        self.v[slot, :, :n] = state.v
+
+
+# -- the stack ---------------------------------------------------------------------------------------------
+class DecoderLayer:
+    def __init__(self, w: dict[str, torch.Tensor], family: Family, mixer, linear: Linear):
+        self.input_norm, self.post_norm = w["input_layernorm.weight"], w["post_attention_layernorm.weight"]
+        self.mixer, self.mlp, self.family = mixer, MLP(w, linear), family
+
+    def _norm(self, x, w):
+        return self.family.norm(x, w, self.family.eps)
+
+
+class Model:
+    """A decoder-only backbone with its two heads: the LM head (generation) and the score vector
+    w_yes - w_no (scoring needs two logits, never the vocabulary)."""
+
+    def __init__(self, family: Family, embed: torch.Tensor, layers: list[DecoderLayer], norm: torch.Tensor,
+                 lm_head: torch.Tensor, linear: Linear):
+        self.family, self.embed, self.layers, self.norm, self.lm_head, self.linear = family, embed, layers, norm, lm_head, linear
+        self.device, self.dtype = embed.device, embed.dtype
+        self.score_vector: torch.Tensor | None = None
+
+    def set_score_tokens(self, yes_id: int, no_id: int) -> None:
+        self.score_vector = (self.lm_head[yes_id] - self.lm_head[no_id]).float()
+
+    def _rope(self, key, positions: torch.Tensor, rows: Rows | None = None):
+        build = lambda: rope_tables(self.family, positions, self.dtype)  # noqa: E731
+        return rows.cached(key, build) if rows is not None else build()
+
+    def forward_rows(self, ids: torch.Tensor, rows: Rows, keep_states: bool = False,
+                     last_only: bool = True) -> tuple[torch.Tensor, list[SequenceState] | None]:
+        """Final-normed hidden states at each row's last token (rows, hidden), and with `keep_states` each
+        row's state after its last token. `ids` (T,) on the device."""
+        x = F.embedding(ids, self.embed)
+        rope = self._rope("rope", rows.positions, rows)
+        per_layer = []
+        for index, layer in enumerate(self.layers):
+            final = index == len(self.layers) - 1
+            h = layer._norm(x, layer.input_norm)
+            if final and last_only and not keep_states and isinstance(layer.mixer, Attention):
+                mixed, _ = layer.mixer.prefill(h, rows, index, rope, False, last_only=True)
+                x = x[rows.last] + mixed
+            else:
+                mixed, states = layer.mixer.prefill(h, rows, index, rope, keep_states)
+                x = x + mixed
+                per_layer.append(states)
+                if final and last_only:
+                    x = x[rows.last]
+            x = x + layer.mlp(layer._norm(x, layer.post_norm))
+        if not last_only:
+            x = x[rows.last]
+        hidden = self.family.norm(x, self.norm, self.family.eps)
+        if not keep_states:
+            return hidden, None
+        starts = [0 if c is None else c.length for c in rows.contexts]
+        return hidden, [SequenceState(s + n, [states[i] for states in per_layer]) for i, (s, n) in enumerate(zip(starts, rows.lengths))]
+
+    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """l_yes - l_no (float32) for final hidden states."""
+        return hidden.float() @ self.score_vector
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden, self.lm_head, None)
+
+    def decode_step(self, tokens: torch.Tensor, positions: list[int], pool: SlotPool, sel: SlotSelection) -> torch.Tensor:
+        """Logits (len(slots), vocab) after feeding `tokens[k]` (on the device) at `positions[k]` (host) to the
+        k-th selected slot. Positions are known on the host, so a step never waits for the device."""
+        if max(positions) >= pool.max_len:
+            raise ValueError(f"position {max(positions)} is past the slot pool's {pool.max_len} tokens")
+        x = F.embedding(tokens, self.embed)
+        pos = torch.tensor(positions, device=self.device)
+        rope = self._rope("rope", pos)
+        width = max(positions) + 1
+        for layer, layer_pool in zip(self.layers, pool.layers):
+            x = x + layer.mixer.decode(layer._norm(x, layer.input_norm), pos, sel, layer_pool, rope, width)
+            x = x + layer.mlp(layer._norm(x, layer.post_norm))
+        return self.logits(self.family.norm(x, self.norm, self.family.eps))

@@ -1,0 +1,76 @@
+"""Prefix states: what a query's prompt head leaves for its documents, computed once per query and call.
+
+Every Prism prompt starts with the same system prompt and instruction (~187 tokens), then the query. The
+state after the shared head is computed once per process (`PrefixCache.head`); each query's prefix then runs
+only its own tokens from there, all queries of a call packed into one forward. A cached state ends at a
+multiple of the family's `chunk_align` (64 on Qwen3.5, whose linear attention scans in 64-token chunks from a
+sequence's start: a state cached mid-chunk would chunk the rest differently from one full pass and drift by
+~1e-5 in score), and at least one prompt token is always left for the rows, so each has a last position.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from prism_ray.engine.models import Model, Rows, SequenceState
+from prism_ray.prompt import PrismPromptTokenizer
+
+# Two queries that share nothing: their prefixes agree exactly on the prompt's shared head.
+_PROBES = ("a", "水 1")
+
+
+class PrefixCache:
+    """The shared head's state (once per process), and query prefixes' states per call."""
+
+    def __init__(self, net: Model | None, prompts: PrismPromptTokenizer):
+        self.net, self.prompts = net, prompts
+        self._head: tuple[list[int], SequenceState | None] | None = None
+        self._lock = threading.Lock()
+
+    def cached_length(self, prefix_len: int) -> int:
+        align = self.net.family.chunk_align
+        return min((prefix_len // align) * align, prefix_len - 1)
+
+    def head(self) -> tuple[list[int], SequenceState | None]:
+        """The shared head's tokens (cut to `chunk_align`) and its state (None when empty)."""
+        with self._lock:
+            if self._head is None:
+                a, b = (self.prompts.prefix(q) for q in _PROBES)
+                common = 0
+                while common < min(len(a), len(b)) and a[common] == b[common]:
+                    common += 1
+                align = self.net.family.chunk_align
+                ids = a[: (common // align) * align]
+                state = None
+                if ids:
+                    rows = Rows([len(ids)], [None], self.net.device)
+                    _, (state,) = self.net.forward_rows(torch.tensor(ids, device=self.net.device), rows, keep_states=True)
+                self._head = (ids, state)
+            return self._head
+
+    def states(self, prefixes: list[list[int]]) -> list[SequenceState | None]:
+        """The state after `cached_length(len(p))` tokens of each prefix, in order (None where that is no
+        token). Prefixes that start with the shared head continue from its state; the others' own tokens run
+        packed in one forward."""
+        head_ids, head_state = self.head()
+        out: list[SequenceState | None] = [None] * len(prefixes)
+        todo, tails, contexts = [], [], []
+        for i, p in enumerate(prefixes):
+            cached = self.cached_length(len(p))
+            from_head = bool(head_ids) and cached >= len(head_ids) and p[: len(head_ids)] == head_ids
+            start = len(head_ids) if from_head else 0
+            if cached == start:
+                out[i] = head_state if from_head else None
+                continue
+            todo.append(i)
+            tails.append(p[start:cached])
+            contexts.append(head_state if from_head else None)
+        if todo:
+            device = self.net.device
+            ids = torch.tensor([t for tail in tails for t in tail], device=device)
+            _, states = self.net.forward_rows(ids, Rows([len(t) for t in tails], contexts, device), keep_states=True)
+            for i, state in zip(todo, states):
+                out[i] = state
+        return out  # type: ignore[return-value]
