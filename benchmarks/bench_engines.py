@@ -26,9 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from onednn_gemm import f_linear_on_onednn  # noqa: E402  (benchmarks/, on sys.path as the script's folder)
+
 from prism_ray.checkpoints import preset_checkpoint  # noqa: E402
 from prism_ray.engine import EvidenceEngine, ScoreEngine, load_model  # noqa: E402
-from prism_ray.engine.linear import f_linear_on_onednn, uses_onednn  # noqa: E402
 from prism_ray.engine.loading import resolve_dtype  # noqa: E402
 from prism_ray.prompt import build_prompt  # noqa: E402
 
@@ -159,7 +160,7 @@ def bench_scores(ckpt: Path, repeats: int, dtype: torch.dtype) -> None:
         print(f"  path A cheap mode (float32):                     {n / t_a32:8.2f} pairs/s   "
               f"ScoreEngine = {t_a32 / t_e:.2f}x")
         print(f"    vs path A float32: {agreement(ours, ref32)}")
-    if uses_onednn(fp32.model):
+    if fp32.kernels.get("linear") == "onednn":
         a32 = fp32.model
         with f_linear_on_onednn():
             path_a_cheap(a32, tok, docs[:1])
@@ -196,7 +197,7 @@ def bench_evidence(ckpt: Path, repeats: int, max_new_tokens: int, dtype: torch.d
     print(f"  path A (sequential generate): {len(docs) / t_a:7.3f} pairs/s  {tokens / t_a:7.1f} tokens/s")
     print(f"  EvidenceEngine (batched):     {len(docs) / t_e:7.3f} pairs/s  {tokens / t_e:7.1f} tokens/s")
     print(f"  EvidenceEngine / path A = {t_a / t_e:.2f}x")
-    if dtype == torch.float32 and uses_onednn(model):
+    if dtype == torch.float32 and loaded.kernels.get("linear") == "onednn":
         with f_linear_on_onednn():
             path_a_generate(model, tok, docs[:1], 2)
             t_dnn = best_of(lambda: path_a_generate(model, tok, docs, max_new_tokens), repeats)

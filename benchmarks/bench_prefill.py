@@ -1,4 +1,4 @@
-"""EvidenceEngine prefill: one pair per forward against right-padded batches of pairs, side by side.
+"""EvidenceEngine prefill: one pair per forward against packed batches of pairs, side by side.
 
     python benchmarks/bench_prefill.py --preset 0.8b --dtype auto
     python benchmarks/bench_prefill.py --preset 0.8b --dtype float32
@@ -48,7 +48,7 @@ def main() -> None:
           f"{len(pairs)} pairs, {tokens} prompt tokens, best of {args.repeats}")
     for budget, t, xs in zip(budgets, times, logits):
         diff = max(abs(a - b) for a, b in zip(xs, logits[0]))
-        print(f"  prefill budget {budget:>6} ({'one pair per forward' if budget == 1 else 'padded batches':>20}): "
+        print(f"  prefill budget {budget:>6} ({'one pair per forward' if budget == 1 else 'packed batches':>20}): "
               f"{t:6.2f} s  {tokens / t:8.0f} prompt tokens/s   max |logit diff| vs budget {budgets[0]}: {diff:.1e}")
 
 

@@ -27,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from prism_ray.checkpoints import build_checkpoint  # noqa: E402
 from prism_ray.engine import EvidenceEngine, ScoreEngine, load_model  # noqa: E402
 from prism_ray.engine.batching import budget_batches  # noqa: E402
-from prism_ray.engine.kernels import linear_attention_kernels  # noqa: E402
 from prism_ray.engine.score import sigmoid  # noqa: E402
 
 GPU_SIZES = {"one": (1, 20), "packed": (16, 20), "large": (64, 100), "evidence": (32, 128)}
@@ -71,7 +70,7 @@ def path_a_batched(loaded, groups, token_budget: int) -> list[float]:
         for r, i in enumerate(batch):
             ids[r, : len(prompts[i])] = torch.tensor(prompts[i])
         last = torch.tensor([len(prompts[i]) - 1 for i in batch], device=dev)
-        hidden = loaded.backbone(input_ids=ids.to(dev)).last_hidden_state[torch.arange(len(batch), device=dev), last]
+        hidden = loaded.model.model(input_ids=ids.to(dev)).last_hidden_state[torch.arange(len(batch), device=dev), last]
         out = loaded.model.lm_head(hidden).float()
         for r, i in enumerate(batch):
             logits[i] = (out[r, p.yes_id] - out[r, p.no_id]).item()
@@ -108,7 +107,7 @@ def speed(loaded, sizes: dict, budget: int | None, cases=("one", "packed", "larg
     """bf16 speed of `loaded` (a bf16 model) per case, first call and warm, next to path A batched."""
     dev = loaded.device
     engine = ScoreEngine(loaded, token_budget=budget)
-    print(f"bf16 ScoreEngine, token budget {engine.token_budget}; kernels {linear_attention_kernels(dev)}")
+    print(f"bf16 ScoreEngine, token budget {engine.token_budget}; kernels {loaded.kernels}")
     print(f"  ScoreEngine.warm_up() (what a replica runs before taking traffic): {engine.warm_up():.2f} s", flush=True)
     engine.score(workload(2, 4)), path_a_batched(loaded, workload(2, 4), engine.token_budget)  # warm-up
     # Each case runs twice: Triton (fla) compiles and autotunes per new shape, and some autotune keys

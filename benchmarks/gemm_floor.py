@@ -5,7 +5,7 @@
 
 Runs the model card's path A (generate, one token; score from the softmax over yes/no) on the same prompts
 three ways: torch's `F.linear` on 2 threads, the same on 1 thread, and `F.linear` swapped for oneDNN's
-operator (`prism_ray.engine.linear.f_linear_on_onednn`). Prints the per-document score differences. This
+operator (`benchmarks/onednn_gemm.py`). Prints the per-document score differences. This
 is why the parity tests compare the engines with path A on the same GEMM (see tests/conftest.py).
 """
 
@@ -20,9 +20,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from onednn_gemm import f_linear_on_onednn  # noqa: E402
+
 from prism_ray.checkpoints import preset_checkpoint  # noqa: E402
 from prism_ray.engine import load_model  # noqa: E402
-from prism_ray.engine.linear import f_linear_on_onednn  # noqa: E402
 
 QUERY = "boiling point"
 

@@ -88,14 +88,14 @@ class ScorerTierConfig(TierConfig):
     - `max_batch_tokens`: prompt tokens that `@serve.batch` gathers from concurrent requests into one
       engine call. 4096 gathers, say, two requests of 10 documents x 200 tokens; a request larger than
       the budget is split into items that each fit (one pair always fits, whatever its length).
-    - `engine_token_budget`: padded tokens in one forward pass inside that call (rows x longest row).
+    - `engine_token_budget`: prompt tokens in one forward pass inside that call (rows are packed, not padded).
       Unset, the engine picks by device: 1024 on CPU, 16384 on CUDA. A gathered batch of 4096 tokens
       at a budget of 1024 runs as about four forwards.
     """
 
     max_batch_tokens: int = Field(default=4096, gt=0, description="prompt tokens gathered per @serve.batch call")
     engine_token_budget: int | None = Field(
-        default=None, gt=0, description="padded tokens per forward pass; unset: 1024 on CPU, 16384 on CUDA")
+        default=None, gt=0, description="prompt tokens per forward pass (packed rows); unset: 1024 on CPU, 16384 on CUDA")
 
 
 class EvidenceTierConfig(TierConfig):

@@ -53,7 +53,7 @@ class EngineSettings:
     device: str | None
     max_length: int
     torch_threads: int | None
-    token_budget: int | None = None  # scorer: padded tokens per forward (None: the device default)
+    token_budget: int | None = None  # scorer: prompt tokens per forward, packed (None: the device default)
     max_batch_pairs: int | None = None  # evidence: pairs decoded together
 
 

@@ -43,17 +43,14 @@ def test_this_machine_reads_its_own_cpu_flags():
     assert computes_bf16_natively(CPU) == expected
 
 
-def test_kernel_report_names_the_triton_kernels_only_where_they_run(monkeypatch):
-    import transformers.utils.import_utils as iu
+def test_kernels_are_chosen_at_load_and_said(tiny_ckpt, qwen3_ckpt, caplog):
+    from prism_ray.engine import load_model
 
-    from prism_ray.engine.kernels import linear_attention_kernels
-
-    monkeypatch.setattr(iu, "is_flash_linear_attention_available", lambda: True)
-    monkeypatch.setattr(iu, "is_causal_conv1d_available", lambda: False)
-    assert linear_attention_kernels(torch.device("cuda")) == {"gated_delta_rule": "fla", "causal_conv1d": "torch"}
-    assert linear_attention_kernels(CPU) == {"gated_delta_rule": "prism", "causal_conv1d": "torch"}
-    monkeypatch.setattr(iu, "is_flash_linear_attention_available", lambda: False)
-    assert linear_attention_kernels(torch.device("cuda"))["gated_delta_rule"] == "prism"
+    with caplog.at_level("INFO", logger="prism_ray"):
+        hybrid = load_model(tiny_ckpt, dtype="float32")
+    assert hybrid.kernels == {"linear": "torch", "attention": "sdpa", "gated_delta_rule": "prism", "causal_conv1d": "torch"}
+    assert "engine kernels on cpu (float32): linear = torch, attention = sdpa, gated_delta_rule = prism" in caplog.text
+    assert load_model(qwen3_ckpt, dtype="float32").kernels == {"linear": "torch", "attention": "sdpa"}
 
 
 def test_malloc_thresholds_are_raised_once_unless_turned_off():

@@ -1,4 +1,4 @@
-"""Float32 projections through oneDNN inside the engines' scope (prism_ray/engine/linear.py)."""
+"""Float32 projections through oneDNN, chosen once at load for the engines' own forward (prism_ray/engine/linear.py)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,8 @@ import torch.nn.functional as F
 from conftest import english_texts
 
 from prism_ray.engine import EvidenceEngine, ScoreEngine, linear, load_model
-from prism_ray.engine.linear import EngineLinear
-from prism_ray.engine.scope import engine_kernels
 
-
-def _model(dtype=torch.float32):
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 32, bias=False)).to(dtype)
+CPU = torch.device("cpu")
 
 
 @pytest.fixture
@@ -27,54 +22,40 @@ def forced(monkeypatch):
     linear.choose.cache_clear()
 
 
-def test_inside_the_scope_it_is_float32_close_and_outside_it_is_f_linear(forced):
+def test_forced_onednn_is_float32_close_to_f_linear(forced):
     forced("onednn")
-    model = _model()
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    x = torch.randn(5, 7, 64)
-    before = model(x)
-    assert linear.install(model)
-    assert all(type(m) is EngineLinear for m in model if isinstance(m, torch.nn.Linear))
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # no weight touched
-    calls = []
-    real = linear._onednn
-    try:
-        linear._onednn = lambda *a: calls.append(1) or real(*a)
-        assert torch.equal(model(x), before)  # outside the scope: F.linear itself
-        assert not calls
-        with engine_kernels():
-            inside = model(x)
-        assert len(calls) == 2
-    finally:
-        linear._onednn = real
-    torch.testing.assert_close(inside, before, atol=1e-5, rtol=1e-5)
-    assert not torch.equal(inside, torch.zeros_like(inside))
+    name, fn = linear.linear_for((96, 64), torch.float32, CPU)
+    assert name == "onednn" and fn is not F.linear
+    x, w, b = torch.randn(5, 64), torch.randn(96, 64), torch.randn(96)
+    out = fn(x, w, b)
+    torch.testing.assert_close(out, F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+    assert not torch.equal(out, torch.zeros_like(out))
 
 
-def test_bf16_models_and_other_input_dtypes_keep_f_linear(forced):
+def test_bf16_other_devices_and_forced_torch_keep_f_linear(forced):
     forced("onednn")
-    assert not linear.install(_model(torch.bfloat16))
-    model = _model()
-    assert linear.install(model)
-    x = torch.randn(3, 64, dtype=torch.float64)
-    model.double()
-    with engine_kernels():
-        out = model(x)  # a float64 input never reaches oneDNN's float32 operator
-    assert out.dtype == torch.float64
-    torch.testing.assert_close(out, F.linear(F.gelu(F.linear(x, model[0].weight, model[0].bias)), model[2].weight))
-
-
-def test_forcing_torch_keeps_the_layers(forced):
+    assert linear.linear_for((96, 64), torch.bfloat16, CPU) == ("torch", F.linear)
+    assert linear.linear_for((96, 64), torch.float32, torch.device("cuda")) == ("torch", F.linear)
     forced("torch")
-    model = _model()
-    assert not linear.install(model)
-    assert all(type(m) is torch.nn.Linear for m in model if isinstance(m, torch.nn.Linear))
+    assert linear.linear_for((96, 64), torch.float32, CPU) == ("torch", F.linear)
 
 
 def test_a_bad_setting_is_named(forced):
     forced("mkl")
     with pytest.raises(ValueError, match="PRISM_RAY_LINEAR must be auto, onednn or torch, not 'mkl'"):
-        linear.install(_model())
+        linear.linear_for((96, 64), torch.float32, CPU)
+
+
+def test_a_reference_model_on_the_same_weights_keeps_f_linear(forced, tiny_ckpt, monkeypatch):
+    """Loading an engine on oneDNN changes nothing outside the engines: transformers' modules still call F.linear."""
+    forced("onednn")
+    loaded = load_model(tiny_ckpt, dtype="float32")
+    assert loaded.kernels["linear"] == "onednn"
+    calls = []
+    monkeypatch.setattr(linear, "_onednn", lambda *a: calls.append(1))
+    with torch.inference_mode():
+        loaded.model(input_ids=torch.tensor([[1, 2, 3]]))
+    assert not calls and all(type(m) is torch.nn.Linear for m in loaded.model.modules() if isinstance(m, torch.nn.Linear))
 
 
 def test_onednn_is_chosen_only_when_clearly_faster_at_every_row_count():
@@ -96,7 +77,7 @@ def test_engines_on_onednn_equal_path_a_on_the_same_gemm(forced, any_ckpt):
     """Score parity (1e-5) and identical greedy text, against path A run with oneDNN's float32 GEMM."""
     forced("onednn")
     loaded = load_model(any_ckpt, dtype="float32")
-    assert type(loaded.model.lm_head) is EngineLinear
+    assert loaded.kernels["linear"] == "onednn"
     query = "What is the boiling point of water at sea level?"
     docs = ["Water boils at 100 C (212 F) at sea level."] + english_texts(4, 20, 150)
     scores = ScoreEngine(loaded).score_pairs(query, docs)
@@ -108,15 +89,3 @@ def test_engines_on_onednn_equal_path_a_on_the_same_gemm(forced, any_ckpt):
         assert abs(s.score - r["score"]) <= 1e-5, doc
         assert a.text == r["text"], doc
     assert max(s.logit for s in scores) - min(s.logit for s in scores) > 0.1  # the scores depend on the input
-
-
-def test_the_benchmarks_swap_of_f_linear_is_undone(monkeypatch):
-    calls = []
-    real = linear._onednn
-    monkeypatch.setattr(linear, "_onednn", lambda *a: calls.append(1) or real(*a))
-    original = F.linear
-    x, w = torch.randn(2, 8), torch.randn(4, 8)
-    with linear.f_linear_on_onednn():
-        torch.testing.assert_close(F.linear(x, w), original(x, w), atol=1e-5, rtol=1e-5)
-        F.linear(x.double(), w.double())  # float64 keeps torch's own
-    assert len(calls) == 1 and F.linear is original

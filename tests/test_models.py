@@ -1,0 +1,102 @@
+"""The engines' own forward (prism_ray/engine/models/) against transformers' forward on the same weights, and
+the slot pool and prefix states it decodes and continues from."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prism_ray.engine import EvidenceEngine, load_model
+from prism_ray.engine.models import Rows, SlotPool
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def loaded_models(tiny_ckpt, qwen3_ckpt):
+    return {str(p): load_model(p, dtype="float32") for p in (tiny_ckpt, qwen3_ckpt)}
+
+
+def _ids(n, seed=0):
+    return torch.randint(0, 5000, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def _hf_last_hidden(loaded, ids):
+    with torch.inference_mode():
+        return loaded.model.model(input_ids=ids[None]).last_hidden_state[0, -1]
+
+
+def _hf_next_logits(loaded, ids):
+    with torch.inference_mode():
+        return loaded.model(input_ids=ids[None]).logits[0, -1]
+
+
+@torch.inference_mode()
+def test_packed_rows_from_a_context_equal_whole_sequences(loaded_models, any_ckpt):
+    """A 128-token context, then three packed rows continuing from it (and one from nothing): each row's last
+    hidden state equals transformers' forward over the whole sequence."""
+    loaded = loaded_models[str(any_ckpt)]
+    net, ids = loaded.net, _ids(330)
+    _, (ctx,) = net.forward_rows(ids[:128], Rows([128], [None], CPU), keep_states=True)
+    tails = [ids[128:330], ids[128:131], ids[128:129]]
+    packed = torch.cat(tails + [ids[:77]])
+    hidden, _ = net.forward_rows(packed, Rows([202, 3, 1, 77], [ctx, ctx, ctx, None], CPU))
+    for row, end in zip(hidden, (330, 131, 129, 77)):
+        torch.testing.assert_close(row, _hf_last_hidden(loaded, ids[:end]), atol=1e-4, rtol=1e-4)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("slots", [[0, 1], [2, 0]])  # consecutive slots (views) and not (an index)
+def test_decode_steps_from_the_pool_equal_whole_sequences(loaded_models, any_ckpt, slots):
+    loaded = loaded_models[str(any_ckpt)]
+    net, ids = loaded.net, _ids(300, seed=1)
+    _, states = net.forward_rows(torch.cat([ids[:300], ids[:150]]), Rows([300, 150], [None, None], CPU), keep_states=True)
+    pool = SlotPool(net, 3, 320)
+    for slot, state in zip(slots, states):
+        pool.store(slot, state)
+    seqs = [ids[:300], ids[:150]]
+    tokens = torch.tensor([5, 7])
+    for _ in range(3):
+        logits = net.decode_step(tokens, [len(s) for s in seqs], pool, pool.select(slots))
+        seqs = [torch.cat([s, t[None]]) for s, t in zip(seqs, tokens)]
+        for got, seq in zip(logits, seqs):
+            torch.testing.assert_close(got, _hf_next_logits(loaded, seq), atol=1e-4, rtol=1e-4)
+        tokens = logits.argmax(-1)
+
+
+@torch.inference_mode()
+def test_a_released_slot_is_reused_and_the_others_stay_in_place(loaded_models, tiny_ckpt):
+    net = loaded_models[str(tiny_ckpt)].net
+    _, states = net.forward_rows(_ids(90), Rows([40, 30, 20], [None] * 3, CPU), keep_states=True)
+    pool = SlotPool(net, 3, 64)
+    taken = [pool.allocate() for _ in range(3)]
+    assert taken == [0, 1, 2] and pool.free == 0
+    for slot, state in zip(taken, states):
+        pool.store(slot, state)
+    before = [(t.data_ptr(), t[[0, 2]].clone()) for layer in pool.layers for t in vars(layer).values()]
+    pool.release(1)
+    assert pool.allocate() == 1
+    after = [(t.data_ptr(), t[[0, 2]]) for layer in pool.layers for t in vars(layer).values()]
+    for (ptr_a, a), (ptr_b, b) in zip(before, after):
+        assert ptr_a == ptr_b and torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="no free slot"):
+        pool.allocate()
+
+
+def test_shared_head_runs_once_per_process_and_generation_leaves_prefix_states_alone(loaded_models, tiny_ckpt, monkeypatch):
+    loaded = loaded_models[str(tiny_ckpt)]
+    head_ids, head = loaded.prefixes.head()
+    assert len(head_ids) % 64 == 0 and len(head_ids) >= 128  # the system prompt and instruction, chunk-aligned
+    assert loaded.prompts.prefix("any query at all")[: len(head_ids)] == head_ids
+    runs = []
+    real = loaded.net.forward_rows
+    monkeypatch.setattr(loaded.net, "forward_rows", lambda ids, rows, **kw: runs.append(rows.contexts) or real(ids, rows, **kw))
+    prefixes = [loaded.prompts.prefix(q) for q in ("first query", "a second, rather longer query " * 12)]
+    states = loaded.prefixes.states(prefixes)
+    assert len(runs) == 1 and all(c is head for c in runs[0])  # both queries packed, both from the head
+    assert [s.length for s in states] == [loaded.prefixes.cached_length(len(p)) for p in prefixes]
+    saved = [[t.clone() for t in vars(layer).values()] for layer in head.layers]
+    EvidenceEngine(loaded).generate([("first query", "a document"), ("first query", "another")], max_new_tokens=4)
+    for layer, tensors in zip(head.layers, saved):
+        for t, s in zip(vars(layer).values(), tensors):
+            assert torch.equal(t, s)
