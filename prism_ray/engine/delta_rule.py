@@ -76,16 +76,16 @@ class ChunkLayout:
             t = torch.arange(n)
             parts.append((offsets_t[t // CHUNK] + rank[i]) * CHUNK + t % CHUNK)
         slots = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
-        return ChunkLayout(slots.to(device), torch.tensor(rank, device=device), active, offsets, sum(active))
+        return ChunkLayout(slots.to(device), torch.tensor(rank).to(device), active, offsets, sum(active))
 
 
-def chunk_rows(q, k, v, g, beta, lengths: list[int], initial_state: torch.Tensor | None = None,
-               output_final_state: bool = False):
+def chunk_rows(q, k, v, g, beta, lengths: list[int], initial_state=None, output_final_state: bool = False):
     """The gated delta rule over packed rows.
 
     q/k (T, Hk, Dk), v (T, Hv, Dv), g/beta (T, Hv): the rows' tokens one after another, row i holding
-    `lengths[i]` of them. initial_state (rows, Hv, Dk, Dv) or None (zeros). Returns (output (T, Hv, Dv) in q's
-    dtype, final state (rows, Hv, Dk, Dv) in float32, or None).
+    `lengths[i]` of them. initial_state: (rows, Hv, Dk, Dv), or one (Hv, Dk, Dv) tensor or None (zeros) per
+    row, or None; each is copied once, into the scan's own state, and never written. Returns (output
+    (T, Hv, Dv) in q's dtype, final state (rows, Hv, Dk, Dv) in float32, or None).
     """
     out_dtype = q.dtype
     device = q.device
@@ -129,12 +129,14 @@ def chunk_rows(q, k, v, g, beta, lengths: list[int], initial_state: torch.Tensor
     k_last = (k * (cum[..., -1:, None] - cum[..., None]).exp()).transpose(-1, -2).contiguous()
     chunk_decay = cum[..., -1].exp()[..., None, None]  # (chunks, heads, 1, 1)
 
-    if initial_state is None:
-        state = torch.zeros(rows * heads, k_dim, v_dim, dtype=torch.float32, device=device)
-    else:
-        by_rank = torch.empty(rows, heads, k_dim, v_dim, dtype=torch.float32, device=device)
+    by_rank = torch.zeros(rows, heads, k_dim, v_dim, dtype=torch.float32, device=device)
+    if isinstance(initial_state, torch.Tensor):
         by_rank[layout.rank] = initial_state.to(torch.float32)
-        state = by_rank.view(rows * heads, k_dim, v_dim)
+    elif initial_state is not None:
+        for rank, start in zip(layout.rank.tolist(), initial_state):
+            if start is not None:
+                by_rank[rank] = start
+    state = by_rank.view(rows * heads, k_dim, v_dim)
     out = torch.empty(chunks, heads, size, v_dim, dtype=torch.float32, device=device)
     for active, start in zip(layout.active, layout.offsets):
         block = slice(start, start + active)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from prism_ray.engine.batching import packed_batches
 from prism_ray.engine.loading import LoadedModel, load_model
-from prism_ray.engine.models import Rows, SequenceState, SlotPool
+from prism_ray.engine.models import SequenceState, SlotPool, pack
 from prism_ray.engine.score import elapsed, sigmoid, validate_group
 from prism_ray.engine.transfer import to_device
 from prism_ray.output import parse_output
@@ -54,6 +54,7 @@ class _Row:
     pair: EncodedPair
     logit: float
     tokens: list[int]
+    context: SequenceState | None = field(default=None, repr=False)  # its query's prefix state
     slot: int = -1
     done: bool = False
     state: SequenceState | None = field(default=None, repr=False)  # after prefill, until stored in the pool
@@ -130,27 +131,24 @@ class EvidenceEngine:
         return [self._finish(row, max_new_tokens) for row in rows]
 
     def _encode(self, pairs) -> list[_Row]:
+        """The pairs' prompts, each with its query's prefix state: every distinct query's prefix runs once per
+        call (all of them in one forward), however many admission rounds its pairs are prefilled in."""
         prompts = self.loaded.prompts
         prefixes: dict[str, list[int]] = {}
         for query, _ in pairs:
             if query not in prefixes:
                 prefixes[query] = prompts.prefix(query)
-        return [_Row(i, prompts.encode(q, d, prefix=prefixes[q]), 0.0, []) for i, (q, d) in enumerate(pairs)]
+        states = dict(zip(prefixes, self.loaded.prefixes.states(list(prefixes.values()))))
+        return [_Row(i, prompts.encode(q, d, prefix=prefixes[q]), 0.0, [], context=states[q]) for i, (q, d) in enumerate(pairs)]
 
     # -- prefill: packed rows, each from its query's prefix state ----------------------------------
     def _prefill(self, rows: list[_Row], temperature: float, gen) -> None:
         """Each row's first token, logit and state (`row.state`, for the pool)."""
-        prompts, net, device = self.loaded.prompts, self.loaded.net, self.loaded.device
-        prefixes: dict[tuple[int, ...], int] = {}
-        for row in rows:
-            prefixes.setdefault(tuple(row.pair.prefix), len(prefixes))
-        states = self.loaded.prefixes.states([list(p) for p in prefixes])
-        contexts = [states[prefixes[tuple(r.pair.prefix)]] for r in rows]
-        tails = [r.pair.ids[(c.length if c is not None else 0):] for r, c in zip(rows, contexts)]
+        prompts, net = self.loaded.prompts, self.loaded.net
+        tails = [r.pair.ids[(r.context.length if r.context is not None else 0):] for r in rows]
         for batch in packed_batches([len(t) for t in tails], self.token_budget):
-            ids = to_device(torch.tensor([t for k in batch for t in tails[k]]), device)
-            packed = Rows([len(tails[k]) for k in batch], [contexts[k] for k in batch], device)
-            hidden, row_states = net.forward_rows(ids, packed, keep_states=True)
+            packed = pack([tails[k] for k in batch], [rows[k].context for k in batch], self.loaded.device)
+            hidden, row_states = net.forward_rows(*packed, keep_states=True)
             logits = net.logits(hidden)
             firsts = self._pick(logits, temperature, gen).tolist()
             diffs = (logits[:, prompts.yes_id].float() - logits[:, prompts.no_id].float()).tolist()

@@ -27,7 +27,7 @@ class LoadedModel:
     prompts: PrismPromptTokenizer
     device: torch.device
     dtype: torch.dtype
-    net: models.Model = field(repr=False, default=None)
+    net: models.Model = field(repr=False)
     kernels: dict[str, str] = field(default_factory=dict)  # what runs, per op (`kernels.choose_kernels`)
     prefixes: PrefixCache = field(init=False, repr=False)
 

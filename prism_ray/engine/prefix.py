@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import threading
 
-import torch
-
-from prism_ray.engine.models import Model, Rows, SequenceState
+from prism_ray.engine.models import Model, SequenceState, pack
 from prism_ray.prompt import PrismPromptTokenizer
 
 # Two queries that share nothing: their prefixes agree exactly on the prompt's shared head.
@@ -45,8 +43,7 @@ class PrefixCache:
                 ids = a[: (common // align) * align]
                 state = None
                 if ids:
-                    rows = Rows([len(ids)], [None], self.net.device)
-                    _, (state,) = self.net.forward_rows(torch.tensor(ids, device=self.net.device), rows, keep_states=True)
+                    _, (state,) = self.net.forward_rows(*pack([ids], [None], self.net.device), keep_states=True)
                 self._head = (ids, state)
             return self._head
 
@@ -68,9 +65,7 @@ class PrefixCache:
             tails.append(p[start:cached])
             contexts.append(head_state if from_head else None)
         if todo:
-            device = self.net.device
-            ids = torch.tensor([t for tail in tails for t in tail], device=device)
-            _, states = self.net.forward_rows(ids, Rows([len(t) for t in tails], contexts, device), keep_states=True)
+            _, states = self.net.forward_rows(*pack(tails, contexts, self.net.device), keep_states=True)
             for i, state in zip(todo, states):
                 out[i] = state
         return out  # type: ignore[return-value]

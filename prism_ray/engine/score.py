@@ -21,8 +21,7 @@ import torch
 
 from prism_ray.engine.batching import packed_batches
 from prism_ray.engine.loading import LoadedModel, load_model
-from prism_ray.engine.models import Rows, SequenceState
-from prism_ray.engine.transfer import to_device
+from prism_ray.engine.models import SequenceState, pack
 from prism_ray.prompt import DEFAULT_MAX_LENGTH, EncodedPair
 
 # Prompt tokens per forward (real tokens: rows are packed, not padded). GPUs want far larger batches.
@@ -127,10 +126,7 @@ class ScoreEngine:
     def _forward_rows(self, states: list[SequenceState | None], rows: list[tuple[int, int, int, list[int]]]) -> torch.Tensor:
         """Logit differences (on the device, float32) for document+suffix rows, each continuing from its
         query's prefix state."""
-        device = self.loaded.device
-        ids = to_device(torch.tensor([t for r in rows for t in r[3]]), device)
-        packed = Rows([len(r[3]) for r in rows], [states[r[2]] for r in rows], device)
-        hidden, _ = self.loaded.net.forward_rows(ids, packed)
+        hidden, _ = self.loaded.net.forward_rows(*pack([r[3] for r in rows], [states[r[2]] for r in rows], self.loaded.device))
         return self.loaded.net.scores(hidden)
 
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 
 from prism_ray.engine.models import qwen3, qwen3_5
-from prism_ray.engine.models.base import DecoderLayer, Linear, Model, Rows, SequenceState, SlotPool
+from prism_ray.engine.models.base import DecoderLayer, Linear, Model, Rows, SequenceState, SlotPool, pack
 
 FAMILIES = {"qwen3_5_text": qwen3_5, "qwen3_5": qwen3_5, "qwen3": qwen3}
 
-__all__ = ["FAMILIES", "Model", "Rows", "SequenceState", "SlotPool", "build"]
+__all__ = ["FAMILIES", "Model", "Rows", "SequenceState", "SlotPool", "build", "pack"]
 
 
 def _decoder(lm: torch.nn.Module) -> torch.nn.Module:

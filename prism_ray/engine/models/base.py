@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from prism_ray.engine.transfer import to_device
+
 Linear = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
@@ -69,17 +71,23 @@ class Rows:
             self.cu.append(self.cu[-1] + n)
         starts = [0 if c is None else c.length for c in self.contexts]
         positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, self.lengths)])
-        self.positions = positions.to(self.device)
-        self.last = torch.tensor(self.cu[1:], device=self.device) - 1
+        self.positions = to_device(positions, self.device)
+        self.last = to_device(torch.tensor(self.cu[1:]) - 1, self.device)
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def cached(self, key, build):
-        """Per-call values that several layers use (rope tables, conv gather indices), built once."""
+        """Per-call values that several layers use (the conv gather index), built once."""
         if key not in self._cache:
             self._cache[key] = build()
         return self._cache[key]
+
+
+def pack(rows: list[list[int]], contexts: list[SequenceState | None], device: torch.device) -> tuple[torch.Tensor, Rows]:
+    """Token rows as one flat id stream on the device and its `Rows`: what `Model.forward_rows` takes."""
+    ids = to_device(torch.tensor([t for row in rows for t in row], dtype=torch.long), device)
+    return ids, Rows([len(r) for r in rows], contexts, device)
 
 
 class SlotPool:
@@ -121,21 +129,24 @@ class SlotSelection:
     """Some slots of a pool: a slice where they are consecutive (views, no copy), an index otherwise."""
 
     def __init__(self, slots: list[int], device: torch.device):
-        self.slots = slots
         lo = slots[0]
         self.range = slice(lo, lo + len(slots)) if slots == list(range(lo, lo + len(slots))) else None
-        self.index = None if self.range is not None else torch.tensor(slots, device=device)
-        self.index_tensor = self.index if self.index is not None else torch.arange(lo, lo + len(slots), device=device)
+        self.index = to_device(torch.tensor(slots), device)  # for writes at (slot, position)
 
     def read(self, t: torch.Tensor) -> torch.Tensor:
         return t[self.range] if self.range is not None else t.index_select(0, self.index)
 
-    def write_back(self, t: torch.Tensor, value: torch.Tensor) -> None:
-        """Store `value` (what `read` returned, updated) in the selected slots; a view is already there."""
+    def write(self, t: torch.Tensor, value: torch.Tensor) -> None:
+        """Store a new `value` in the selected slots."""
         if self.range is None:
             t.index_copy_(0, self.index, value)
-        elif value.data_ptr() != t[self.range].data_ptr():
+        else:
             t[self.range].copy_(value)
+
+    def write_back(self, t: torch.Tensor, value: torch.Tensor) -> None:
+        """Store what `read` returned, updated in place: already there when `read` returned a view."""
+        if self.range is None:
+            t.index_copy_(0, self.index, value)
 
 
 # -- shared pieces -----------------------------------------------------------------------------------------
@@ -250,8 +261,8 @@ class Attention:
         cos, sin = rope
         q, gate = self._query(x, cos, sin)
         k, v = self._key_value(x, cos, sin)
-        pool.k[sel.index_tensor, :, positions] = k
-        pool.v[sel.index_tensor, :, positions] = v
+        pool.k[sel.index, :, positions] = k
+        pool.v[sel.index, :, positions] = v
         keys, values = sel.read(pool.k[:, :, :width]), sel.read(pool.v[:, :, :width])
         mask = (torch.arange(width, device=x.device)[None] <= positions[:, None])[:, None, None]
         out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask, enable_gqa=True)
@@ -301,16 +312,12 @@ class Model:
     def set_score_tokens(self, yes_id: int, no_id: int) -> None:
         self.score_vector = (self.lm_head[yes_id] - self.lm_head[no_id]).float()
 
-    def _rope(self, key, positions: torch.Tensor, rows: Rows | None = None):
-        build = lambda: rope_tables(self.family, positions, self.dtype)  # noqa: E731
-        return rows.cached(key, build) if rows is not None else build()
-
     def forward_rows(self, ids: torch.Tensor, rows: Rows, keep_states: bool = False,
                      last_only: bool = True) -> tuple[torch.Tensor, list[SequenceState] | None]:
         """Final-normed hidden states at each row's last token (rows, hidden), and with `keep_states` each
         row's state after its last token. `ids` (T,) on the device."""
         x = F.embedding(ids, self.embed)
-        rope = self._rope("rope", rows.positions, rows)
+        rope = rope_tables(self.family, rows.positions, self.dtype)
         per_layer = []
         for index, layer in enumerate(self.layers):
             final = index == len(self.layers) - 1
@@ -346,8 +353,8 @@ class Model:
         if max(positions) >= pool.max_len:
             raise ValueError(f"position {max(positions)} is past the slot pool's {pool.max_len} tokens")
         x = F.embedding(tokens, self.embed)
-        pos = torch.tensor(positions, device=self.device)
-        rope = self._rope("rope", pos)
+        pos = to_device(torch.tensor(positions), self.device)
+        rope = rope_tables(self.family, pos, self.dtype)
         width = max(positions) + 1
         for layer, layer_pool in zip(self.layers, pool.layers):
             x = x + layer.mixer.decode(layer._norm(x, layer.input_norm), pos, sel, layer_pool, rope, width)

@@ -94,11 +94,7 @@ class GatedDeltaNet:
         conv_out, stream, starts = self._conv_rows(mixed, rows, index)
         q, k, v = self._split(conv_out)
         beta, g = self._gates(b, a)
-        has_ctx = [c is not None for c in rows.contexts]
-        initial = None
-        if any(has_ctx):
-            initial = torch.stack([c.layers[index].recurrent if c is not None else
-                                   torch.zeros(self.v_heads, self.k_dim, self.v_dim, device=x.device) for c in rows.contexts])
+        initial = [c.layers[index].recurrent if c is not None else None for c in rows.contexts]
         core, final = delta_rule.chunk_rows(q, k, v, g, beta, rows.lengths, initial, output_final_state=keep_states)
         states = None
         if keep_states:
@@ -110,7 +106,7 @@ class GatedDeltaNet:
         mixed, z, b, a = self._project(x)
         conv = sel.read(pool.conv)  # (A, kernel - 1, C)
         window = torch.cat([conv, mixed[:, None]], dim=1)
-        sel.write_back(pool.conv, window[:, 1:])
+        sel.write(pool.conv, window[:, 1:])
         out = (window.to(self.conv_weight.dtype) * self.conv_weight).sum(1)
         if self.conv_bias is not None:
             out = out + self.conv_bias
