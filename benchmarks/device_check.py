@@ -1,22 +1,28 @@
-"""The GPU check, in one go and without Ray: fp32 parity with path A on the device, then bf16 speed.
+"""The GPU check (v2), in one go and without Ray: fp32 parity with path A on the device, then bf16 figures.
 
-    bash benchmarks/device_check.sh          # on a CUDA machine (the 0.8b preset); about 5 minutes on an H200
+    bash benchmarks/device_check.sh          # on a CUDA machine (the 0.8b preset); at most 8 minutes on an H200
     bash benchmarks/device_check.sh --cpu    # the same steps on the tiny preset and small sizes: a dry run
 
-Prints, for the 0.8b preset in bf16: ScoreEngine prompt tokens/s (every pair's whole prompt counted,
-timed end to end per engine call, tokenizing included) for 1 query x 20 docs, 16 queries x 20 docs
-packed into one call, and 64 x 100; next to path A batched in bf16 (a plain forward over right-padded
-batches of whole prompts, reading the last real token) on the same pairs; and EvidenceEngine tokens/s
-at 32 pairs x 128 new tokens; each case twice (first call with compiles, then warm). Last, a diagnosis of
-one warm 16 x 20 call of each (host syncs, GPU busy time against wall time, the top kernels), so that a
-run that misses a target also says where the time went. Exits 1 if fp32 parity with path A fails.
+Sections, each in its own try (one that fails prints why and the others still run), figures gathered into
+one table at the end:
+- parity: fp32 scores against path A one prompt per forward (exits 1 if it fails);
+- scoring: ScoreEngine and path A batched (a plain forward over right-padded whole prompts) on 1 query x 20
+  documents and 16 x 20 packed in one call: prompt tokens/s, first call and warm;
+- profile: one warm call of each: GPU busy time against wall time, host syncs, computed tokens (the engine's
+  packed rows and prefixes; path A's padded batches), microseconds of GPU time per computed token next to the
+  GEMM floor (the layers' projection FLOPs per token at the rate a plain bf16 matmul reaches on this device),
+  and the kernel-time split (GEMM / linear attention / conv / attention / copies / elementwise / other);
+- new shape: the first and second call of a workload of a shape not seen before (compile and autotune cost);
+- evidence: generated tokens/s with 32 and 64 sequences decoding concurrently.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -29,8 +35,16 @@ from prism_ray.engine import EvidenceEngine, ScoreEngine, load_model  # noqa: E4
 from prism_ray.engine.batching import budget_batches  # noqa: E402
 from prism_ray.engine.score import sigmoid  # noqa: E402
 
-GPU_SIZES = {"one": (1, 20), "packed": (16, 20), "large": (64, 100), "evidence": (32, 128)}
-CPU_SIZES = {"one": (1, 4), "packed": (4, 4), "large": (6, 6), "evidence": (3, 8)}
+GPU_SIZES = {"one": (1, 20), "packed": (16, 20), "new shape": (3, 13), "evidence": ((32, 64), 128)}
+CPU_SIZES = {"one": (1, 4), "packed": (4, 4), "new shape": (2, 3), "evidence": ((2, 3), 8)}
+KERNEL_KINDS = (  # first match wins, on the lower-cased kernel (or op) name
+    ("linear attention", ("chunk", "gated_delta", "fused_recurrent", "solve_tril", "cumsum", "delta", "triangular")),
+    ("conv", ("conv",)),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
+    ("GEMM", ("gemm", "matmul", "cutlass", "cublas", "sm90_xmma", "nvjet", "bmm", "addmm", "mm", "linear")),
+    ("copies", ("copy", "memcpy", "memset", "cat", "index", "gather", "scatter", "fill")),
+    ("elementwise", ("elementwise", "vectorized", "reduce", "mul", "add", "silu", "sigmoid", "exp", "rsqrt", "pow", "mean")),
+)
 
 
 def texts(n: int, lo: int, hi: int, offset: int = 0) -> list[str]:
@@ -81,7 +95,7 @@ def parity(ckpt: Path, device: str) -> bool:
     """fp32 parity with path A run one prompt per forward (the card's reference exactly).
 
     Two figures: the engine one row per forward (the algorithm: must be within 1e-5), and the engine at its
-    own token budget (rows right-padded into one forward). The second is held to 1e-5 or to path A's own
+    own token budget (rows packed into one forward). The second is held to 1e-5 or to path A's own
     spread between one prompt per forward and right-padded batches, whichever is larger: the reference
     kernels (the chunked Gated DeltaNet above all) reduce in a different order when the batch width changes,
     and no engine can be closer to path A than path A is to itself.
@@ -102,39 +116,52 @@ def parity(ckpt: Path, device: str) -> bool:
     return ok
 
 
-def speed(loaded, sizes: dict, budget: int | None, cases=("one", "packed", "large"),
-          evidence: bool = True) -> None:
-    """bf16 speed of `loaded` (a bf16 model) per case, first call and warm, next to path A batched."""
+TABLE: list[tuple[str, str, str]] = []  # (section, what, figure)
+
+
+def record(section: str, what: str, figure: str) -> None:
+    TABLE.append((section, what, figure))
+    print(f"  [{section}] {what}: {figure}", flush=True)
+
+
+@contextlib.contextmanager
+def section(name: str):
+    """A section of the check: its failure is printed and recorded, and the next section runs."""
+    print(f"-- {name}", flush=True)
+    t0 = time.perf_counter()
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - a failing section is reported, never fatal to the others
+        traceback.print_exc()
+        record(name, "FAILED", f"{type(exc).__name__}: {exc}".splitlines()[0][:120])
+    print(f"   ({name}: {time.perf_counter() - t0:.1f} s)", flush=True)
+
+
+def print_table() -> None:
+    width = max((len(w) for _, w, _ in TABLE), default=10)
+    print("\n| section | what | figure |\n|---|---|---|")
+    for sec, what, figure in TABLE:
+        print(f"| {sec} | {what:<{width}} | {figure} |")
+
+
+def calls(loaded, engine: ScoreEngine, groups):
+    return {"ScoreEngine": lambda: engine.score(groups),
+            "path A batched": lambda: path_a_batched(loaded, groups, engine.token_budget)}
+
+
+def scoring(loaded, engine: ScoreEngine, sizes: dict) -> None:
     dev = loaded.device
-    engine = ScoreEngine(loaded, token_budget=budget)
-    print(f"bf16 ScoreEngine, token budget {engine.token_budget}; kernels {loaded.kernels}")
-    print(f"  ScoreEngine.warm_up() (what a replica runs before taking traffic): {engine.warm_up():.2f} s", flush=True)
-    engine.score(workload(2, 4)), path_a_batched(loaded, workload(2, 4), engine.token_budget)  # warm-up
-    # Each case runs twice: Triton (fla) compiles and autotunes per new shape, and some autotune keys
-    # hold the batch size, so the first call of a shape can be mostly compile time. The second call of
-    # the same work is the steady state a warm server sees; both are printed.
-    for name in cases:
-        queries, docs = sizes[name]
+    for case in ("one", "packed"):
+        queries, docs = sizes[case]
         groups = workload(queries, docs)
+        tokens = sum(engine.prompts.encode(q, d).num_tokens for q, ds in groups for d in ds)
+        times = {}
         for run in ("first call", "warm"):
-            results, t_e = timed(lambda groups=groups: engine.score(groups), dev)
-            tokens = sum(r.num_tokens for g in results for r in g)
-            ref, t_a = timed(lambda groups=groups: path_a_batched(loaded, groups, engine.token_budget), dev)
-            diff = max(abs(r.score - s) for r, s in zip((r for g in results for r in g), ref))
-            print(f"  {queries:>3} x {docs:<3} ({tokens} prompt tokens, {run:>10}): ScoreEngine {tokens / t_e:>10,.0f} "
-                  f"tokens/s   path A batched {tokens / t_a:>10,.0f} tokens/s   = {t_a / t_e:.2f}x   max |diff| {diff:.1e}",
-                  flush=True)
-    if not evidence:
-        return
-    pairs, new = sizes["evidence"]
-    ev = EvidenceEngine(loaded, max_batch_size=pairs)
-    print(f"  EvidenceEngine.warm_up(): {ev.warm_up():.2f} s", flush=True)
-    work = [(q, d) for q, docs in workload(pairs, 1) for d in docs]
-    for run in ("first call", "warm"):
-        out, t = timed(lambda: ev.generate(work, max_new_tokens=new), dev)
-        generated = sum(r.generated_tokens for r in out)
-        print(f"  evidence {pairs} pairs x {new} new tokens ({run}): {generated / t:,.0f} generated tokens/s "
-              f"({generated} tokens in {t:.2f} s)", flush=True)
+            for name, call in calls(loaded, engine, groups).items():
+                _, times[name, run] = timed(call, dev)
+                record("scoring", f"{queries} x {docs} {name} ({run})", f"{tokens / times[name, run]:,.0f} prompt tokens/s")
+            record("scoring", f"{queries} x {docs} ScoreEngine / path A ({run})",
+                   f"{times['path A batched', run] / times['ScoreEngine', run]:.2f}x")
 
 
 def host_syncs(fn, device: torch.device) -> int | None:
@@ -152,31 +179,103 @@ def host_syncs(fn, device: torch.device) -> int | None:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def diagnose(loaded, sizes: dict, budget: int | None) -> None:
-    """Where one warm packed call's time goes, for the engine and for path A batched: host syncs, the
-    device's busy time against wall time (busy well under wall: the GPU waits for the host), and the
-    kernels (or, on the CPU, the ops) that take the most time."""
+def computed_tokens(loaded, engine: ScoreEngine, groups) -> dict[str, int]:
+    """Tokens each contender runs through the layers: the engine's packed rows (prefixes included), path A's
+    right-padded batches (pads included)."""
+    net, seen = loaded.net, []
+    real = net.forward_rows
+    net.forward_rows = lambda ids, rows, **kw: seen.append(sum(rows.lengths)) or real(ids, rows, **kw)
+    try:
+        engine.score(groups)
+    finally:
+        del net.forward_rows
+    lengths = [engine.prompts.encode(q, d).num_tokens for q, ds in groups for d in ds]
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in budget_batches(lengths, engine.token_budget))
+    return {"ScoreEngine": sum(seen), "path A batched": padded}
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+@torch.inference_mode()
+def gemm_floor_us_per_token(loaded) -> tuple[float, float]:
+    """(microseconds per token, TFLOP/s): the decoder layers' projection FLOPs per token at the rate a plain
+    matmul of those shapes (8192 rows, the model's dtype) reaches here."""
+    dev, dtype = loaded.device, loaded.dtype
+    shapes = [tuple(p.shape) for n, p in loaded.model.named_parameters() if p.ndim == 2 and ".layers." in f".{n}"]
+    rows = 8192 if dev.type == "cuda" else 256
+    flops = seconds = 0.0
+    for out_f, in_f in set(shapes):
+        a, w = torch.randn(rows, in_f, device=dev, dtype=dtype), torch.randn(in_f, out_f, device=dev, dtype=dtype)
+        a @ w
+        _, t = timed(lambda a=a, w=w: [a @ w for _ in range(5)], dev)
+        flops += 5 * 2.0 * rows * in_f * out_f * shapes.count((out_f, in_f))
+        seconds += t * shapes.count((out_f, in_f))
+    rate = flops / seconds
+    per_token = sum(2.0 * o * i for o, i in shapes)
+    return 1e6 * per_token / rate, rate / 1e12
+
+
+def profile_calls(loaded, engine: ScoreEngine, sizes: dict) -> None:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     dev = loaded.device
-    engine = ScoreEngine(loaded, token_budget=budget)
-    groups = workload(*sizes["packed"])
-    calls = {"ScoreEngine": lambda: engine.score(groups),
-             "path A batched": lambda: path_a_batched(loaded, groups, engine.token_budget)}
     cuda = dev.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    for name, call in calls.items():
-        call()  # warm: compiles and autotunes out of the way
-        syncs = host_syncs(call, dev)
-        with profile(activities=activities) as prof:
-            _, wall = timed(call, dev)
-        busy = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA) / 1e6
-        print(f"  diagnosis, {name}, {sizes['packed'][0]} x {sizes['packed'][1]} warm: wall {wall:.3f} s (profiled)"
-              + (f", GPU busy {busy:.3f} s ({busy / wall:.0%}), host syncs {syncs}" if cuda else ""), flush=True)
-        table = prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
-                                          row_limit=14, max_name_column_width=60)
-        print("\n".join("    " + line for line in table.splitlines()), flush=True)
+    floor, tflops = gemm_floor_us_per_token(loaded)
+    record("profile", "GEMM floor", f"{floor:.2f} us per token (plain matmul of the layer shapes: {tflops:.3g} TFLOP/s)")
+    for case in ("one", "packed"):
+        queries, docs = sizes[case]
+        groups = workload(queries, docs)
+        computed = computed_tokens(loaded, engine, groups)
+        for name, call in calls(loaded, engine, groups).items():
+            call()  # warm
+            syncs = host_syncs(call, dev)
+            with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+                _, wall = timed(call, dev)
+            events = [e for e in prof.key_averages()]
+            if cuda:
+                busy = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA) / 1e6
+                split = {}
+                for e in events:
+                    if e.device_type == DeviceType.CUDA:
+                        split[kernel_kind(e.key)] = split.get(kernel_kind(e.key), 0.0) + e.self_device_time_total
+            else:  # the dry run: CPU ops' self time stands in for kernels
+                busy = wall
+                split = {}
+                for e in events:
+                    if e.key.startswith("aten::"):
+                        split[kernel_kind(e.key)] = split.get(kernel_kind(e.key), 0.0) + e.self_cpu_time_total
+            what = f"{queries} x {docs} {name}"
+            record("profile", f"{what} busy / wall", f"{busy:.3f} s / {wall:.3f} s ({busy / wall:.0%})"
+                   + (f", host syncs {syncs}" if syncs is not None else ""))
+            record("profile", f"{what} per computed token", f"{1e6 * busy / computed[name]:.2f} us over {computed[name]} tokens "
+                   f"({1e6 * busy / computed[name] / floor:.1f}x the GEMM floor)")
+            total = sum(split.values()) or 1.0
+            record("profile", f"{what} kernel split", ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in
+                                                                  sorted(split.items(), key=lambda kv: -kv[1])))
+
+
+def new_shape(loaded, engine: ScoreEngine, sizes: dict) -> None:
+    queries, docs = sizes["new shape"]
+    groups = workload(queries, docs)
+    _, first = timed(lambda: engine.score(groups), loaded.device)
+    _, second = timed(lambda: engine.score(groups), loaded.device)
+    record("new shape", f"{queries} x {docs} first call vs second", f"{first:.3f} s vs {second:.3f} s (+{first - second:.3f} s)")
+
+
+def evidence(loaded, sizes: dict) -> None:
+    concurrency, new = sizes["evidence"]
+    for pairs in concurrency:
+        ev = EvidenceEngine(loaded, max_batch_size=pairs)
+        work = [(q, d) for q, docs in workload(pairs, 1) for d in docs]
+        for run in ("first call", "warm"):
+            out, t = timed(lambda ev=ev, work=work: ev.generate(work, max_new_tokens=new), loaded.device)
+            generated = sum(r.generated_tokens for r in out)
+            record("evidence", f"{pairs} concurrent x {new} new tokens ({run})",
+                   f"{generated / t:,.0f} generated tokens/s ({generated} in {t:.2f} s)")
 
 
 def main() -> int:
@@ -184,11 +283,9 @@ def main() -> int:
     ap.add_argument("--cpu", action="store_true", help="dry run: tiny preset, small sizes, on the CPU")
     ap.add_argument("--token-budget", type=int, default=None)
     ap.add_argument("--out", default="checkpoints")
-    ap.add_argument("--cases", default="one,packed,large", help="scoring cases to time (a short run: one,packed)")
-    ap.add_argument("--no-parity", action="store_true", help="skip the fp32 parity step (a short run)")
-    ap.add_argument("--no-evidence", action="store_true", help="skip the evidence timing (a short run)")
-    ap.add_argument("--no-diagnosis", action="store_true", help="skip the profile of one warm packed call")
+    ap.add_argument("--skip", default="", help="sections to skip, comma-separated: parity,scoring,profile,new shape,evidence")
     args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
     device = "cpu" if args.cpu else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device; use --cpu for the dry run", file=sys.stderr)
@@ -198,16 +295,24 @@ def main() -> int:
     if not (ckpt / "config.json").is_file():
         build_checkpoint(preset, ckpt)
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    print(f"device check: {name}, preset {preset}, torch {torch.__version__}", flush=True)
-    ok = True if args.no_parity else parity(ckpt, device)
+    print(f"device check v2: {name}, preset {preset}, torch {torch.__version__}", flush=True)
+    ok = True
+    if "parity" not in skip:
+        with section("parity"):
+            ok = parity(ckpt, device)
+            record("parity", "fp32 against path A", "ok" if ok else "FAILED")
     sizes = CPU_SIZES if args.cpu else GPU_SIZES
     bf16 = load_model(ckpt, dtype="bfloat16", device=device)
-    speed(bf16, sizes, args.token_budget, tuple(args.cases.split(",")), not args.no_evidence)
-    if not args.no_diagnosis:
-        try:  # last, and never at the cost of the figures above
-            diagnose(bf16, sizes, args.token_budget)
-        except Exception as exc:  # noqa: BLE001 - a diagnosis that fails is reported, not fatal
-            print(f"  diagnosis failed: {type(exc).__name__}: {exc}", flush=True)
+    engine = ScoreEngine(bf16, token_budget=args.token_budget)
+    record("setup", "bf16 kernels", ", ".join(f"{k}={v}" for k, v in bf16.kernels.items()))
+    record("setup", "ScoreEngine.warm_up()", f"{engine.warm_up():.2f} s (token budget {engine.token_budget})")
+    steps = {"scoring": lambda: scoring(bf16, engine, sizes), "profile": lambda: profile_calls(bf16, engine, sizes),
+             "new shape": lambda: new_shape(bf16, engine, sizes), "evidence": lambda: evidence(bf16, sizes)}
+    for name, step in steps.items():
+        if name not in skip:
+            with section(name):
+                step()
+    print_table()
     return 0 if ok else 1
 
 

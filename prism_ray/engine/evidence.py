@@ -30,7 +30,8 @@ from prism_ray.output import parse_output
 from prism_ray.prompt import DEFAULT_MAX_LENGTH, EncodedPair
 
 DEFAULT_MAX_NEW_TOKENS = 512
-# Prompt tokens per prefill forward (packed: real tokens); 1 runs each pair on its own.
+# Prompt tokens per prefill forward (packed: real tokens); 1 runs each pair on its own. On a 2-core CPU,
+# packed batches of 1024 beat one pair per forward (`benchmarks/bench_prefill.py --preset 0.8b`, see README).
 DEFAULT_PREFILL_BUDGET = {"cpu": 1024, "cuda": 16384}
 
 
