@@ -8,6 +8,7 @@ import torch
 from conftest import CHINESE, english_texts
 
 from prism_ray.engine import EvidenceEngine
+from prism_ray.engine.evidence import DecodeLoop
 
 QUERY = "What is the boiling point of water at sea level?"
 
@@ -76,6 +77,15 @@ def _layer_tensors(state):
     return out
 
 
+def _prefilled(engine, pairs):
+    """The pairs as sequences after prefill (each with its first token, logit and state), all in one round."""
+    seqs = [engine.sequence(q, d, index=i) for i, (q, d) in enumerate(pairs)]
+    DecodeLoop(engine, 1, 1)._contexts(seqs)  # their queries' prefix states, as an admission round sets them
+    with torch.inference_mode():
+        engine._prefill(seqs)
+    return seqs
+
+
 def test_packed_prefill_leaves_each_row_as_one_pair_at_a_time(evidence_engines, any_ckpt):
     """Pairs of two queries and lengths 1 to ~200 tokens packed into one forward: every row's first-token logit,
     attention K/V and Gated DeltaNet conv and recurrent states equal those of a prefill of that pair alone, to
@@ -84,11 +94,7 @@ def test_packed_prefill_leaves_each_row_as_one_pair_at_a_time(evidence_engines, 
     pairs = [(QUERY, d) for d in ["", "water"] + english_texts(3, 20, 160)] + [("沸点", CHINESE[0])]
     together = EvidenceEngine(engine.loaded, token_budget=100_000)
     alone = EvidenceEngine(engine.loaded, token_budget=1)  # every pair its own forward
-    gen = torch.Generator()
-    rows_t, rows_a = together._encode(pairs), alone._encode(pairs)
-    with torch.inference_mode():
-        together._prefill(rows_t, 0.0, gen)
-        alone._prefill(rows_a, 0.0, gen)
+    rows_t, rows_a = _prefilled(together, pairs), _prefilled(alone, pairs)
     assert len({r.pair.num_tokens for r in rows_t}) >= 4  # lengths differ
     for rt, ra, pair in zip(rows_t, rows_a, pairs):
         assert rt.pair.ids == ra.pair.ids == engine.prompts.encode(*pair).ids

@@ -1,20 +1,27 @@
 """EvidenceEngine: the model's full answer (yes/no, contribution, evidence), generated per step from a slot pool.
 
-Prefill: each query's shared prefix runs once (`prefix.PrefixCache`); the pairs' remaining tokens run packed
-(no padding) in forwards of up to `token_budget` tokens, each row continuing from its query's prefix state,
-and each row's state (attention K/V, Gated DeltaNet conv and recurrent state after its own last token) is
-written into a slot of a preallocated `SlotPool`. Decode: every active slot advances one token per step, in
-place; the host reads the new tokens every `sync_every` steps, retires rows at their stop token, their
-`max_new_tokens` or their cancellation (freeing their slot, nothing else moves), and admits waiting pairs
-into the free slots, so a call with more pairs than slots keeps the pool full and a short answer never waits
-for a long one.
+A pair becomes a `Sequence` (its prompt tokens, its own `max_new_tokens` and temperature); a `DecodeLoop`
+runs sequences to their end:
+
+- Prefill: each query's shared prefix runs once (`prefix.PrefixCache`); the admitted pairs' remaining tokens
+  run packed (no padding) in forwards of up to `token_budget` tokens, each row continuing from its query's
+  prefix state, and each row's state (attention K/V, Gated DeltaNet conv and recurrent state after its own
+  last token) is written into a free slot of a preallocated `SlotPool`.
+- Decode: every active slot advances one token per step, in place; the host reads the new tokens every
+  `sync_every` steps and retires rows at their stop token, their own `max_new_tokens` or their
+  cancellation (freeing their slot, nothing else moves); waiting sequences are admitted into the free slots
+  before the next steps, so a short answer never waits for a long one.
+
+`EvidenceEngine.generate` runs one loop over a list of pairs in the calling thread; `scheduler.Scheduler` runs
+one loop for as long as a server lives, fed by `submit` from other threads.
 """
 
 from __future__ import annotations
 
 import secrets
+import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence as Seq
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,15 +56,24 @@ class EvidenceResult:
     generated_tokens: int
 
 
-@dataclass
-class _Row:
-    index: int  # the pair's position in the generate call
+@dataclass(eq=False)
+class Sequence:
+    """One pair on its way through a decode loop."""
+
+    index: int  # the caller's number for it (its position in a generate call)
+    query: str
     pair: EncodedPair
-    logit: float
-    tokens: list[int]
-    context: SequenceState | None = field(default=None, repr=False)  # its query's prefix state
+    max_new_tokens: int
+    temperature: float
+    generator: torch.Generator | None = field(default=None, repr=False)  # sampled sequences only
+    tokens: list[int] = field(default_factory=list)
+    logit: float = 0.0
     slot: int = -1
     done: bool = False
+    cancelled: bool = False  # set from any thread; the loop retires it at its next step
+    submitted: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    context: SequenceState | None = field(default=None, repr=False)  # its query's prefix state, while waiting
     state: SequenceState | None = field(default=None, repr=False)  # after prefill, until stored in the pool
 
 
@@ -66,12 +82,11 @@ class EvidenceEngine:
                  device: str | None = None, max_length: int = DEFAULT_MAX_LENGTH, max_batch_size: int = 32,
                  token_budget: int | None = None):
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype, device, max_length)
-        self.max_batch_size = max_batch_size  # slots: pairs decoding at once
+        self.max_batch_size = max_batch_size  # slots of a generate call: pairs decoding at once
         # Prompt tokens per prefill forward.
         self.token_budget = token_budget or DEFAULT_PREFILL_BUDGET.get(self.loaded.device.type, 8192)
         self.sync_every = 8  # decode steps between host syncs (see _decode)
-        p = self.loaded.prompts
-        self._stop = set(p.eos_ids)
+        self._stop = set(self.loaded.prompts.eos_ids)
 
     @property
     def prompts(self):
@@ -82,122 +97,215 @@ class EvidenceEngine:
         return elapsed(lambda: self.generate([("warm-up query", "a warm-up document"), ("warm-up query", "another")],
                                             max_new_tokens=2, seed=0))
 
+    def sequence(self, query: str, document: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                 temperature: float = 0.0, seed: int | None = None, index: int = 0) -> Sequence:
+        """A pair checked and tokenized, ready for a decode loop. Sampled sequences get their own generator
+        (seeded by `seed`, random without), so what one writes does not depend on what shares its batch."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be an integer >= 1")
+        if not isinstance(temperature, (int, float)) or not temperature >= 0:
+            raise ValueError("temperature must be a number >= 0")
+        validate_group(query, [document])
+        generator = None
+        if temperature > 0:
+            generator = torch.Generator(device=self.loaded.device)
+            generator.manual_seed(seed if seed is not None else secrets.randbits(63))
+        return Sequence(index, query, self.prompts.encode(query, document), max_new_tokens, float(temperature), generator)
+
     @torch.inference_mode()
-    def generate(self, pairs: Sequence[tuple[str, str]], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    def generate(self, pairs: Seq[tuple[str, str]], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  temperature: float = 0.0, seed: int | None = None,
                  should_stop: Callable[[int], bool] | None = None) -> list[EvidenceResult]:
-        """Answers for (query, document) pairs, in order. Greedy unless `temperature` > 0.
+        """Answers for (query, document) pairs, in order. Greedy unless `temperature` > 0 (then pair i samples
+        from its own generator, seeded by `seed + i`).
 
         `should_stop(i)` says that pair i's answer is no longer wanted (its caller left); it is asked at
         every host sync of the decode (every `sync_every` steps), and a stopped pair leaves there, its result
-        holding what was generated until then. A server passes it so that a cancelled request stops costing
-        decode steps at once instead of at `max_new_tokens`.
+        holding what was generated until then.
         """
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be an integer >= 1")
-        if temperature < 0:
-            raise ValueError("temperature must be >= 0")
-        for query, doc in pairs:
-            validate_group(query, [doc])
-        if not pairs:
+        seqs = [self.sequence(q, d, max_new_tokens, temperature, None if seed is None else seed + i, index=i)
+                for i, (q, d) in enumerate(pairs)]
+        if not seqs:
             return []
-        gen = torch.Generator(device=self.loaded.device)
-        gen.manual_seed(seed if seed is not None else secrets.randbits(63))
-        rows = self._encode(pairs)
-        longest = max(r.pair.num_tokens for r in rows)
-        pool = SlotPool(self.loaded.net, min(self.max_batch_size, len(rows)), longest + max_new_tokens + self.sync_every)
-        waiting = deque(rows)
-        active: list[_Row] = []
-        while waiting or active:
-            if waiting and pool.free:
-                admitted = [waiting.popleft() for _ in range(min(pool.free, len(waiting)))]
-                self._prefill(admitted, temperature, gen)
-                for row in admitted:
-                    if row.done or max_new_tokens == 1:
-                        row.done = True
-                        continue
-                    row.slot = pool.allocate()
-                    pool.store(row.slot, row.state)
-                    row.state = None
-                    active.append(row)
-                active.sort(key=lambda r: r.slot)
-            if active:
-                self._decode(active, pool, max_new_tokens, temperature, gen)
-                for row in active:
-                    if not row.done and should_stop is not None and should_stop(row.index):
-                        row.done = True
-                    if row.done:
-                        pool.release(row.slot)
-                active = [r for r in active if not r.done]
-        return [self._finish(row, max_new_tokens) for row in rows]
-
-    def _encode(self, pairs) -> list[_Row]:
-        """The pairs' prompts, each with its query's prefix state: every distinct query's prefix runs once per
-        call (all of them in one forward), however many admission rounds its pairs are prefilled in."""
-        prompts = self.loaded.prompts
-        prefixes: dict[str, list[int]] = {}
-        for query, _ in pairs:
-            if query not in prefixes:
-                prefixes[query] = prompts.prefix(query)
-        states = dict(zip(prefixes, self.loaded.prefixes.states(list(prefixes.values()))))
-        return [_Row(i, prompts.encode(q, d, prefix=prefixes[q]), 0.0, [], context=states[q]) for i, (q, d) in enumerate(pairs)]
+        longest = max(s.pair.num_tokens for s in seqs)
+        loop = DecodeLoop(self, min(self.max_batch_size, len(seqs)), longest + max_new_tokens + self.sync_every)
+        for s in seqs:
+            loop.add(s)
+        while loop.pending:
+            loop.step()
+            if should_stop is not None:
+                for s in loop.active:
+                    s.cancelled = s.cancelled or should_stop(s.index)
+        return [self.result(s) for s in seqs]
 
     # -- prefill: packed rows, each from its query's prefix state ----------------------------------
-    def _prefill(self, rows: list[_Row], temperature: float, gen) -> None:
-        """Each row's first token, logit and state (`row.state`, for the pool)."""
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        """Each sequence's first token, logit and state (`seq.state`, for the pool)."""
         prompts, net = self.loaded.prompts, self.loaded.net
-        tails = [r.pair.ids[(r.context.length if r.context is not None else 0):] for r in rows]
+        tails = [s.pair.ids[(s.context.length if s.context is not None else 0):] for s in seqs]
         for batch in packed_batches([len(t) for t in tails], self.token_budget):
-            packed = pack([tails[k] for k in batch], [rows[k].context for k in batch], self.loaded.device)
+            packed = pack([tails[k] for k in batch], [seqs[k].context for k in batch], self.loaded.device)
             hidden, row_states = net.forward_rows(*packed, keep_states=True)
             logits = net.logits(hidden)
-            firsts = self._pick(logits, temperature, gen).tolist()
+            firsts = self._pick(logits, [seqs[k] for k in batch]).tolist()
             diffs = (logits[:, prompts.yes_id].float() - logits[:, prompts.no_id].float()).tolist()
+            now = time.monotonic()
             for k, first, diff, state in zip(batch, firsts, diffs, row_states):
-                row = rows[k]
-                row.tokens, row.logit, row.state, row.done = [first], diff, state, first in self._stop
+                s = seqs[k]
+                s.tokens, s.logit, s.state, s.first_token_at = [first], diff, state, now
+                s.done = first in self._stop or s.max_new_tokens == 1
+                s.context = None
 
     # -- decode: every active slot, one token per step --------------------------------------------
-    def _decode(self, active: list[_Row], pool: SlotPool, max_new_tokens: int, temperature: float, gen) -> None:
-        """Up to `sync_every` steps of every active row, then one transfer brings the new tokens to the host:
-        a row that reached a stop token keeps only what precedes it (and its stop), one that reached
-        `max_new_tokens` keeps that many, and both are marked done. A GPU never waits on the host per token;
-        a finished row costs at most `sync_every - 1` extra steps of a batch that runs anyway."""
+    def _decode(self, active: list[Sequence], pool: SlotPool) -> int:
+        """Up to `sync_every` steps of every active sequence, then one transfer brings the new tokens to the
+        host: a sequence that reached a stop token keeps only what precedes it (and its stop), one that
+        reached its `max_new_tokens` keeps that many, and both are marked done. A GPU never waits on the host
+        per token; a finished row costs at most `sync_every - 1` extra steps of a batch that runs anyway.
+        Returns the steps run."""
         net, device = self.loaded.net, self.loaded.device
-        sel = pool.select([r.slot for r in active])
-        steps = min(self.sync_every, max(max_new_tokens - len(r.tokens) for r in active))
-        last = to_device(torch.tensor([r.tokens[-1] for r in active]), device)
-        positions = [r.pair.num_tokens + len(r.tokens) - 1 for r in active]
+        sel = pool.select([s.slot for s in active])
+        steps = min(self.sync_every, max(s.max_new_tokens - len(s.tokens) for s in active))
+        last = to_device(torch.tensor([s.tokens[-1] for s in active]), device)
+        positions = [s.pair.num_tokens + len(s.tokens) - 1 for s in active]
         window = []
         for _ in range(steps):
-            last = self._pick(net.decode_step(last, positions, pool, sel), temperature, gen)
+            last = self._pick(net.decode_step(last, positions, pool, sel), active)
             window.append(last)
             positions = [p + 1 for p in positions]
-        for row, new_tokens in zip(active, torch.stack(window, dim=1).tolist()):
+        for s, new_tokens in zip(active, torch.stack(window, dim=1).tolist()):
             for tok in new_tokens:
-                if len(row.tokens) >= max_new_tokens:
+                if len(s.tokens) >= s.max_new_tokens:
                     break
-                row.tokens.append(tok)
+                s.tokens.append(tok)
                 if tok in self._stop:
                     break
-            row.done = row.tokens[-1] in self._stop or len(row.tokens) >= max_new_tokens
+            s.done = s.tokens[-1] in self._stop or len(s.tokens) >= s.max_new_tokens
+        return steps
 
-    def _pick(self, logits: torch.Tensor, temperature: float, gen) -> torch.Tensor:
-        """The next token of each row, on the logits' device. Greedy picks in the logits' own dtype (a bf16
-        to float32 cast is exact, so the argmax is the same, and it skips a copy of B x vocabulary per step)."""
-        if temperature == 0:
-            return logits.argmax(dim=-1)
-        probs = F.softmax(logits.float() / temperature, dim=-1)
-        return torch.multinomial(probs, 1, generator=gen)[:, 0]
+    def _pick(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """The next token of each row, on the logits' device. Greedy rows take the argmax in the logits' own
+        dtype (a bf16 to float32 cast is exact, so the argmax is the same, and it skips a copy of B x
+        vocabulary per step); a sampled row draws from its softmax at its temperature, with its own generator."""
+        picked = logits.argmax(dim=-1)
+        for k, s in enumerate(seqs):
+            if s.temperature > 0:
+                probs = F.softmax(logits[k].float() / s.temperature, dim=-1)
+                picked[k] = torch.multinomial(probs, 1, generator=s.generator)[0]
+        return picked
 
-    def _finish(self, row: _Row, max_new_tokens: int) -> EvidenceResult:
+    def text(self, seq: Sequence) -> str:
+        return self.prompts.hf.decode(seq.tokens, skip_special_tokens=True)
+
+    def result(self, seq: Sequence) -> EvidenceResult:
         prompts = self.loaded.prompts
-        ended = row.tokens[-1] in self._stop
-        text = prompts.hf.decode(row.tokens, skip_special_tokens=True)
+        ended = seq.tokens[-1] in self._stop
+        text = self.text(seq)
         parsed = parse_output(text)
         return EvidenceResult(
-            score=sigmoid(row.logit), logit=row.logit, relevant=row.tokens[0] == prompts.yes_id,
+            score=sigmoid(seq.logit), logit=seq.logit, relevant=seq.tokens[0] == prompts.yes_id,
             contribution=parsed.contribution, evidence=parsed.evidence, text=text,
-            truncated=not ended and len(row.tokens) >= max_new_tokens, num_tokens=row.pair.num_tokens,
-            prompt_truncated=row.pair.truncated, generated_tokens=len(row.tokens),
+            truncated=not ended and len(seq.tokens) >= seq.max_new_tokens, num_tokens=seq.pair.num_tokens,
+            prompt_truncated=seq.pair.truncated, generated_tokens=len(seq.tokens),
         )
+
+
+class DecodeLoop:
+    """Sequences waiting for a slot and sequences decoding, over one `SlotPool`; `step` moves them on.
+
+    Not thread-safe: one thread steps it (a generate call, or the scheduler's thread). Only `Sequence.cancelled`
+    may be set from elsewhere; the loop honours it at its next step.
+    """
+
+    def __init__(self, engine: EvidenceEngine, slots: int, max_len: int):
+        self.engine = engine
+        self.pool = SlotPool(engine.loaded.net, slots, max_len)
+        self.waiting: deque[Sequence] = deque()
+        self.active: list[Sequence] = []
+        self.admitting: list[Sequence] = []  # being prefilled in the current step
+        self._prefixes: dict[str, SequenceState | None] = {}  # query -> prefix state, while a waiting pair needs it
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.waiting or self.active)
+
+    @torch.inference_mode()
+    def step(self) -> tuple[list[Sequence], list[Sequence], int]:
+        """Retire what was cancelled, admit waiting sequences into free slots (their prefill packed), then one
+        decode window for every active sequence. Returns the sequences that ended in this step (done or
+        cancelled; their slots are free again), those that got their first token, and the decode steps run."""
+        ended = self._retire(lambda s: s.cancelled)
+        for s in [s for s in self.waiting if s.cancelled]:
+            self.waiting.remove(s)
+            ended.append(s)
+        started = self._admit()
+        ended += [s for s in started if s.done]
+        steps = 0
+        if self.active:
+            steps = self.engine._decode(self.active, self.pool)
+            ended += self._retire(lambda s: s.done)
+        return ended, started, steps
+
+    def _retire(self, which) -> list[Sequence]:
+        out = [s for s in self.active if which(s)]
+        for s in out:
+            self.pool.release(s.slot)
+        if out:
+            self.active = [s for s in self.active if not which(s)]
+        return out
+
+    def _admit(self) -> list[Sequence]:
+        """Waiting sequences into free slots, first come first served. While others decode, one round prefills
+        at most `token_budget` prompt tokens (one sequence at least), so a burst of arrivals holds the running
+        decode back by about one forward; into an idle pool it admits as many as there are free slots."""
+        if not self.waiting or not self.pool.free:
+            return []
+        budget = self.engine.token_budget if self.active else float("inf")
+        chosen: list[Sequence] = []
+        tokens = 0
+        while self.waiting and len(chosen) < self.pool.free:
+            n = self.waiting[0].pair.num_tokens
+            if chosen and tokens + n > budget:
+                break
+            chosen.append(self.waiting.popleft())
+            tokens += n
+        self.admitting = chosen
+        self._contexts(chosen)
+        self.engine._prefill(chosen)
+        need = max(s.pair.num_tokens + s.max_new_tokens for s in chosen) + self.engine.sync_every
+        if need > self.pool.max_len:
+            self.pool.grow(max(need, 2 * self.pool.max_len))
+        for s in chosen:
+            if not s.done:
+                s.slot = self.pool.allocate()
+                self.pool.store(s.slot, s.state)
+                self.active.append(s)
+            s.state = None
+        self.active.sort(key=lambda s: s.slot)  # consecutive slots read as a view
+        self.admitting = []
+        return chosen
+
+    def _contexts(self, seqs: list[Sequence]) -> None:
+        """Each sequence's query prefix state: every distinct query's prefix runs once (the new ones of a
+        round in one forward) and is kept while a waiting pair of that query still needs it."""
+        prefixes = self.engine.loaded.prefixes
+        new = list(dict.fromkeys(s.query for s in seqs if s.query not in self._prefixes))
+        if new:
+            ids = [seqs[[s.query for s in seqs].index(q)].pair.prefix for q in new]
+            self._prefixes.update(zip(new, prefixes.states(ids)))
+        for s in seqs:
+            s.context = self._prefixes[s.query]
+        wanted = {s.query for s in self.waiting}
+        self._prefixes = {q: st for q, st in self._prefixes.items() if q in wanted}
+
+    def fail_running(self) -> list[Sequence]:
+        """After a step raised: the sequences it was running (decoding or being admitted), out of the loop,
+        their slots freed. The waiting ones stay."""
+        out = self.active + self.admitting
+        for s in self.active:
+            self.pool.release(s.slot)
+        self.active, self.admitting = [], []
+        return out

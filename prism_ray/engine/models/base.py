@@ -121,6 +121,15 @@ class SlotPool:
         for pool, layer_state in zip(self.layers, state.layers):
             pool.store(slot, layer_state)
 
+    def grow(self, max_len: int) -> None:
+        """Room for sequences of up to `max_len` tokens: attention K/V move into longer buffers (the slots'
+        contents kept); fixed-size linear-attention states stay where they are. A long-lived pool starts
+        short and grows, rarely (the decode loop doubles it), to the longest sequence it has been asked for."""
+        if max_len > self.max_len:
+            for pool in self.layers:
+                pool.grow(max_len)
+            self.max_len = max_len
+
     def select(self, slots: list[int]) -> SlotSelection:
         return SlotSelection(slots, self.device)
 
@@ -282,6 +291,14 @@ class AttentionPool:
     def __init__(self, slots, kv_heads, max_len, head_dim, dtype, device):
         self.k = torch.zeros(slots, kv_heads, max_len, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
+
+    def grow(self, max_len: int) -> None:
+        slots, kv_heads, old, head_dim = self.k.shape
+        for name in ("k", "v"):
+            t = getattr(self, name)
+            longer = t.new_zeros(slots, kv_heads, max_len, head_dim)
+            longer[:, :, :old] = t
+            setattr(self, name, longer)
 
     def store(self, slot: int, state: AttentionState) -> None:
         n = state.k.shape[1]

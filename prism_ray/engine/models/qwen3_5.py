@@ -126,6 +126,9 @@ class LinearPool:
         self.conv = torch.zeros(slots, keep, channels, dtype=dtype, device=device)
         self.recurrent = torch.zeros(slots, v_heads, k_dim, v_dim, dtype=torch.float32, device=device)
 
+    def grow(self, max_len: int) -> None:
+        """A linear-attention state does not grow with the sequence."""
+
     def store(self, slot: int, state: LinearState) -> None:
         self.conv[slot] = state.conv
         self.recurrent[slot] = state.recurrent

@@ -1,0 +1,265 @@
+"""Scheduler: one decode loop for as long as a server lives; requests join it between decode steps.
+
+    scheduler = Scheduler(engine, max_active_pairs=16, max_queued_pairs=64)
+    handle = scheduler.submit(query, document, max_new_tokens=256)   # QueueFull when it is full
+    async for text in handle.deltas():  # new text at each host sync (optional)
+        ...
+    result = await handle                # or handle.result(timeout); handle.cancel() frees its slot
+
+One thread owns the engine's `DecodeLoop` (as text-embeddings-inference's queue task owns its batches): it
+admits waiting pairs into free slots (their prefill packed together), decodes every active slot for a
+window of `sync_every` steps, and retires pairs at their stop token, their own `max_new_tokens` or their
+cancellation. Pairs with different limits and temperatures share every step. What it holds is bounded:
+`max_active_pairs` slots decode at once and `max_queued_pairs` more may wait; one more is refused at once
+(`QueueFull`), so a server can answer "saturated, retry later" instead of queueing without end.
+
+Ray-free: the Serve evidence tier and the batch jobs' evidence actors wrap it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import torch
+
+from prism_ray.engine.evidence import DEFAULT_MAX_NEW_TOKENS, DecodeLoop, EvidenceEngine, EvidenceResult, Sequence
+
+log = logging.getLogger("prism_ray")
+
+INITIAL_POOL_TOKENS = 1024  # the slot pool's first length; it grows to the longest pair it is given
+
+
+class QueueFull(RuntimeError):
+    """The scheduler holds max_active_pairs + max_queued_pairs pairs already."""
+
+
+class SchedulerClosed(RuntimeError):
+    """The scheduler was closed before this pair finished."""
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What one step of the loop did, for metrics (`Scheduler(observer=...)`)."""
+
+    active: int  # slots decoding after the step
+    queued: int  # pairs waiting for a slot after the step
+    seconds: float  # the step's wall time (admission, prefill and decode window)
+    decode_steps: int  # decode steps in its window (0: nothing was decoding)
+    first_token_s: list[float]  # time from submit to first token, of the pairs prefilled in this step
+    last_token_s: list[float]  # time from submit to the end, of the pairs that finished in this step
+
+
+class GenerationHandle:
+    """One submitted pair: await it (or `result()`), follow its text (`deltas()`, `on_text`), `cancel()` it."""
+
+    def __init__(self, seq: Sequence, scheduler: Scheduler, on_text: Callable[[str], None] | None):
+        self.seq = seq
+        self._scheduler = scheduler
+        self._future: concurrent.futures.Future[EvidenceResult] = concurrent.futures.Future()
+        self._lock = threading.Lock()
+        self._sent = ""  # text passed to listeners so far
+        self._listeners: list[Callable[[str | None], None]] = []
+        if on_text is not None:
+            self._listeners.append(lambda t: None if t is None else on_text(t))
+
+    # -- the result ---------------------------------------------------------------------------------------
+    def result(self, timeout: float | None = None) -> EvidenceResult:
+        """Blocks until the answer is complete. Raises `concurrent.futures.CancelledError` after `cancel()`,
+        or what failed the pair's step."""
+        return self._future.result(timeout)
+
+    def __await__(self):
+        return asyncio.wrap_future(self._future).__await__()
+
+    @property
+    def done(self) -> bool:
+        return self._future.done()
+
+    def cancel(self) -> None:
+        """The answer is no longer wanted: it leaves the queue at once, or its slot at the loop's next step."""
+        self.seq.cancelled = True
+        with self._lock:
+            self._future.cancel()
+            self._notify(None)
+        self._scheduler._wake()
+
+    # -- text as it is written ------------------------------------------------------------------------------
+    async def deltas(self) -> AsyncIterator[str]:
+        """The answer's text as it is written: each item is the text new since the last one (at each host
+        sync); together they are the result's `text`. Ends when the answer does (await the handle for it)."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[str | None] = asyncio.Queue()
+        with self._lock:
+            if self._sent:
+                queue.put_nowait(self._sent)
+            if self._future.done():
+                queue.put_nowait(None)
+            else:
+                self._listeners.append(lambda t: loop.call_soon_threadsafe(queue.put_nowait, t))
+        while (piece := await queue.get()) is not None:
+            yield piece
+
+    def _notify(self, piece: str | None) -> None:
+        for listener in self._listeners:
+            listener(piece)
+
+    def _publish(self, text: str, final: bool = False) -> None:
+        """New text for the listeners (text decoded so far; a trailing partial character is held back until
+        it completes, except at the end)."""
+        if not final:
+            text = text.rstrip("\ufffd")
+        with self._lock:
+            if text.startswith(self._sent) and len(text) > len(self._sent):
+                piece, self._sent = text[len(self._sent):], text
+                self._notify(piece)
+
+    def _finish(self, result: EvidenceResult | None, error: BaseException | None = None) -> None:
+        if result is not None:
+            self._publish(result.text, final=True)
+        with self._lock:
+            if not self._future.done():
+                if error is not None:
+                    self._future.set_exception(error)
+                elif result is not None:
+                    self._future.set_result(result)
+                else:
+                    self._future.cancel()
+            self._notify(None)
+            self._listeners.clear()
+
+
+class Scheduler:
+    def __init__(self, engine: EvidenceEngine, max_active_pairs: int = 16, max_queued_pairs: int | None = 64,
+                 torch_threads: int | None = None, observer: Callable[[StepReport], None] | None = None):
+        """`max_queued_pairs=None`: no bound on waiting pairs (a batch job that submits a bucket at once).
+        `torch_threads`: the loop thread's torch thread count (default: the creating thread's). `observer` gets a `StepReport` after each step
+        (on the loop's thread: keep it cheap)."""
+        if max_active_pairs < 1:
+            raise ValueError("max_active_pairs must be >= 1")
+        if max_queued_pairs is not None and max_queued_pairs < 0:
+            raise ValueError("max_queued_pairs must be >= 0 (or None: unbounded)")
+        self.engine = engine
+        self.max_active_pairs, self.max_queued_pairs = max_active_pairs, max_queued_pairs
+        self._observer = observer
+        self._torch_threads = torch_threads or torch.get_num_threads()
+        self._loop = DecodeLoop(engine, max_active_pairs, INITIAL_POOL_TOKENS)
+        self._handles: dict[int, GenerationHandle] = {}  # id(seq) -> handle, for every pair not yet finished
+        self._incoming: list[Sequence] = []
+        self._cv = threading.Condition()
+        self._closed = False
+        self._busy_since: float | None = None
+        self._died: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="prism-scheduler", daemon=True)
+        self._thread.start()
+
+    # -- callers' side --------------------------------------------------------------------------------------
+    def submit(self, query: str, document: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+               temperature: float = 0.0, seed: int | None = None,
+               on_text: Callable[[str], None] | None = None) -> GenerationHandle:
+        """Queue one pair; returns at once. Raises ValueError for a bad pair, `QueueFull` when the scheduler
+        holds `max_active_pairs + max_queued_pairs` pairs, `SchedulerClosed` after `close()`. `on_text(piece)`
+        is called (on the loop's thread) with each piece of new text."""
+        seq = self.engine.sequence(query, document, max_new_tokens, temperature, seed)  # tokenizes: off the lock
+        handle = GenerationHandle(seq, self, on_text)
+        with self._cv:
+            if self._closed:
+                raise SchedulerClosed("the scheduler is closed")
+            if self.max_queued_pairs is not None and len(self._handles) >= self.max_active_pairs + self.max_queued_pairs:
+                raise QueueFull(f"{self.active} pairs decoding and {self.queued} waiting: the limits are "
+                                f"max_active_pairs={self.max_active_pairs} and max_queued_pairs={self.max_queued_pairs}")
+            self._handles[id(seq)] = handle
+            self._incoming.append(seq)
+            self._cv.notify()
+        return handle
+
+    @property
+    def active(self) -> int:
+        """Pairs decoding now (slots in use)."""
+        return len(self._loop.active)
+
+    @property
+    def queued(self) -> int:
+        """Pairs submitted and not yet decoding."""
+        return max(0, len(self._handles) - self.active)
+
+    def check(self, wedged_after_s: float) -> None:
+        """Raises when the loop thread died, or one step has run longer than `wedged_after_s` (a stuck kernel):
+        a server's health check calls it, so the replica is replaced."""
+        if self._died is not None or not self._thread.is_alive():
+            raise RuntimeError(f"the scheduler's loop thread is not running ({self._died!r})")
+        since = self._busy_since
+        if since is not None and time.monotonic() - since > wedged_after_s:
+            raise RuntimeError(f"a decode step has run for {time.monotonic() - since:.0f} s, past wedged_after_s="
+                               f"{wedged_after_s:g}")
+
+    def close(self) -> None:
+        """Stop the loop; pairs not finished fail with `SchedulerClosed`."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout=60)
+        for handle in list(self._handles.values()):
+            handle._finish(None, SchedulerClosed("the scheduler was closed before this pair finished"))
+        self._handles.clear()
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    # -- the loop's thread -----------------------------------------------------------------------------------
+    def _run(self) -> None:
+        torch.set_num_threads(self._torch_threads)
+        try:
+            while True:
+                with self._cv:
+                    while not self._closed and not self._incoming and not self._loop.pending:
+                        self._cv.wait()
+                    if self._closed:
+                        return
+                    incoming, self._incoming = self._incoming, []
+                for seq in incoming:
+                    self._loop.add(seq)
+                self._step()
+        except BaseException as exc:  # noqa: BLE001 - a broken loop fails the health check
+            self._died = exc
+            log.exception("the evidence scheduler's loop died")
+            raise
+
+    def _step(self) -> None:
+        started = time.monotonic()
+        self._busy_since = started
+        try:
+            ended, first, steps = self._loop.step()
+        except Exception as exc:  # noqa: BLE001 - the pairs of this step fail; the loop and the queue go on
+            log.exception("a decode step failed; its pairs get the error")
+            for seq in self._loop.fail_running():
+                self._end(seq, None, exc)
+            return
+        finally:
+            self._busy_since = None
+        now = time.monotonic()
+        for seq in ended:
+            self._end(seq, None if seq.cancelled else self.engine.result(seq))
+        for seq in self._loop.active:
+            handle = self._handles.get(id(seq))
+            if handle is not None and handle._listeners:
+                handle._publish(self.engine.text(seq))
+        if self._observer is not None:
+            try:
+                self._observer(StepReport(self.active, self.queued, now - started, steps,
+                                          [s.first_token_at - s.submitted for s in first],
+                                          [now - s.submitted for s in ended if not s.cancelled]))
+            except Exception:  # noqa: BLE001 - metrics must not stop generation
+                log.exception("the scheduler's observer failed")
+
+    def _end(self, seq: Sequence, result: EvidenceResult | None, error: BaseException | None = None) -> None:
+        with self._cv:
+            handle = self._handles.pop(id(seq), None)
+        if handle is not None:
+            handle._finish(result, error)
