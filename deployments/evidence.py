@@ -1,37 +1,29 @@
 """Evidence tier: generation for the few documents a caller wants evidence for.
 
-`@serve.batch` gathers pairs from concurrent requests so that one decode loop serves them all;
-pairs are grouped by their generation settings inside a gathered batch. A request cancelled by its
-caller (deadline, disconnect: Serve cancels the handle call) marks its pair, and the decode loop drops
-it at its next host sync, so an abandoned generation stops costing steps.
+Each replica runs one `prism_ray.engine.Scheduler`: every call submits its pair and awaits it, and the pair
+joins the replica's running decode at its next step, so a short answer never waits for a long one. A full
+scheduler (`max_active_pairs` decoding, `max_queued_pairs` waiting) refuses the call at once with a
+`saturated` error (the router answers 503 with Retry-After). A call cancelled by its caller (deadline,
+disconnect: Serve cancels the handle call) cancels its pair, which leaves its slot at the loop's next step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import asdict
 
 from ray import serve
 
-from deployments.threads import ComputeThread
 from prism_ray import metrics
 from prism_ray.config import ModelConfig
+from prism_ray.engine import GenerationHandle, QueueFull, Scheduler, StepReport
+from prism_ray.errors import ErrorKind, PrismError
 from prism_ray.factory import build_engine
 
 logger = logging.getLogger("ray.serve")
 
-
-@dataclass
-class _Pair:
-    query: str
-    document: str
-    max_new_tokens: int
-    temperature: float
-    enqueued: float = field(default_factory=time.monotonic)
-    cancelled: threading.Event = field(default_factory=threading.Event)
+RESULT_FIELDS = ("score", "logit", "relevant", "contribution", "evidence", "text", "truncated", "generated_tokens")
 
 
 @serve.deployment
@@ -39,49 +31,67 @@ class Evidence:
     def __init__(self, model: dict):
         self.config = ModelConfig.model_validate(model)
         tier = self.config.evidence
-        self._compute = ComputeThread(tier.torch_threads, tier.wedged_after_s)
         self.engine = build_engine(self.config, "evidence")
-        self._batched.set_max_batch_size(tier.max_batch_pairs)
-        self._batched.set_batch_wait_timeout_s(tier.batch_wait_timeout_s)
+        self.scheduler = Scheduler(self.engine, tier.max_active_pairs, tier.max_queued_pairs,
+                                   torch_threads=tier.torch_threads, observer=self._observe)
 
     async def generate(self, query: str, document: str, max_new_tokens: int, temperature: float = 0.0) -> dict:
-        """score, logit, relevant, contribution, evidence, text, truncated for one pair."""
-        pair = _Pair(query, document, max_new_tokens, temperature)
+        """score, logit, relevant, contribution, evidence, text, truncated, generated_tokens for one pair."""
+        handle = await self._submit(query, document, max_new_tokens, temperature)
         try:
-            return await self._batched(pair)
+            return self._answer(await handle)
         except asyncio.CancelledError:
-            logger.info("evidence request cancelled by its caller; its decode stops at the next sync")
-            pair.cancelled.set()
-            metrics.count("prism_cancelled_total", model=self.config.name, tier="evidence")
+            self._cancelled(handle)
+            raise
+
+    async def generate_stream(self, query: str, document: str, max_new_tokens: int, temperature: float = 0.0):
+        """`generate` as it is written (call with `handle.options(stream=True)`): the text new since the
+        last item (a `str`) at each host sync, then the result (a `dict`, as `generate` returns)."""
+        handle = await self._submit(query, document, max_new_tokens, temperature)
+        try:
+            async for piece in handle.deltas():
+                yield piece
+            yield self._answer(await handle)
+        except (asyncio.CancelledError, GeneratorExit):
+            self._cancelled(handle)
             raise
 
     def check_health(self) -> None:
-        """Serve's periodic health check: fails when the engine is wedged (see deployments.threads)."""
-        self._compute.check()
+        """Serve's periodic health check: fails when the decode loop died or one step is wedged."""
+        self.scheduler.check(self.config.evidence.wedged_after_s)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _batched(self, pairs: list[_Pair]) -> list[dict]:
-        now = time.monotonic()
+    async def _submit(self, query, document, max_new_tokens, temperature) -> GenerationHandle:
+        """Submit off the event loop (it tokenizes the document)."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(None, lambda: self.scheduler.submit(query, document, max_new_tokens,
+                                                                                  temperature))
+        except QueueFull as exc:
+            raise PrismError(ErrorKind.SATURATED, f"the evidence tier of model {self.config.name!r} is full: {exc}; "
+                                                  "retry later") from None
+
+    def _answer(self, result) -> dict:
         name = self.config.name
-        for p in pairs:
-            metrics.observe("prism_queue_wait_seconds", now - p.enqueued, metrics.SECONDS_BUCKETS, model=name, tier="evidence")
-        metrics.observe("prism_batch_pairs", len(pairs), metrics.SIZE_BUCKETS, model=name, tier="evidence")
-        results = await self._compute.run(self._generate, pairs)
-        metrics.count("prism_evidence_generated_total", len(results), model=name)
-        metrics.count("prism_tokens_total", sum(r["generated_tokens"] for r in results), model=name, tier="evidence")
-        return results
+        metrics.count("prism_evidence_generated_total", model=name)
+        metrics.count("prism_tokens_total", result.generated_tokens, model=name, tier="evidence")
+        out = asdict(result)
+        return {k: out[k] for k in RESULT_FIELDS}
 
-    def _generate(self, pairs: list[_Pair]) -> list[dict]:
-        groups: dict[tuple, list[int]] = {}
-        for i, p in enumerate(pairs):
-            groups.setdefault((p.max_new_tokens, p.temperature), []).append(i)
-        out: list[dict] = [{} for _ in pairs]
-        for (max_new_tokens, temperature), idxs in groups.items():
-            res = self.engine.generate([(pairs[i].query, pairs[i].document) for i in idxs],
-                                       max_new_tokens=max_new_tokens, temperature=temperature,
-                                       should_stop=lambda k, idxs=idxs: pairs[idxs[k]].cancelled.is_set())
-            for i, r in zip(idxs, res):
-                out[i] = {"score": r.score, "logit": r.logit, "relevant": r.relevant, "contribution": r.contribution,
-                          "evidence": r.evidence, "text": r.text, "truncated": r.truncated,
-                          "generated_tokens": r.generated_tokens}
-        return out
+    def _cancelled(self, handle: GenerationHandle) -> None:
+        if not handle.done:
+            logger.info("evidence request cancelled by its caller; its pair leaves the decode at the next step")
+            handle.cancel()
+            metrics.count("prism_cancelled_total", model=self.config.name, tier="evidence")
+
+    def _observe(self, report: StepReport) -> None:
+        """Per step, on the scheduler's thread: slots in use, pairs waiting, step time, first and last token."""
+        name = self.config.name
+        metrics.gauge("prism_evidence_active_slots", report.active, model=name)
+        metrics.gauge("prism_evidence_queued_pairs", report.queued, model=name)
+        if report.decode_steps:
+            metrics.observe("prism_decode_step_seconds", report.seconds / report.decode_steps,
+                            metrics.SECONDS_BUCKETS, model=name)
+        for s in report.first_token_s:
+            metrics.observe("prism_time_to_first_token_seconds", s, metrics.LATENCY_BUCKETS, model=name)
+        for s in report.last_token_s:
+            metrics.observe("prism_time_to_last_token_seconds", s, metrics.LATENCY_BUCKETS, model=name)

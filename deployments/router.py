@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-from deployments.retries import with_retries
+from deployments.retries import FIRST_DELAY_S, MAX_DELAY_S, replica_lost, with_retries
 from prism_ray import metrics
 from prism_ray.api import (
     CohereRerankRequest,
@@ -92,6 +92,18 @@ class _InFlight:
         self.handed_over = True
 
 
+def _prism_cause(exc: BaseException) -> PrismError | None:
+    """The PrismError a replica raised, under Ray's wrapping (a RayTaskError whose `cause` it is)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        cause = getattr(exc, "cause", None)
+        if isinstance(exc, PrismError) and not isinstance(cause, BaseException):
+            return exc
+        exc = cause if isinstance(cause, BaseException) else exc.__cause__
+    return None
+
+
 def _count_failure(kind: ErrorKind, endpoint: str, model: str) -> None:
     """A failed request in both request metrics: by status (next to the 200s) and by error kind."""
     metrics.count("prism_requests_total", model=model, endpoint=endpoint, status=str(STATUS[kind]))
@@ -157,7 +169,7 @@ class Router:
         # Tokenizers load now: a first request must not stall the event loop.
         self.service = RerankService(self.config, _load_prompts(self.config), score=self._call_scorer,
                                      evidence=self._call_evidence, evidence_models=set(self.evidences),
-                                     score_groups=self._call_scorer_groups)
+                                     score_groups=self._call_scorer_groups, evidence_stream=self._stream_evidence)
         self._openapi = apply_config(_openapi(), self.config, [m.__name__ for m in REQUESTS])
 
     # -- the tiers, as the service sees them ------------------------------------------------------------
@@ -190,9 +202,44 @@ class Router:
 
         try:
             return await with_retries(once, retried)
-        except (BackPressureError, DeploymentUnavailableError) as exc:
-            raise retry_later(ErrorKind.SATURATED, "the model's replicas are saturated or starting; retry later",
-                              self.config.limits.retry_after_s) from exc
+        except Exception as exc:
+            raise self._tier_error(exc) from None
+
+    async def _stream_evidence(self, model: str, query: str, document: str, max_new_tokens: int):
+        """The evidence replica's `generate_stream`: text pieces, then the result dict. Sent again while its
+        replica is lost before the first piece (after it, the pieces already passed on cannot be taken back)."""
+        delay = FIRST_DELAY_S
+        while True:
+            gen = None
+            started = finished = False
+            try:
+                gen = self.evidences[model].options(stream=True).generate_stream.remote(query, document, max_new_tokens)
+                async for item in gen:
+                    started = True
+                    yield item
+                finished = True
+                return
+            except Exception as exc:
+                if started or not replica_lost(exc):
+                    raise self._tier_error(exc) from None
+                metrics.count("prism_retries_total", model=model, tier="evidence")
+            finally:  # cancelled, failed, or its reader left mid-stream: the replica stops generating
+                if gen is not None and not finished:
+                    gen.cancel()
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, MAX_DELAY_S)
+
+    def _tier_error(self, exc: Exception) -> Exception:
+        """What a failed tier call means to the caller: a saturated or replica-less tier, or a full evidence
+        scheduler (the replica's `saturated` PrismError, wrapped by Ray), is a 503 with Retry-After."""
+        retry_after = self.config.limits.retry_after_s
+        if isinstance(exc, (BackPressureError, DeploymentUnavailableError)):
+            return retry_later(ErrorKind.SATURATED, "the model's replicas are saturated or starting; retry later",
+                               retry_after)
+        cause = _prism_cause(exc)
+        if cause is not None and cause.kind == ErrorKind.SATURATED:
+            return retry_later(ErrorKind.SATURATED, cause.message, retry_after)
+        return cause or exc
 
     # -- endpoints ----------------------------------------------------------------------------------------
     @app.get("/health", responses={200: {"description": "The router is alive (cheap liveness)"}})

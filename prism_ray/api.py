@@ -329,6 +329,7 @@ class TeiRank(_PrismResult):
 
 
 STREAM_DESCRIPTION = (
-    "With `stream: true`: Server-Sent Events. `scores` (the whole ranked response, without evidence), then "
-    "one `evidence` event per evidence document as it finishes (`index` + the Prism fields) or an `error` "
-    "event for that index, then `done`.")
+    "With `stream: true`: Server-Sent Events. `scores` (the whole ranked response, without evidence); then, "
+    "per evidence document, `evidence_delta` events as the model writes (`index` and `text`: the generated "
+    "text new since the previous delta; together they make its `generated_text`) and one `evidence` event as "
+    "it finishes (`index` + the Prism fields), or an `error` event for that index; then `done`.")

@@ -43,7 +43,6 @@ class TierConfig(_Strict):
         default_factory=lambda: {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 4})
     max_ongoing_requests: int = Field(default=32, ge=1)
     max_queued_requests: int = Field(default=256, ge=-1, description="-1: unbounded")
-    batch_wait_timeout_s: float = Field(default=0.005, ge=0)
     torch_threads: int | None = Field(default=None, ge=1)
     graceful_shutdown_timeout_s: float = Field(
         default=30, ge=0, description="a replica being stopped (scale-down, redeploy) finishes its requests "
@@ -94,6 +93,7 @@ class ScorerTierConfig(TierConfig):
     """
 
     max_batch_tokens: int = Field(default=4096, gt=0, description="prompt tokens gathered per @serve.batch call")
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0, description="how long @serve.batch waits to gather")
     engine_token_budget: int | None = Field(
         default=None, gt=0, description="prompt tokens per forward pass (packed rows); unset: 1024 on CPU, 16384 on CUDA")
 
@@ -101,13 +101,40 @@ class ScorerTierConfig(TierConfig):
 class EvidenceTierConfig(TierConfig):
     """The evidence tier: generation for the few documents a caller asks evidence for.
 
-    - `max_batch_pairs`: (query, document) pairs that `@serve.batch` gathers and the engine decodes
-      together in one loop. 16 lets 16 concurrent evidence requests share each decode step.
+    Each replica runs one decode loop (`prism_ray.engine.Scheduler`) that requests join between decode
+    steps and leave at their own end:
+
+    - `max_active_pairs`: (query, document) pairs decoding at once, the slots of the replica's pool.
+    - `max_queued_pairs`: pairs more that may wait for a slot; past both, a request is answered 503
+      `saturated` with Retry-After at once instead of queueing without end.
+    - Serve's own bounds follow unless set: `max_ongoing_requests` (requests at one replica) is their sum,
+      so a router sends a replica what its scheduler may hold, and `max_queued_requests` (requests a router
+      holds while every replica is full, or while the first one starts) is `max_queued_pairs`; past those,
+      503 `saturated` too. Several routers each send up to `max_ongoing_requests`: the scheduler's own
+      bound is what holds then.
     """
 
-    max_batch_pairs: int = Field(default=16, gt=0, description="pairs gathered and decoded together")
-    _renamed = {"max_batch_tokens": "max_batch_tokens is not an evidence-tier setting: the evidence tier batches "
-                                    "pairs, not tokens; use max_batch_pairs (pairs decoded together, default 16)"}
+    max_active_pairs: int = Field(default=16, gt=0, description="pairs decoding at once (slots per replica)")
+    max_queued_pairs: int = Field(default=64, ge=0, description="pairs waiting for a slot per replica; past it, 503")
+    _renamed = {
+        "max_batch_pairs": "max_batch_pairs is gone: the evidence tier schedules per decode step; use "
+                           "max_active_pairs (pairs decoding at once, default 16) and max_queued_pairs (pairs "
+                           "waiting for a slot, default 64)",
+        "max_batch_tokens": "max_batch_tokens is not an evidence-tier setting: the evidence tier schedules pairs, "
+                            "not tokens; use max_active_pairs (pairs decoding at once, default 16) and "
+                            "max_queued_pairs (pairs waiting for a slot, default 64)",
+        "batch_wait_timeout_s": "batch_wait_timeout_s is not an evidence-tier setting: requests join the running "
+                                "decode at its next step, without a wait; size the tier with max_active_pairs and "
+                                "max_queued_pairs",
+    }
+
+    @model_validator(mode="after")
+    def _serve_bounds_from_pairs(self):
+        if "max_ongoing_requests" not in self.model_fields_set:
+            self.max_ongoing_requests = self.max_active_pairs + self.max_queued_pairs
+        if "max_queued_requests" not in self.model_fields_set:
+            self.max_queued_requests = max(1, self.max_queued_pairs)
+        return self
 
 
 class ModelConfig(_Strict):

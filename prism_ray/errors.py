@@ -61,6 +61,10 @@ class PrismError(Exception):
         super().__init__(message)
         self.kind, self.message, self.param, self.headers = kind, message, param, headers or {}
 
+    def __reduce__(self):
+        """Picklable with its kind, so one raised in a replica reaches the router whole (Ray pickles it)."""
+        return type(self), (self.kind, self.message, self.param, self.headers)
+
     @property
     def status(self) -> int:
         return STATUS[self.kind]

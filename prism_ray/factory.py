@@ -54,7 +54,7 @@ class EngineSettings:
     max_length: int
     torch_threads: int | None
     token_budget: int | None = None  # scorer: prompt tokens per forward, packed (None: the device default)
-    max_batch_pairs: int | None = None  # evidence: pairs decoded together
+    max_active_pairs: int | None = None  # evidence: pairs decoding at once (slots)
 
 
 def tier_config(model: ModelConfig, tier: Tier) -> TierConfig:
@@ -70,7 +70,7 @@ def engine_settings(model: ModelConfig, tier: Tier) -> EngineSettings:
         tier=tier, checkpoint=model.model, dtype=model.dtype, device=model.device, max_length=model.max_length,
         torch_threads=cfg.torch_threads,
         token_budget=model.scorer.engine_token_budget if tier == "scorer" else None,
-        max_batch_pairs=model.evidence.max_batch_pairs if tier == "evidence" else None,
+        max_active_pairs=model.evidence.max_active_pairs if tier == "evidence" else None,
     )
 
 
@@ -90,7 +90,7 @@ def build_engine(model: ModelConfig, tier: Tier):
         torch.set_num_threads(s.torch_threads)
     loaded = load_model(s.checkpoint, dtype=s.dtype, device=s.device, max_length=s.max_length)
     engine = (ScoreEngine(loaded, token_budget=s.token_budget) if tier == "scorer"
-              else EvidenceEngine(loaded, max_batch_size=s.max_batch_pairs))
+              else EvidenceEngine(loaded, max_batch_size=s.max_active_pairs))
     engine.settings = s
     engine.warm_up_s = engine.warm_up()
     log.info("%s engine for %s warmed up in %.2f s", tier, s.checkpoint, engine.warm_up_s)

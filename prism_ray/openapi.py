@@ -23,7 +23,7 @@ REF = "#/components/schemas/{model}"
 RERANK_ERRORS = (404, 413, 422, 429, 503, 504)
 SSE_EVENT = {  # one Server-Sent Event of a streamed answer (see RerankService.events)
     "type": "object", "required": ["event", "data"],
-    "properties": {"event": {"enum": ["scores", "evidence", "error", "done"]},
+    "properties": {"event": {"enum": ["scores", "evidence_delta", "evidence", "error", "done"]},
                    "data": {"type": "string", "contentMediaType": "application/json"}},
 }
 

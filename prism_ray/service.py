@@ -33,12 +33,15 @@ EvidenceCall = Callable[[str, str, str, int], Awaitable[dict]]
 # (model name, [(query, documents, max tokens per document)]) -> per group what ScoreCall returns; all
 # groups reach one engine call. Optional: without it, one ScoreCall per group, concurrently.
 ScoreGroupsCall = Callable[[str, list[tuple[str, list[str], "int | None"]]], Awaitable[list[list[dict]]]]
+# EvidenceCall as it is written: the text new since the last piece (str) at each host sync of the decode,
+# then what EvidenceCall returns (dict). Optional: without it, a stream has no evidence_delta events.
+EvidenceStreamCall = Callable[[str, str, str, int], AsyncIterator["str | dict"]]
 
 
 class RerankService:
     def __init__(self, config: AppConfig, prompts: Mapping[str, PrismPromptTokenizer],
                  score: ScoreCall, evidence: EvidenceCall, evidence_models: set[str] | None = None,
-                 score_groups: ScoreGroupsCall | None = None):
+                 score_groups: ScoreGroupsCall | None = None, evidence_stream: EvidenceStreamCall | None = None):
         """`prompts`: each model's prompt tokenizer (limits count its tokens). `evidence_models`: models
         that have an evidence tier (default: those whose config has one)."""
         self.config = config
@@ -47,6 +50,7 @@ class RerankService:
         self._score = score
         self._score_groups = score_groups
         self._evidence = evidence
+        self._evidence_stream = evidence_stream
         self.evidence_models = (evidence_models if evidence_models is not None
                                 else {m.name for m in config.models if m.evidence is not None})
         self.in_flight = 0
@@ -183,13 +187,19 @@ class RerankService:
             return []
         return [r for rank, r in enumerate(ranked, 1) if wants_evidence(rank, r.score, ev.top_n, ev.min_score)]
 
-    async def _evidence_one(self, job: RerankJob, model: ModelConfig, r: RankedDocument) -> RankedDocument:
+    def _evidence_args(self, job: RerankJob, model: ModelConfig, r: RankedDocument) -> tuple[str, str, str, int]:
         max_new = job.evidence.max_new_tokens or self.limits.max_new_tokens
-        out = await self._evidence(model.name, job.query, self.scored_text(job, r), max_new)
+        return model.name, job.query, self.scored_text(job, r), max_new
+
+    @staticmethod
+    def _with_evidence(r: RankedDocument, out: dict) -> RankedDocument:
         r.contribution, r.evidence, r.evidence_truncated = out["contribution"], out["evidence"], out["truncated"]
         r.generated_text = out["text"]
         r.has_evidence = True
         return r
+
+    async def _evidence_one(self, job: RerankJob, model: ModelConfig, r: RankedDocument) -> RankedDocument:
+        return self._with_evidence(r, await self._evidence(*self._evidence_args(job, model, r)))
 
     async def respond(self, job: RerankJob, model: ModelConfig,
                       ranked: list[RankedDocument] | None = None) -> tuple[dict | list, list[RankedDocument]]:
@@ -248,47 +258,61 @@ class RerankService:
 
     async def events(self, job: RerankJob, model: ModelConfig, ranked: list[RankedDocument] | None = None,
                      deadline: float | None = None) -> AsyncIterator[tuple[str, dict | list]]:
-        """The stream: one `scores` event (every score, ranked, no evidence yet), then one `evidence` event
-        per target as it finishes (or an `error` event for that index if its generation failed), then
-        `done`. Pass `ranked` to stream a ranking already computed (a host that must fail before it
-        starts a stream does so). At `deadline` (event-loop time) the generations still running are
-        cancelled and each gets an `error` event of type `timeout`: the stream still ends with `done`."""
+        """The stream: one `scores` event (every score, ranked, no evidence yet); then, per target, its
+        text as it is written (`evidence_delta` events: `index` and the `text` new since the last one, when
+        the evidence tier streams) and its `evidence` event as it finishes (or an `error` event for that
+        index if its generation failed); then `done`. Pass `ranked` to stream a ranking already computed (a
+        host that must fail before it starts a stream does so). At `deadline` (event-loop time) the
+        generations still running are cancelled and each gets an `error` event of type `timeout`: the
+        stream still ends with `done`."""
         if ranked is None:
             ranked = await self.rank(job, model)
         yield "scores", render(job, ranked, str(uuid.uuid4()), cascade=job.cascade is not None)
         targets = self.evidence_targets(job, ranked)
-        pending = {asyncio.ensure_future(self._evidence_or_error(job, model, r)): rank
-                   for rank, r in enumerate(targets)}  # task -> the target's rank
+        queue: asyncio.Queue[tuple[str, dict]] = asyncio.Queue()
+        tasks = [asyncio.ensure_future(self._evidence_events(job, model, r, queue)) for r in targets]
+        open_targets = {r.index for r in targets}
         failed = 0
         loop = asyncio.get_running_loop()
         try:
-            while pending:
+            while open_targets:
                 timeout = None if deadline is None else max(0.0, deadline - loop.time())
-                done, _ = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-                if not done:
+                try:
+                    event, data = await asyncio.wait_for(queue.get(), timeout)
+                except TimeoutError:
                     break
-                for task in sorted(done, key=pending.__getitem__):
-                    del pending[task]
-                    r, exc = task.result()
-                    if exc is None:
-                        yield "evidence", {"index": r.index, **r.prism_fields()}
-                    else:
-                        failed += 1
-                        yield "error", {"index": r.index, **_error_body(exc)}
-            for r in (targets[rank] for rank in sorted(pending.values())):  # past the deadline
+                if event != "evidence_delta":
+                    open_targets.discard(data["index"])
+                    failed += event == "error"
+                yield event, data
+            for r in (r for r in targets if r.index in open_targets):  # past the deadline, in rank order
                 failed += 1
                 yield "error", {"index": r.index, **self.timeout_error("evidence for this document").body()}
         finally:  # past the deadline, or a client that left mid-stream: no generation is left behind
-            for t in pending:
+            for t in tasks:
                 t.cancel()
         yield "done", {"evidence_documents": len(targets) - failed, "failed": failed}
 
-    async def _evidence_or_error(self, job: RerankJob, model: ModelConfig,
-                                 r: RankedDocument) -> tuple[RankedDocument, Exception | None]:
+    async def _evidence_events(self, job: RerankJob, model: ModelConfig, r: RankedDocument,
+                               queue: asyncio.Queue) -> None:
+        """One target's events into `queue`: its deltas (with a streaming tier), then `evidence` or `error`."""
         try:
-            return await self._evidence_one(job, model, r), None
+            args = self._evidence_args(job, model, r)
+            if self._evidence_stream is None:
+                out = await self._evidence(*args)
+            else:
+                out = None
+                async for piece in self._evidence_stream(*args):
+                    if isinstance(piece, str):
+                        if piece:
+                            queue.put_nowait(("evidence_delta", {"index": r.index, "text": piece}))
+                    else:
+                        out = piece
+                if out is None:
+                    raise PrismError(ErrorKind.INTERNAL, "the evidence stream ended without its result")
+            queue.put_nowait(("evidence", {"index": r.index, **self._with_evidence(r, out).prism_fields()}))
         except Exception as exc:  # noqa: BLE001 - one document's failure must not cut the stream
-            return r, exc
+            queue.put_nowait(("error", {"index": r.index, **_error_body(exc)}))
 
 
 class _Slot:

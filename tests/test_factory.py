@@ -13,7 +13,7 @@ def _model(tiny_ckpt, **kw):
     return ModelConfig.model_validate({
         "name": "prism-tiny", "model": str(tiny_ckpt), "dtype": "float32", "max_length": 384,
         "scorer": {"engine_token_budget": 777, "torch_threads": 1},
-        "evidence": {"max_batch_pairs": 3, "torch_threads": 1}, **kw})
+        "evidence": {"max_active_pairs": 3, "torch_threads": 1}, **kw})
 
 
 def test_deployment_names():
@@ -47,6 +47,9 @@ def test_a_batch_evidence_actor_and_a_serve_evidence_replica_build_the_same_engi
         assert engine.settings == engine_settings(model, "evidence")
         assert engine.max_batch_size == 3 and engine.loaded.dtype == torch.float32
         assert engine.prompts.max_length == 384
+    for scheduler in (replica.scheduler, actor.scheduler):  # the one decode loop both hosts run
+        assert scheduler.engine in (replica.engine, actor.evidence) and scheduler.max_active_pairs == 3
+    assert replica.scheduler.max_queued_pairs == 64 and actor.scheduler.max_queued_pairs is None
     scorer_replica = Scorer.func_or_class(model.model_dump(mode="json"))
     scorer_actor = EngineBackend(model, "scorer")
     for engine in (scorer_replica.engine, scorer_actor.scorer):
@@ -56,16 +59,24 @@ def test_a_batch_evidence_actor_and_a_serve_evidence_replica_build_the_same_engi
     assert build_engine(unset, "scorer").token_budget == 1024  # the CPU default when the config is silent
 
 
-def test_evidence_tier_refuses_max_batch_tokens_naming_max_batch_pairs():
+def test_evidence_tier_refuses_old_batching_fields_naming_the_scheduler_limits():
     from pydantic import ValidationError
 
-    with pytest.raises(ValidationError, match="use max_batch_pairs"):
-        AppConfig.model_validate({"models": [{"name": "a", "model": "/m/a", "evidence": {"max_batch_tokens": 8}}]})
+    for old in ("max_batch_pairs", "max_batch_tokens", "batch_wait_timeout_s"):
+        with pytest.raises(ValidationError, match=f"{old} .*max_active_pairs .*max_queued_pairs"):
+            AppConfig.model_validate({"models": [{"name": "a", "model": "/m/a", "evidence": {old: 8}}]})
     with pytest.raises(ValidationError, match="use max_query_chars"):
         AppConfig.model_validate({"models": [{"name": "a", "model": "/m/a"}], "limits": {"max_query_tokens": 9}})
 
 
-def test_max_batch_pairs_default_is_the_same_with_or_without_the_block():
+def test_evidence_limits_default_the_same_with_or_without_the_block_and_size_serve_ongoing_requests():
     without = ModelConfig(name="a", model="/m/a")
     with_block = ModelConfig.model_validate({"name": "a", "model": "/m/a", "evidence": {"num_replicas": 2}})
-    assert without.evidence.max_batch_pairs == with_block.evidence.max_batch_pairs == 16
+    for ev in (without.evidence, with_block.evidence):
+        assert (ev.max_active_pairs, ev.max_queued_pairs, ev.max_ongoing_requests, ev.max_queued_requests) == (16, 64, 80, 64)
+    sized = ModelConfig.model_validate({"name": "a", "model": "/m/a",
+                                        "evidence": {"max_active_pairs": 4, "max_queued_pairs": 2}})
+    assert sized.evidence.max_ongoing_requests == 6  # Serve sends a replica what its scheduler may hold
+    assert sized.evidence.max_queued_requests == 2
+    explicit = ModelConfig.model_validate({"name": "a", "model": "/m/a", "evidence": {"max_ongoing_requests": 3}})
+    assert explicit.evidence.max_ongoing_requests == 3

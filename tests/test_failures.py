@@ -35,7 +35,7 @@ def _tier(**extra):
 
 def _tiny(ckpt, scorer_replicas=2) -> dict:
     return {"name": "prism-tiny", "model": str(ckpt), "size": "0.8b", "dtype": "float32", "max_length": 512,
-            "scorer": _tier(num_replicas=scorer_replicas), "evidence": _tier(max_batch_pairs=8)}
+            "scorer": _tier(num_replicas=scorer_replicas), "evidence": _tier(max_active_pairs=8)}
 
 
 def _config(ckpt, timeout_s: float, scorer_replicas=2, extra_models=()) -> dict:

@@ -87,7 +87,7 @@ def metrics_port(tiny_ckpt):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     tier = {"ray_actor_options": {"num_cpus": 0.5}, "num_replicas": 1, "torch_threads": 1}
     serve.run(build_app({"models": [{"name": "prism-tiny", "model": str(tiny_ckpt), "size": "0.8b", "dtype": "float32",
-                                     "max_length": 512, "scorer": tier, "evidence": {**tier, "max_batch_pairs": 4}}]}),
+                                     "max_length": 512, "scorer": tier, "evidence": {**tier, "max_active_pairs": 4}}]}),
               name="prism", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     ok = httpx.post(f"{url}/v2/rerank", json={"query": QUERY, "documents": DOCS,

@@ -166,8 +166,8 @@ def _bad_local(mutate):
 @pytest.mark.parametrize("mutate,field,needle", [
     (lambda d: d["applications"][0]["args"]["models"][0]["scorer"].update(max_batch_tokens=0),
      "applications.0.args.models.0.scorer.max_batch_tokens", "greater than 0"),
-    (lambda d: d["applications"][0]["args"]["models"][1]["evidence"].update(max_batch_tokens=8),
-     "applications.0.args.models.1.evidence", "max_batch_pairs"),
+    (lambda d: d["applications"][0]["args"]["models"][1]["evidence"].update(max_batch_pairs=8),
+     "applications.0.args.models.1.evidence", "max_active_pairs"),
     (lambda d: d["applications"][0]["args"]["limits"].update(max_documnets=5),
      "applications.0.args.limits.max_documnets", "Extra inputs"),
     (lambda d: d["applications"][0].update(route_prefx="/x"), "applications.0.route_prefx", "not a Ray Serve field"),
@@ -192,9 +192,9 @@ def test_check_reads_a_rayservices_embedded_config(tmp_path, manifest, capsys):
         return doc
 
     bad = _write(tmp_path, "rs-bad.yaml", with_serve_config(
-        lambda c: c["applications"][0]["args"]["models"][3]["evidence"].update(max_batch_pairs=0)))
+        lambda c: c["applications"][0]["args"]["models"][3]["evidence"].update(max_active_pairs=0)))
     assert main(["serve", "--check", bad]) == 2
-    assert f"{bad}: spec.serveConfigV2: applications.0.args.models.3.evidence.max_batch_pairs" in capsys.readouterr().err
+    assert f"{bad}: spec.serveConfigV2: applications.0.args.models.3.evidence.max_active_pairs" in capsys.readouterr().err
 
     local_dir = _write(tmp_path, "rs-dir.yaml", with_serve_config(
         lambda c: c["applications"][0].update(runtime_env={"working_dir": "."})))

@@ -49,7 +49,7 @@ def server(tiny_ckpt):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     tiny = {"name": "prism-tiny", "model": str(tiny_ckpt), "size": "0.8b", "dtype": "float32", "max_length": 512}
-    serve.run(build_app({"models": [{**tiny, "scorer": serve_tier(), "evidence": serve_tier(max_batch_pairs=4)}],
+    serve.run(build_app({"models": [{**tiny, "scorer": serve_tier(), "evidence": serve_tier(max_active_pairs=4)}],
                          "limits": {"max_new_tokens": 64}}), name="prism", route_prefix="/")
     serve.run(build_app({"models": [{**tiny, "scorer": serve_tier(), "evidence": None}], "api_keys": [KEY]}),
               name="guarded", route_prefix="/guarded")
@@ -211,8 +211,9 @@ def test_a_long_document_shows_its_best_chunk(server, browser):
 
 
 def test_evidence_arrives_on_the_cards(server, browser):
-    """With evidence=1 each of the top cards gets its own evidence event's text, the same text the API
-    generates for that document; the rest get none. Saves the screenshot."""
+    """With evidence=1 each of the top cards shows its text growing (evidence_delta events), then gets its own
+    evidence event's text, the same text the API generates for that document; the rest get none. Saves the
+    screenshot."""
     browser.open(playground_url(server, query=QUERY, docs=DOCS, evidence=1, evidence_top_n=2, max_new_tokens=24, run=1))
     page = parse(browser.html())
     assert page.find(lambda n: n.tag == "body").attrs["data-state"] == "done"
@@ -226,6 +227,8 @@ def test_evidence_arrives_on_the_cards(server, browser):
             assert "data-evidence" not in c.attrs and not c.find(lambda n: n.tag == "pre")
             continue
         assert c.attrs["data-evidence"] == "done"
+        assert int(c.attrs["data-deltas"]) >= 2  # the text grew on the card, delta by delta, before it ended
+        assert not c.find(by_class("generating"))  # and the live text gave way to the finished fields
         assert pre_text(c.find(lambda n: n.tag == "pre")) == r["generated_text"]
         for field in ("contribution", "evidence"):  # shown only when the model wrote one (null otherwise)
             box = c.find(by_class(field))

@@ -123,3 +123,15 @@ def test_readiness_needs_a_running_replica_of_every_tier_that_keeps_one():
     assert tiers == {"a-scorer": 1, "a-evidence": 0, "b-scorer": 0}
     assert missing == ["b-scorer"]  # a-evidence scales to zero: not required
     assert readiness(config, {"a-scorer": 1, "b-scorer": 1})[1] == []
+
+
+def test_a_prism_error_survives_pickling_whole():
+    """Ray pickles what a replica raises: a PrismError must arrive with its kind, param and headers (the router
+    turns a replica's `saturated` into a 503 with Retry-After)."""
+    import pickle
+
+    from prism_ray.errors import ErrorKind, PrismError
+
+    err = pickle.loads(pickle.dumps(PrismError(ErrorKind.SATURATED, "full", "evidence", {"Retry-After": "2"})))
+    assert (err.kind, err.message, err.param, err.headers, err.status) == (ErrorKind.SATURATED, "full", "evidence",
+                                                                           {"Retry-After": "2"}, 503)

@@ -39,7 +39,7 @@ def server(tiny_ckpt, qwen3_ckpt):
         "default_model": "prism-tiny",
         "models": [
             {"name": "prism-tiny", "model": str(tiny_ckpt), "size": "0.8b", "dtype": "float32", "max_length": 512,
-             "scorer": serve_tier(max_batch_tokens=1024), "evidence": serve_tier(max_batch_pairs=8)},
+             "scorer": serve_tier(max_batch_tokens=1024), "evidence": serve_tier(max_active_pairs=8)},
             {"name": "prism-qwen3", "model": str(qwen3_ckpt), "size": "4b-exp", "dtype": "float32",
              "scorer": serve_tier(), "evidence": None},
         ],
@@ -194,11 +194,16 @@ def test_streaming_scores_first_then_evidence(server):
                 events.append((event, json.loads(line[6:])))
                 arrived.append(time.monotonic())
     kinds = [e for e, _ in events]
-    assert kinds[0] == "scores" and kinds[-1] == "done" and kinds[1:-1] == ["evidence"] * 3
+    finished = [d for e, d in events if e == "evidence"]
+    assert kinds[0] == "scores" and kinds[-1] == "done" and set(kinds[1:-1]) == {"evidence_delta", "evidence"}
     scores = events[0][1]["results"]
     assert len(scores) == 4 and all("generated_text" not in r for r in scores)
-    assert {d["index"] for _, d in events[1:-1]} == {r["index"] for r in scores[:3]}
+    assert len(finished) == 3 and {d["index"] for d in finished} == {r["index"] for r in scores[:3]}
     assert arrived[0] < arrived[-2]  # the scores were in the client's hands before the last evidence
+    for d in finished:  # each text arrived in pieces, before its evidence event, and they make it
+        pieces = [(i, p["text"]) for i, (e, p) in enumerate(events) if e == "evidence_delta" and p["index"] == d["index"]]
+        assert len(pieces) >= 2 and "".join(t for _, t in pieces) == d["generated_text"]
+        assert pieces[-1][0] < events.index(("evidence", d))
 
 
 def test_concurrent_requests_equal_one_at_a_time(server, client):
@@ -390,6 +395,96 @@ def test_saturated_tier_is_503_with_retry_after(server, tiny_ckpt):
         assert rejected.headers["retry-after"] == "1" and "saturated" in rejected.json()["message"]
     finally:
         serve.delete("saturated")
+
+
+@pytest.fixture(scope="module")
+def decode_app(server, tiny_ckpt):
+    """An app whose one evidence replica has 3 slots and room for 1 more pair; Serve may send it 8 requests
+    (and hold 16 more), so the replica's own scheduler is what refuses."""
+    from ray import serve
+
+    from deployments.app import build_app
+
+    evidence = serve_tier(max_active_pairs=3, max_queued_pairs=1, max_ongoing_requests=8, max_queued_requests=16)
+    config = {"models": [{"name": "prism-tiny", "model": str(tiny_ckpt), "dtype": "float32", "max_length": 512,
+                          "scorer": serve_tier(), "evidence": evidence}],
+              "limits": {"max_new_tokens": 4000, "request_timeout_s": 120}}
+    serve.run(build_app(config), name="decode", route_prefix="/decode")
+    yield f"{server}/decode"
+    serve.delete("decode")
+
+
+def _evidence_body(doc: str, max_new_tokens: int, stream: bool = False) -> dict:
+    return {"query": QUERY, "documents": [doc], "stream": stream,
+            "evidence": {"top_n": 1, "max_new_tokens": max_new_tokens}}
+
+
+async def _until(event: asyncio.Event, task: asyncio.Future, events: list) -> None:
+    """`event`, unless `task` ends first (then its error is raised)."""
+    waiter = asyncio.ensure_future(event.wait())
+    await asyncio.wait_for(asyncio.wait([waiter, task], return_when=asyncio.FIRST_COMPLETED), 60)
+    if not event.is_set():
+        waiter.cancel()
+        task.result()
+        raise AssertionError(f"the stream ended before its first delta: {events}")
+
+
+async def _long_stream(ac: httpx.AsyncClient, url: str, doc: str, writing: asyncio.Event, events: list) -> None:
+    """A streamed evidence request of 4000 tokens: `writing` is set at its first delta; `events` gets its kinds."""
+    async with ac.stream("POST", f"{url}/v2/rerank", json=_evidence_body(doc, 4000, stream=True)) as resp:
+        assert resp.status_code == 200, (await resp.aread()).decode()
+        async for line in resp.aiter_lines():
+            if line.startswith("data: ") and events and events[-1] == "error":
+                events.append(line[6:])
+            if line.startswith("event: "):
+                events.append(line[7:])
+                if line == "event: evidence_delta":
+                    writing.set()
+
+
+def test_a_short_answer_joins_a_running_decode_and_a_full_replica_refuses_with_503(decode_app):
+    """Two long generations decode; a short request joins them and is answered while they still run (it never
+    waits for them). Then the third slot and the one queue place fill, and the next request is refused at
+    once: 503 `saturated` with Retry-After, naming the scheduler's limits. Once the streams leave, their
+    slots are free again."""
+    async def main():
+        async with httpx.AsyncClient(timeout=120) as ac:
+            long_events = [[], []]
+            writing = [asyncio.Event(), asyncio.Event()]
+            longs = [asyncio.ensure_future(_long_stream(ac, decode_app, f"long {i}", writing[i], long_events[i]))
+                     for i in range(2)]
+            for w, task, seen in zip(writing, longs, long_events):
+                await _until(w, task, seen)
+            short = await ac.post(f"{decode_app}/v2/rerank", json=_evidence_body("short", 4))
+            assert short.status_code == 200 and short.json()["results"][0]["generated_text"]
+            assert all("evidence" not in e and "done" not in e for e in long_events)  # still decoding
+
+            more_events = [[], []]
+            more_writing = [asyncio.Event(), asyncio.Event()]
+            more = [asyncio.ensure_future(_long_stream(ac, decode_app, f"more {i}", more_writing[i], more_events[i]))
+                    for i in range(2)]  # the third slot, then the queue's one place
+            await _until(more_writing[0], more[0], more_events[0])
+            deadline = asyncio.get_running_loop().time() + 60
+            while "scores" not in more_events[1]:  # the queued one was scored: its evidence call is in
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)
+            refused = await ac.post(f"{decode_app}/v2/rerank", json=_evidence_body("one too many", 4))
+            for task in longs + more:
+                task.cancel()
+            await asyncio.gather(*longs, *more, return_exceptions=True)
+            return refused
+
+    refused = asyncio.run(main())
+    assert refused.status_code == 503, refused.text
+    body = refused.json()
+    assert body["type"] == "saturated" and refused.headers["retry-after"] == "1"
+    assert "max_active_pairs=3" in body["message"] and "max_queued_pairs=1" in body["message"]
+    deadline = time.monotonic() + 60  # the cancelled streams leave their slots at the next step
+    while (r := httpx.post(f"{decode_app}/v2/rerank", json=_evidence_body("after", 4), timeout=120)).status_code == 503:
+        assert time.monotonic() < deadline, r.text
+        time.sleep(0.2)
+    assert r.status_code == 200
 
 
 def test_batch_job_through_the_serve_app_equals_actor_mode(server, tiny_ckpt, tmp_path):

@@ -161,6 +161,37 @@ def test_stream_scores_then_evidence_as_it_finishes_then_done(prompts):
     assert events[-1][1] == {"evidence_documents": 2, "failed": 0}
 
 
+def test_stream_passes_the_text_as_it_is_written_then_each_evidence_then_done(prompts):
+    """With a streaming evidence tier: `evidence_delta` events (index, new text) for each target, interleaved
+    as the tiers write, and for each index the deltas come before its `evidence` event and make its text."""
+    tiers = FakeTiers({**SCORES, "small": {"a": 0.1, "bbbb": 0.9, "cc": 0.5}})
+
+    async def stream(model, query, document, max_new_tokens):
+        for ch in document:  # one piece per character, with a pause: the two targets interleave
+            await asyncio.sleep(0.01)
+            yield ch
+        yield await tiers.evidence(model, query, document, max_new_tokens)
+
+    svc = RerankService(_config(), prompts, score=tiers.score, evidence=tiers.evidence, evidence_stream=stream)
+    job = _job(["a", "bbbb", "cc"], evidence=EvidenceOptions(top_n=2), stream=True)
+    model = svc.prepare(job)
+
+    async def collect():
+        return [e async for e in svc.events(job, model)]
+
+    events = run(collect())
+    kinds = [e for e, _ in events]
+    assert kinds[0] == "scores" and kinds[-1] == "done" and kinds.count("evidence") == 2
+    assert events[-1][1] == {"evidence_documents": 2, "failed": 0}
+    for index, doc in ((1, "bbbb"), (2, "cc")):
+        deltas = [d["text"] for e, d in events if e == "evidence_delta" and d["index"] == index]
+        final = next(i for i, (e, d) in enumerate(events) if e == "evidence" and d["index"] == index)
+        assert "".join(deltas) == doc == events[final][1]["generated_text"]
+        assert all(i < final for i, (e, d) in enumerate(events) if e == "evidence_delta" and d["index"] == index)
+    firsts = [d["index"] for e, d in events if e == "evidence_delta"][:2]
+    assert sorted(firsts) == [1, 2]  # both targets write at once, not one after the other
+
+
 def test_stream_a_failing_evidence_is_an_error_event_and_the_stream_still_ends(prompts):
     tiers = FakeTiers(SCORES, fail_evidence_for={"b"})
     svc = _service(prompts, tiers)

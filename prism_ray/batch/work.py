@@ -46,6 +46,7 @@ class EngineBackend:
 
     def __init__(self, model: ModelConfig, tier: Tier):
         engine = build_engine(model, tier)  # the very factory the Serve tiers call
+        self.model = model
         self.scorer = engine if tier == "scorer" else None
         self.evidence = engine if tier == "evidence" else None
         self.prompts = engine.prompts
@@ -63,17 +64,36 @@ class EngineBackend:
                 out.append(exc)
         return out
 
+    @functools.cached_property
+    def scheduler(self):
+        """The evidence engine's decode loop, as a Serve replica runs it; no queue bound: a bucket's pairs are
+        submitted at once, and the bucket bounds them."""
+        from prism_ray.engine import Scheduler
+
+        return Scheduler(self.evidence, self.model.evidence.max_active_pairs, max_queued_pairs=None)
+
     def generate(self, pairs: list[tuple[str, str]], max_new_tokens: int, temperature: float) -> list[dict | Exception]:
-        try:
-            return [dataclasses.asdict(r) for r in self.evidence.generate(pairs, max_new_tokens, temperature)]
-        except Exception:  # noqa: BLE001 - retry one by one so one bad pair fails alone
-            out: list[dict | Exception] = []
-            for pair in pairs:
+        """Every pair submitted at once: they share the decode loop's steps, and a bad one fails alone (at
+        submit). A pair whose step failed is tried again on its own, in case another pair broke that step."""
+        handles = []
+        for query, doc in pairs:
+            try:
+                handles.append(self.scheduler.submit(query, doc, max_new_tokens, temperature))
+            except Exception as exc:  # noqa: BLE001 - recorded in the rows' error column
+                handles.append(exc)
+        out: list[dict | Exception | None] = []
+        for h in handles:
+            try:
+                out.append(h if isinstance(h, Exception) else dataclasses.asdict(h.result()))
+            except Exception:  # noqa: BLE001 - its step failed: tried alone below, once the loop is idle
+                out.append(None)
+        for i, pair in enumerate(pairs):
+            if out[i] is None:
                 try:
-                    out.append(dataclasses.asdict(self.evidence.generate([pair], max_new_tokens, temperature)[0]))
+                    out[i] = dataclasses.asdict(self.evidence.generate([pair], max_new_tokens, temperature)[0])
                 except Exception as exc:  # noqa: BLE001
-                    out.append(exc)
-            return out
+                    out[i] = exc
+        return out
 
 
 class ServeBackend:
