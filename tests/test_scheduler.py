@@ -24,8 +24,9 @@ def engines(tiny_ckpt, qwen3_ckpt):
 @pytest.fixture
 def engine(engines, tiny_ckpt):
     e = engines[str(tiny_ckpt)]
+    saved = e.sync_every
     yield e
-    e.sync_every = 8
+    e.sync_every = saved
 
 
 def _wait_until(condition, timeout_s: float = 120) -> None:

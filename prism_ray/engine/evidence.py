@@ -41,6 +41,11 @@ DEFAULT_MAX_NEW_TOKENS = 512
 # Prompt tokens per prefill forward (packed: real tokens); 1 runs each pair on its own. On a 2-core CPU,
 # packed batches of 1024 beat one pair per forward (`benchmarks/bench_prefill.py --preset 0.8b`, see README).
 DEFAULT_PREFILL_BUDGET = {"cpu": 1024, "cuda": 16384}
+# Decode steps between host syncs. On a GPU a sync stalls the queue of kernels, so the host reads new tokens
+# every 8 steps; on a CPU reading them costs nothing, and syncing every step lets a pair join (or leave) the
+# running decode at the next step instead of up to 8 steps later: `benchmarks/bench_evidence_serve.py`
+# measured a short request behind three long ones at 3.7x its latency alone with 8 (see README).
+DEFAULT_SYNC_EVERY = {"cpu": 1, "cuda": 8}
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,7 @@ class EvidenceEngine:
         self.max_batch_size = max_batch_size  # slots of a generate call: pairs decoding at once
         # Prompt tokens per prefill forward.
         self.token_budget = token_budget or DEFAULT_PREFILL_BUDGET.get(self.loaded.device.type, 8192)
-        self.sync_every = 8  # decode steps between host syncs (see _decode)
+        self.sync_every = DEFAULT_SYNC_EVERY.get(self.loaded.device.type, 8)  # decode steps between host syncs
         self._stop = set(self.loaded.prompts.eos_ids)
 
     @property
