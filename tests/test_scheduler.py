@@ -204,3 +204,25 @@ def test_bad_pairs_are_refused_at_submit_and_a_closed_scheduler_takes_none(engin
         scheduler.submit(QUERY, "d")
     with pytest.raises(ValueError, match="max_active_pairs"):
         Scheduler(engine, max_active_pairs=0)
+
+
+def test_a_bucket_submitted_at_once_fills_an_idle_pool_in_one_round_and_a_bad_pair_fails_alone(engine, monkeypatch):
+    scheduler = Scheduler(engine, max_active_pairs=4, max_queued_pairs=None)
+    rounds = _recording_admissions(engine, scheduler, monkeypatch)
+    pairs = [(QUERY, d) for d in english_texts(5, 5, 60)] + [(QUERY, 7)]
+    try:
+        handles = scheduler.submit_many(pairs, max_new_tokens=6)
+        with pytest.raises(ValueError, match=r"documents\[0\] must be a string"):
+            handles[-1].result(1)
+        results = [h.result(60) for h in handles[:-1]]
+    finally:
+        scheduler.close()
+    assert len(rounds[0][0]) == 4 and not rounds[0][1]  # four slots filled at once, the fifth waited for one
+    assert [r.text for r in results] == [r.text for r in engine.generate(pairs[:-1], max_new_tokens=6)]
+    bounded = Scheduler(engine, max_active_pairs=1, max_queued_pairs=1)
+    try:
+        with pytest.raises(QueueFull):
+            bounded.submit_many(pairs[:3], max_new_tokens=2)  # all or none
+        assert bounded.queued == 0
+    finally:
+        bounded.close()

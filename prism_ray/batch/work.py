@@ -73,18 +73,15 @@ class EngineBackend:
         return Scheduler(self.evidence, self.model.evidence.max_active_pairs, max_queued_pairs=None)
 
     def generate(self, pairs: list[tuple[str, str]], max_new_tokens: int, temperature: float) -> list[dict | Exception]:
-        """Every pair submitted at once: they share the decode loop's steps, and a bad one fails alone (at
-        submit). A pair whose step failed is tried again on its own, in case another pair broke that step."""
-        handles = []
-        for query, doc in pairs:
-            try:
-                handles.append(self.scheduler.submit(query, doc, max_new_tokens, temperature))
-            except Exception as exc:  # noqa: BLE001 - recorded in the rows' error column
-                handles.append(exc)
+        """Every pair submitted at once: they share the decode loop's steps, and a bad one fails alone. A pair
+        whose step failed is tried again on its own, in case another pair broke that step."""
+        handles = self.scheduler.submit_many(pairs, max_new_tokens, temperature)
         out: list[dict | Exception | None] = []
         for h in handles:
             try:
-                out.append(h if isinstance(h, Exception) else dataclasses.asdict(h.result()))
+                out.append(dataclasses.asdict(h.result()))
+            except ValueError as exc:  # a bad pair: recorded in the rows' error column
+                out.append(exc)
             except Exception:  # noqa: BLE001 - its step failed: tried alone below, once the loop is idle
                 out.append(None)
         for i, pair in enumerate(pairs):

@@ -58,7 +58,7 @@ class StepReport:
 class GenerationHandle:
     """One submitted pair: await it (or `result()`), follow its text (`deltas()`, `on_text`), `cancel()` it."""
 
-    def __init__(self, seq: Sequence, scheduler: Scheduler, on_text: Callable[[str], None] | None):
+    def __init__(self, seq: Sequence | None, scheduler: Scheduler, on_text: Callable[[str], None] | None):
         self.seq = seq
         self._scheduler = scheduler
         self._future: concurrent.futures.Future[EvidenceResult] = concurrent.futures.Future()
@@ -83,7 +83,8 @@ class GenerationHandle:
 
     def cancel(self) -> None:
         """The answer is no longer wanted: it leaves the queue at once, or its slot at the loop's next step."""
-        self.seq.cancelled = True
+        if self.seq is not None:
+            self.seq.cancelled = True
         with self._lock:
             self._future.cancel()
             self._notify(None)
@@ -167,16 +168,40 @@ class Scheduler:
         is called (on the loop's thread) with each piece of new text."""
         seq = self.engine.sequence(query, document, max_new_tokens, temperature, seed)  # tokenizes: off the lock
         handle = GenerationHandle(seq, self, on_text)
+        self._enqueue([handle])
+        return handle
+
+    def submit_many(self, pairs: list[tuple[str, str]], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                    temperature: float = 0.0, seed: int | None = None) -> list[GenerationHandle]:
+        """Queue pairs all at once (a batch job's bucket): the loop sees them in one step, so an idle pool
+        fills in one admission, as `EvidenceEngine.generate` fills it. A bad pair's handle raises its
+        ValueError; `QueueFull` (for all of them) when they do not fit. Pair i samples with `seed + i`."""
+        handles, good = [], []
+        for i, (query, document) in enumerate(pairs):
+            try:
+                seq = self.engine.sequence(query, document, max_new_tokens, temperature,
+                                           None if seed is None else seed + i)
+            except ValueError as exc:
+                handles.append(GenerationHandle(None, self, None))
+                handles[-1]._finish(None, exc)
+                continue
+            handles.append(GenerationHandle(seq, self, None))
+            good.append(handles[-1])
+        self._enqueue(good)
+        return handles
+
+    def _enqueue(self, handles: list[GenerationHandle]) -> None:
         with self._cv:
             if self._closed:
                 raise SchedulerClosed("the scheduler is closed")
-            if self.max_queued_pairs is not None and len(self._handles) >= self.max_active_pairs + self.max_queued_pairs:
+            if self.max_queued_pairs is not None and \
+                    len(self._handles) + len(handles) > self.max_active_pairs + self.max_queued_pairs:
                 raise QueueFull(f"{self.active} pairs decoding and {self.queued} waiting: the limits are "
                                 f"max_active_pairs={self.max_active_pairs} and max_queued_pairs={self.max_queued_pairs}")
-            self._handles[id(seq)] = handle
-            self._incoming.append(seq)
+            for h in handles:
+                self._handles[id(h.seq)] = h
+                self._incoming.append(h.seq)
             self._cv.notify()
-        return handle
 
     @property
     def active(self) -> int:
