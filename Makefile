@@ -37,6 +37,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_engines.py --preset 0.8b --evidence
 	$(PY) benchmarks/bench_packing.py --preset 0.8b
 	$(PY) benchmarks/bench_serve.py
+	$(PY) benchmarks/bench_evidence_serve.py
 	$(PY) benchmarks/bench_batch.py
 	$(PY) benchmarks/bench_tokenize.py
 	$(PY) benchmarks/bench_linear.py

@@ -207,20 +207,29 @@ class Router:
 
     async def _stream_evidence(self, model: str, query: str, document: str, max_new_tokens: int):
         """The evidence replica's `generate_stream`: text pieces, then the result dict. Sent again while its
-        replica is lost before the first piece (after it, the pieces already passed on cannot be taken back)."""
+        replica is lost, as `_tier_call` does; a generation that restarts on another replica writes the same
+        greedy text (`deployments.retries`), so only what goes past the text already passed on is passed on
+        (the result's `text` is the whole answer either way)."""
         delay = FIRST_DELAY_S
+        sent = ""  # text passed on so far, over every attempt
         while True:
             gen = None
-            started = finished = False
+            finished = False
             try:
                 gen = self.evidences[model].options(stream=True).generate_stream.remote(query, document, max_new_tokens)
+                written = ""
                 async for item in gen:
-                    started = True
-                    yield item
+                    if not isinstance(item, str):
+                        yield item
+                        continue
+                    written += item
+                    if len(written) > len(sent):
+                        piece, sent = written[len(sent):], written
+                        yield piece
                 finished = True
                 return
             except Exception as exc:
-                if started or not replica_lost(exc):
+                if not replica_lost(exc):
                     raise self._tier_error(exc) from None
                 metrics.count("prism_retries_total", model=model, tier="evidence")
             finally:  # cancelled, failed, or its reader left mid-stream: the replica stops generating

@@ -84,9 +84,12 @@ def _request(client: httpx.Client, kind: str) -> tuple[int, dict | None]:
     with client.stream("POST", "/v2/rerank", json={**body, "stream": True}) as r:
         if r.status_code != 200:
             return r.status_code, {"kind": kind, "body": r.read().decode()[:300]}
-        events = [line[7:] for line in r.iter_lines() if line.startswith("event: ")]
+        lines = list(r.iter_lines())
+    events = [line[7:] for line in lines if line.startswith("event: ")]
+    errors = [line[6:] for e, line in zip(lines, lines[1:]) if e == "event: error"]
     done_ok = events[:1] == ["scores"] and events[-1:] == ["done"] and "error" not in events
-    return 200, None if done_ok else {"kind": kind, "events": events}
+    return 200, None if done_ok else {"kind": kind, "events": [e for e in events if e != "evidence_delta"],
+                                      "errors": errors}
 
 
 class Load:
@@ -237,8 +240,10 @@ def test_stream_past_the_deadline_ends_with_timeout_error_events(client):
         lines = list(r.iter_lines())
     events = [line[7:] for line in lines if line.startswith("event: ")]
     data = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
-    assert events == ["scores", "error", "error", "done"]
-    assert {d["type"] for d in data[1:3]} == {"timeout"}
+    ended = [(e, d) for e, d in zip(events, data) if e != "evidence_delta"]
+    assert [e for e, _ in ended] == ["scores", "error", "error", "done"]
+    assert "evidence_delta" in events and events.index("evidence_delta") < events.index("error")  # text came first
+    assert {d["type"] for _, d in ended[1:3]} == {"timeout"}
     assert data[-1] == {"evidence_documents": 0, "failed": 2}
 
 
