@@ -12,6 +12,7 @@ propagates the cancellation to the replica, and the evidence tier stops decoding
 """
 
 import asyncio
+import hmac
 import json
 
 from fastapi import FastAPI, Request
@@ -102,6 +103,47 @@ def _prism_cause(exc: BaseException) -> PrismError | None:
             return exc
         exc = cause if isinstance(cause, BaseException) else exc.__cause__
     return None
+
+
+def key_matches(token: str, keys) -> bool:
+    """Whether `token` is one of `keys`, in time that does not depend on where they differ (every key is
+    compared, each with `hmac.compare_digest`), so a caller cannot find a key byte by byte from timings."""
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(token.encode(), key.encode())
+    return found
+
+
+def _too_large(size: str, limit: int) -> PrismError:
+    return PrismError(ErrorKind.TOO_LARGE, f"body is {size} bytes; the limit is {limit} (max_body_bytes)", "body")
+
+
+async def read_limited(chunks, limit: int) -> bytes:
+    """A body from its pieces, refused (413) once it passes `limit` bytes: the rest is never read."""
+    parts, size = [], 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(f"more than {limit}", limit)
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def parse_json_object(raw: bytes) -> dict:
+    """The body as a JSON object; anything else is a 422 naming what is wrong (never a 500)."""
+    def invalid(msg: str, kind: str) -> RequestValidationError:
+        return RequestValidationError([{"loc": ("body",), "msg": msg, "type": kind}])
+
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise invalid("body is nested too deeply for the JSON parser (more than about 1,000 levels)",
+                      "json_invalid") from None
+    except ValueError:  # UnicodeDecodeError (not UTF-8) is a ValueError too
+        raise invalid("body is not valid JSON (UTF-8)", "json_invalid") from None
+    if not isinstance(body, dict):
+        raise invalid("body must be a JSON object", "dict_type")
+    return body
 
 
 def _count_failure(kind: ErrorKind, endpoint: str, model: str) -> None:
@@ -347,16 +389,12 @@ class Router:
         return await self._accounted(endpoint, work)
 
     async def _read_body(self, request: Request) -> dict:
-        """The JSON object body, whatever the content type says (`curl -d` sends a form type)."""
+        """The JSON object body, whatever the content type says (`curl -d` sends a form type). The body is
+        read in pieces and refused (413) as soon as it passes `max_body_bytes`, whatever its framing: a
+        `Content-Length` over the limit before a byte is read, a chunked body when its bytes pass it."""
         self._authorize(request)
         self._check_body_size(request)
-        try:
-            body = json.loads(await request.body())
-        except ValueError:
-            raise RequestValidationError([{"loc": ("body",), "msg": "body is not valid JSON", "type": "json_invalid"}]) from None
-        if not isinstance(body, dict):
-            raise RequestValidationError([{"loc": ("body",), "msg": "body must be a JSON object", "type": "dict_type"}])
-        return body
+        return parse_json_object(await read_limited(request.stream(), self.config.limits.max_body_bytes))
 
     # -- the one path every request takes ------------------------------------------------------------------
     async def _serve(self, parse, endpoint: str):
@@ -421,7 +459,7 @@ class Router:
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or token.strip() not in self.keys:
+        if scheme.lower() != "bearer" or not key_matches(token.strip(), self.keys):
             raise PrismError(ErrorKind.AUTH, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                              "Authorization", {"WWW-Authenticate": "Bearer"})
 
@@ -429,5 +467,4 @@ class Router:
         length = request.headers.get("content-length", "")
         limit = self.config.limits.max_body_bytes
         if length.isdigit() and int(length) > limit:
-            raise PrismError(ErrorKind.TOO_LARGE, f"body is {length} bytes; the limit is {limit} (max_body_bytes)",
-                             "body")
+            raise _too_large(length, limit)

@@ -265,6 +265,16 @@ def test_bad_json_and_huge_body(client):
     huge = client.post("/v2/rerank", json={"query": QUERY, "documents": ["x" * 70000]})
     assert huge.status_code == 413 and "max_body_bytes" in huge.json()["message"]
     assert client.post("/rerank", content=b"[", headers={"content-type": "application/json"}).status_code == 422
+    # Chunked framing (no Content-Length): refused once its bytes pass the limit, not read to the end.
+    def chunks():
+        for _ in range(64):  # 64 x 16 KiB = 1 MiB, against a limit of 64 KiB
+            yield b"[" * 16384
+
+    chunked = client.post("/v2/rerank", content=chunks(), headers={"content-type": "application/json"})
+    assert chunked.status_code == 413 and "max_body_bytes" in chunked.json()["message"]
+    nested = client.post("/v2/rerank", content=b'{"query": "q", "documents": ' + b"[" * 30000 + b"]" * 30000 + b"}",
+                         headers={"content-type": "application/json"})
+    assert nested.status_code == 422 and "nested too deeply" in nested.json()["message"]
     # `curl -d` sends a form content type; the JSON body is still read.
     form = client.post("/v2/rerank", content=json.dumps({"query": QUERY, "documents": ["a"]}).encode(),
                        headers={"content-type": "application/x-www-form-urlencoded"})
