@@ -104,9 +104,11 @@ class EvidenceEngine:
                                             max_new_tokens=2, seed=0))
 
     def sequence(self, query: str, document: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                 temperature: float = 0.0, seed: int | None = None, index: int = 0) -> Sequence:
-        """A pair checked and tokenized, ready for a decode loop. Sampled sequences get their own generator
-        (seeded by `seed`, random without), so what one writes does not depend on what shares its batch."""
+                 temperature: float = 0.0, seed: int | None = None, index: int = 0,
+                 prefix: list[int] | None = None) -> Sequence:
+        """A pair checked and tokenized, ready for a decode loop (`prefix`: the query's prefix tokens, when
+        the caller has them). Sampled sequences get their own generator (seeded by `seed`, random without),
+        so what one writes does not depend on what shares its batch."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError("max_new_tokens must be an integer >= 1")
         if not isinstance(temperature, (int, float)) or not temperature >= 0:
@@ -116,7 +118,8 @@ class EvidenceEngine:
         if temperature > 0:
             generator = torch.Generator(device=self.loaded.device)
             generator.manual_seed(seed if seed is not None else secrets.randbits(63))
-        return Sequence(index, query, self.prompts.encode(query, document), max_new_tokens, float(temperature), generator)
+        return Sequence(index, query, self.prompts.encode(query, document, prefix=prefix), max_new_tokens,
+                        float(temperature), generator)
 
     @torch.inference_mode()
     def generate(self, pairs: Seq[tuple[str, str]], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
@@ -129,8 +132,14 @@ class EvidenceEngine:
         every host sync of the decode (every `sync_every` steps), and a stopped pair leaves there, its result
         holding what was generated until then.
         """
-        seqs = [self.sequence(q, d, max_new_tokens, temperature, None if seed is None else seed + i, index=i)
-                for i, (q, d) in enumerate(pairs)]
+        prefixes: dict[str, list[int]] = {}  # each query's prefix tokenized once
+        seqs = []
+        for i, (q, d) in enumerate(pairs):
+            validate_group(q, [d])
+            if q not in prefixes:
+                prefixes[q] = self.prompts.prefix(q)
+            seqs.append(self.sequence(q, d, max_new_tokens, temperature, None if seed is None else seed + i,
+                                      index=i, prefix=prefixes[q]))
         if not seqs:
             return []
         longest = max(s.pair.num_tokens for s in seqs)
@@ -153,7 +162,7 @@ class EvidenceEngine:
             packed = pack([tails[k] for k in batch], [seqs[k].context for k in batch], self.loaded.device)
             hidden, row_states = net.forward_rows(*packed, keep_states=True)
             logits = net.logits(hidden)
-            firsts = self._pick(logits, [seqs[k] for k in batch]).tolist()
+            firsts = self._pick(logits, _sampled([seqs[k] for k in batch])).tolist()
             diffs = (logits[:, prompts.yes_id].float() - logits[:, prompts.no_id].float()).tolist()
             now = time.monotonic()
             for k, first, diff, state in zip(batch, firsts, diffs, row_states):
@@ -174,9 +183,9 @@ class EvidenceEngine:
         steps = min(self.sync_every, max(s.max_new_tokens - len(s.tokens) for s in active))
         last = to_device(torch.tensor([s.tokens[-1] for s in active]), device)
         positions = [s.pair.num_tokens + len(s.tokens) - 1 for s in active]
-        window = []
+        window, sampled = [], _sampled(active)
         for _ in range(steps):
-            last = self._pick(net.decode_step(last, positions, pool, sel), active)
+            last = self._pick(net.decode_step(last, positions, pool, sel), sampled)
             window.append(last)
             positions = [p + 1 for p in positions]
         for s, new_tokens in zip(active, torch.stack(window, dim=1).tolist()):
@@ -189,15 +198,15 @@ class EvidenceEngine:
             s.done = s.tokens[-1] in self._stop or len(s.tokens) >= s.max_new_tokens
         return steps
 
-    def _pick(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def _pick(self, logits: torch.Tensor, sampled: list[tuple[int, Sequence]]) -> torch.Tensor:
         """The next token of each row, on the logits' device. Greedy rows take the argmax in the logits' own
         dtype (a bf16 to float32 cast is exact, so the argmax is the same, and it skips a copy of B x
-        vocabulary per step); a sampled row draws from its softmax at its temperature, with its own generator."""
+        vocabulary per step); each sampled row (k, seq) draws from its softmax at its temperature, with its
+        own generator."""
         picked = logits.argmax(dim=-1)
-        for k, s in enumerate(seqs):
-            if s.temperature > 0:
-                probs = F.softmax(logits[k].float() / s.temperature, dim=-1)
-                picked[k] = torch.multinomial(probs, 1, generator=s.generator)[0]
+        for k, s in sampled:
+            probs = F.softmax(logits[k].float() / s.temperature, dim=-1)
+            picked[k] = torch.multinomial(probs, 1, generator=s.generator)[0]
         return picked
 
     def text(self, seq: Sequence) -> str:
@@ -214,6 +223,11 @@ class EvidenceEngine:
             truncated=not ended and len(seq.tokens) >= seq.max_new_tokens, num_tokens=seq.pair.num_tokens,
             prompt_truncated=seq.pair.truncated, generated_tokens=len(seq.tokens),
         )
+
+
+def _sampled(seqs: list[Sequence]) -> list[tuple[int, Sequence]]:
+    """The rows that sample (temperature > 0), found once per forward or decode window, not per step."""
+    return [(k, s) for k, s in enumerate(seqs) if s.temperature > 0]
 
 
 class DecodeLoop:
@@ -297,11 +311,13 @@ class DecodeLoop:
     def _contexts(self, seqs: list[Sequence]) -> None:
         """Each sequence's query prefix state: every distinct query's prefix runs once (the new ones of a
         round in one forward) and is kept while a waiting pair of that query still needs it."""
-        prefixes = self.engine.loaded.prefixes
-        new = list(dict.fromkeys(s.query for s in seqs if s.query not in self._prefixes))
+        first: dict[str, Sequence] = {}
+        for s in seqs:
+            first.setdefault(s.query, s)
+        new = [q for q in first if q not in self._prefixes]
         if new:
-            ids = [seqs[[s.query for s in seqs].index(q)].pair.prefix for q in new]
-            self._prefixes.update(zip(new, prefixes.states(ids)))
+            states = self.engine.loaded.prefixes.states([first[q].pair.prefix for q in new])
+            self._prefixes.update(zip(new, states))
         for s in seqs:
             s.context = self._prefixes[s.query]
         wanted = {s.query for s in self.waiting}

@@ -293,17 +293,19 @@ class AttentionPool:
         self.v = torch.zeros_like(self.k)
 
     def grow(self, max_len: int) -> None:
-        slots, kv_heads, old, head_dim = self.k.shape
-        for name in ("k", "v"):
-            t = getattr(self, name)
-            longer = t.new_zeros(slots, kv_heads, max_len, head_dim)
-            longer[:, :, :old] = t
-            setattr(self, name, longer)
+        self.k, self.v = _longer(self.k, max_len), _longer(self.v, max_len)
 
     def store(self, slot: int, state: AttentionState) -> None:
         n = state.k.shape[1]
         self.k[slot, :, :n] = state.k
         self.v[slot, :, :n] = state.v
+
+
+def _longer(t: torch.Tensor, max_len: int) -> torch.Tensor:
+    """(slots, kv_heads, n, head_dim) K or V copied into a buffer of `max_len` positions."""
+    out = t.new_zeros(t.shape[0], t.shape[1], max_len, t.shape[3])
+    out[:, :, : t.shape[2]] = t
+    return out
 
 
 # -- the stack ---------------------------------------------------------------------------------------------
