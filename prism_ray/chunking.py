@@ -11,6 +11,10 @@ loses its remainder and says so (`truncated`).
 
 Chunks are character spans of the original text: `document[start:end]` is exactly the text scored,
 so scoring that slice alone as a document gives the chunk's score.
+
+A long document is read only as far as its chunks reach: it is chunked from a cut that holds
+`max_chunks` x `chunk_tokens` tokens and a margin, and the cut doubles until its chunks end clear of
+it (the chunks are then those of the whole text), so a 15 MB document costs what its 64 chunks do.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import bisect
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from prism_ray.prompt import CUT_MARGIN_TOKENS
 
 # A unit the cutter never splits: one CJK character, or a run of other non-space characters.
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af\uff66-\uff9f"
@@ -88,8 +94,32 @@ def chunk_documents(prompts, query: str, documents: list[str], max_chunks_per_do
     room = prompts.document_room(prompts.prefix(query), max_doc_tokens)
     size = min(chunk_tokens or room, room)
     overlap = DEFAULT_OVERLAP_TOKENS if overlap_tokens is None else overlap_tokens
-    return [split(doc, size, overlap, max_chunks_per_doc, prompts.document_token_starts,
-                  lambda s: len(prompts.document(s))) for doc in documents]
+    return [_split_read_as_needed(prompts, doc, size, overlap, max_chunks_per_doc) for doc in documents]
+
+
+def _split_read_as_needed(prompts, doc: str, size: int, overlap: int, max_chunks: int) -> ChunkedDocument:
+    """`split(doc, ...)`, reading only as much of `doc` as its chunks reach (see the module's docstring)."""
+    def count_tokens(s: str) -> int:  # enough to tell whether s is over size, without tokenizing all of it
+        return len(prompts.document(s, size + 1))
+
+    need = max_chunks * size + 1
+    while True:
+        text = prompts.document_head(doc, need)
+        starts = prompts.document_token_starts(text)
+        out = split(text, size, overlap, max_chunks, lambda _, s=starts: s, count_tokens)
+        if len(text) == len(doc) or _clear_of_cut(text, starts, out):
+            return out
+        need *= 2
+
+
+def _clear_of_cut(text: str, starts: list[int], out: ChunkedDocument) -> bool:
+    """Whether chunks of a cut `text` are those of the whole document: they stop short of the text's
+    end (max_chunks reached), a whole unit lies between the last chunk and the cut, and the cut's last
+    CUT_MARGIN_TOKENS tokens (which a cut can change) are past the last chunk."""
+    end = out.chunks[-1].end
+    after = _UNIT.search(text, end)
+    return (out.truncated and after is not None and after.end() < len(text)
+            and bisect.bisect_left(starts, end) + CUT_MARGIN_TOKENS <= len(starts))
 
 
 def best_chunk(scores: list[float]) -> int:

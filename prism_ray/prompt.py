@@ -42,6 +42,14 @@ PROMPT_TEMPLATE = (
 )
 DEFAULT_MAX_LENGTH = 10_240  # the card's training cap: whole prompt, in tokens
 
+# A document is tokenized only as far as it can be used: its text is cut to a character bound, and the
+# bound doubles until the cut holds CUT_MARGIN_TOKENS tokens past the last token kept (or is the whole
+# text). A cut changes how the last few tokens before it merge, never tokens this far back, so the kept
+# tokens are the whole text's (tests/test_prompt.py checks cuts against whole texts). The first bound
+# assumes FIRST_CHARS_PER_TOKEN characters a token, above what most text averages.
+CUT_MARGIN_TOKENS = 64
+FIRST_CHARS_PER_TOKEN = 6
+
 # The model card's shared example, used by the demos.
 CARD_QUERY = "What is the boiling point of water at sea level?"
 CARD_DOCUMENTS = [
@@ -156,12 +164,43 @@ class PrismPromptTokenizer:
         """System + instruction + query: the part shared by all documents of a query."""
         return self._prefix_head + self.encode_text(_USER_TEXT_HEAD + query + "\n<Document>:")
 
-    def document(self, doc: str) -> list[int]:
-        return self.encode_text(" " + doc)
+    def document(self, doc: str, limit: int | None = None) -> list[int]:
+        """The document segment's tokens; with `limit`, only its first `limit` (the rest is never tokenized)."""
+        return self.documents([doc], limit)[0]
+
+    def documents(self, docs: list[str], limit: int | None = None) -> list[list[int]]:
+        """`document` of each, tokenized as one batch."""
+        return [e.ids[:limit] for _, e in self._leading([" " + d for d in docs], limit)]
+
+    def document_head(self, doc: str, need: int) -> str:
+        """The shortest cut of `doc` (or `doc` itself) whose tokenization holds its first `need` tokens
+        exactly as the whole text's, with CUT_MARGIN_TOKENS more tokens after them: what a chunker needs
+        to read of a long document."""
+        cut, _ = self._leading([" " + doc], need)[0]
+        return doc[: cut - 1]
 
     def document_token_starts(self, doc: str) -> list[int]:
         """Where each token of `document(doc)` starts, as a character offset in `doc`."""
         return [max(0, start - 1) for start, _ in self._text.encode(" " + doc, add_special_tokens=False).offsets]
+
+    def _leading(self, texts: list[str], need: int | None) -> list[tuple[int, object]]:
+        """Per text: (characters tokenized, their encoding). A text is tokenized whole, or cut to a bound
+        that doubles until its first `need` tokens are settled (CUT_MARGIN_TOKENS tokens past them)."""
+        if need is None:
+            return [(len(t), e) for t, e in zip(texts, self._text.encode_batch(texts, add_special_tokens=False))]
+        out: list = [None] * len(texts)
+        pending = list(range(len(texts)))
+        bound = (need + CUT_MARGIN_TOKENS) * FIRST_CHARS_PER_TOKEN
+        while pending:
+            cuts = [texts[i][:bound] for i in pending]
+            later = []
+            for i, cut, enc in zip(pending, cuts, self._text.encode_batch(cuts, add_special_tokens=False)):
+                if len(cut) == len(texts[i]) or len(enc.ids) >= need + CUT_MARGIN_TOKENS:
+                    out[i] = (len(cut), enc)
+                else:
+                    later.append(i)
+            pending, bound = later, 2 * bound
+        return out
 
     def document_room(self, prefix: list[int], max_doc_tokens: int | None = None) -> int:
         """Document tokens that fit `max_length` after `prefix` and the suffix (and `max_doc_tokens`)."""
@@ -173,7 +212,8 @@ class PrismPromptTokenizer:
         """Tokens of the whole prompt, with the document cut so the total fits `max_length`
         (and the document itself `max_doc_tokens`, when given)."""
         prefix = self.prefix(query) if prefix is None else prefix
-        return self._pair(prefix, self.document(doc), self._room(prefix, max_doc_tokens))
+        room = self._room(prefix, max_doc_tokens)
+        return self._pair(prefix, self.document(doc, room + 1), room)
 
     def encode_documents(self, query: str, docs: list[str], prefix: list[int] | None = None,
                          max_doc_tokens: int | None = None) -> list[EncodedPair]:
@@ -182,8 +222,7 @@ class PrismPromptTokenizer:
         otherwise wait on (`benchmarks/bench_tokenize.py`)."""
         prefix = self.prefix(query) if prefix is None else prefix
         room = self._room(prefix, max_doc_tokens)
-        encodings = self._text.encode_batch([" " + d for d in docs], add_special_tokens=False)
-        return [self._pair(prefix, e.ids, room) for e in encodings]
+        return [self._pair(prefix, ids, room) for ids in self.documents(docs, room + 1)]
 
     def _room(self, prefix: list[int], max_doc_tokens: int | None) -> int:
         room = self.max_length - len(prefix) - len(self.suffix)
@@ -195,5 +234,6 @@ class PrismPromptTokenizer:
         return room if max_doc_tokens is None else min(room, max_doc_tokens)
 
     def _pair(self, prefix: list[int], doc_ids: list[int], room: int) -> EncodedPair:
+        """`doc_ids`: the document's tokens, or its first room + 1 (enough to tell it was cut)."""
         truncated = len(doc_ids) > room
         return EncodedPair(prefix, doc_ids[:room] if truncated else doc_ids, self.suffix, truncated)

@@ -145,3 +145,25 @@ def test_chunk_limits_name_the_field(tiny_ckpt, engines):
     with pytest.raises(PrismError) as err:
         svc.prepare(_job([LONG] * 4, chunking=ChunkingOptions(max_chunks_per_doc=16, chunk_tokens=60)))
     assert err.value.kind == ErrorKind.TOO_LARGE and "max_chunks_per_request" in err.value.message
+
+
+def test_chunks_of_a_long_document_read_only_what_they_reach(prompts):
+    """The chunker reads a cut of a long document, and its chunks equal the whole text's (split over the
+    whole tokenization), for prose, CJK, one enormous word at the start, and text past max_chunks."""
+    docs = [LONG * 30, "".join(CHINESE) * 300, "x" * 20_000 + " " + LONG * 10, LONG + " " + "y" * 30_000,
+            (LONG[:2000] + " ") * 40]
+    seen: list[int] = []
+    real = prompts._text.encode_batch
+    prompts._text.encode_batch = lambda texts, **kw: (seen.extend(len(t) for t in texts), real(texts, **kw))[1]
+    try:
+        for chunk_tokens, max_chunks in ((120, 4), (60, 1), (200, 9)):
+            got = chunk_documents(prompts, QUERY, docs, max_chunks, chunk_tokens, 20)
+            for doc, out in zip(docs, got):
+                whole = split(doc, chunk_tokens, 20, max_chunks, prompts.document_token_starts,
+                              lambda s: len(prompts.encode_text(" " + s)))
+                assert out == whole, (chunk_tokens, max_chunks, doc[:30])
+        seen.clear()
+        chunk_documents(prompts, QUERY, [docs[0]], 4, 120, 20)
+    finally:
+        prompts._text.encode_batch = real
+    assert max(seen) < len(docs[0]) / 20  # 4 chunks of a 246 k-character document read a few k characters

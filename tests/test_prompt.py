@@ -93,3 +93,49 @@ def test_documents_encoded_as_a_batch_equal_the_whole_prompts(any_ckpt):
         assert all(len(pair.document) <= 3 for pair in capped) and capped[-2].truncated
     with pytest.raises(PromptTooLong, match="max_length=300"):
         p.encode_documents("word " * 400, docs)
+
+
+def _hostile_texts() -> list[str]:
+    """Long documents whose tails a cut could tokenize differently: prose, CJK, runs of spaces and of
+    dashes (128-character tokens), one enormous word, digits, combining accents (NFC), CRLF, emoji,
+    and seeded random Unicode."""
+    import random
+
+    rng = random.Random(7)
+    prose = " ".join(english_texts(40, 200, 200))
+    rand = "".join(chr(rng.choice([rng.randint(32, 126), rng.randint(0x4E00, 0x9FFF), rng.randint(0x300, 0x36F),
+                                   rng.randint(0x1F600, 0x1F64F), 10, 13, 32, 32]))
+                   for _ in range(20_000))
+    return [prose, "".join(CHINESE) * 200, ("word " + " " * 300) * 40, "-" * 50_000, "a" * 60_000,
+            "1234567890" * 3000, "e\u0301" * 10_000, "line\r\n" * 4000, "👋🏽 ok? " * 3000, rand,
+            prose[:700] + " " + "x" * 30_000 + " " + prose]
+
+
+def test_a_cut_document_keeps_the_whole_texts_tokens(tiny_ckpt):
+    """A long document is tokenized only up to a cut; what is kept equals the whole text's tokens."""
+    p = PrismPromptTokenizer(AutoTokenizer.from_pretrained(tiny_ckpt), max_length=300)
+    docs = _hostile_texts()
+    whole = [p.encode_text(" " + d) for d in docs]
+    for cap in (None, 1, 7, 100):
+        pairs = p.encode_documents("query", docs, max_doc_tokens=cap)
+        for d, ids, pair in zip(docs, whole, pairs):
+            room = min(300 - len(pair.prefix) - len(pair.suffix), cap or 10**9)
+            assert pair.document == ids[:room], (cap, d[:40])
+            assert pair.truncated == (len(ids) > room)
+            assert p.encode("query", d, max_doc_tokens=cap) == pair
+    for n in (1, 50, 5000):
+        assert [p.document(d, n) for d in docs] == [ids[:n] for ids in whole]
+        assert all(p.encode_text(" " + p.document_head(d, n))[:n] == ids[:n] for d, ids in zip(docs, whole))
+
+
+def test_a_long_document_is_never_tokenized_whole(tiny_ckpt):
+    """Work follows what is used: of a 2 MB document, only a cut near its first room tokens is tokenized."""
+    p = PrismPromptTokenizer(AutoTokenizer.from_pretrained(tiny_ckpt), max_length=300)
+    seen: list[int] = []
+    real = p._text.encode_batch
+    p._text.encode_batch = lambda texts, **kw: (seen.extend(len(t) for t in texts), real(texts, **kw))[1]
+    doc = " ".join(english_texts(40, 200, 200)) * 60
+    assert len(doc) > 2_000_000
+    pair = p.encode("query", doc)
+    assert pair.truncated and pair.num_tokens == 300
+    assert max(seen) <= 4 * (300 + prompt.CUT_MARGIN_TOKENS) * prompt.FIRST_CHARS_PER_TOKEN
