@@ -21,6 +21,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from starlette.requests import ClientDisconnect
 
 from deployments.retries import FIRST_DELAY_S, MAX_DELAY_S, replica_lost, with_retries
 from prism_ray import metrics
@@ -82,15 +83,44 @@ def _sse(event: str, data) -> str:
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+class ByteBudget:
+    """The bytes of request bodies one router replica holds at once (`limits.max_in_flight_bytes`), taken
+    as they are read and given back when their request ends, so that many large bodies at once meet a 429
+    rather than a replica out of memory."""
+
+    def __init__(self, limit: int, retry_after_s: int):
+        self.limit, self.retry_after_s, self.used = limit, retry_after_s, 0
+
+    def take(self, n: int) -> None:
+        if self.used + n > self.limit:
+            raise retry_later(ErrorKind.OVERLOAD, f"the server holds {self.used} bytes of request bodies; the limit "
+                                                  f"is {self.limit} (max_in_flight_bytes); retry later",
+                              self.retry_after_s)
+        self.used += n
+
+    def give(self, n: int) -> None:
+        self.used -= n
+
+
 class _InFlight:
-    """One request's admission slot, deadline (event-loop time) and model name for the metrics (only
-    ever a configured model's name, never what the caller sent)."""
+    """One request's deadline (event-loop time, from its arrival: reading the body counts), the body bytes
+    it holds of the replica's budget, its admission slot once the body is in, and its model name for the
+    metrics (only ever a configured model's name, never what the caller sent)."""
 
-    def __init__(self, slot, deadline: float):
-        self.slot, self.deadline, self.model, self.handed_over = slot, deadline, "", False
+    def __init__(self, deadline: float, budget: ByteBudget):
+        self.deadline, self.budget, self.body_bytes = deadline, budget, 0
+        self.slot, self.model, self.handed_over = None, "", False
 
-    def hand_over_slot(self) -> None:
+    def hand_over(self) -> None:
+        """A stream takes over the slot and the body bytes, and releases them when it ends."""
         self.handed_over = True
+
+    def release(self) -> None:
+        """Idempotent: the slot and the body bytes are given back once."""
+        if self.slot is not None:
+            self.slot.release()
+        self.budget.give(self.body_bytes)
+        self.body_bytes = 0
 
 
 def _prism_cause(exc: BaseException) -> PrismError | None:
@@ -118,31 +148,102 @@ def _too_large(size: str, limit: int) -> PrismError:
     return PrismError(ErrorKind.TOO_LARGE, f"body is {size} bytes; the limit is {limit} (max_body_bytes)", "body")
 
 
-async def read_limited(chunks, limit: int) -> bytes:
-    """A body from its pieces, refused (413) once it passes `limit` bytes: the rest is never read."""
+async def read_limited(chunks, limit: int, budget: ByteBudget | None = None) -> bytes:
+    """A body from its pieces, refused (413) once it passes `limit` bytes: the rest is never read. Each
+    piece is taken from `budget` as it arrives (429 when the budget is spent); on success the caller owns
+    `len(body)` bytes of it, on failure they are given back here."""
     parts, size = [], 0
-    async for chunk in chunks:
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(f"more than {limit}", limit)
-        parts.append(chunk)
+    try:
+        async for chunk in chunks:
+            if size + len(chunk) > limit:
+                raise _too_large(f"more than {limit}", limit)
+            if budget is not None:
+                budget.take(len(chunk))
+            size += len(chunk)
+            parts.append(chunk)
+    except BaseException:
+        if budget is not None:
+            budget.give(size)
+        raise
     return b"".join(parts)
 
 
-def parse_json_object(raw: bytes) -> dict:
-    """The body as a JSON object; anything else is a 422 naming what is wrong (never a 500)."""
+async def read_body(chunks, lim, budget: ByteBudget, deadline: float) -> bytes:
+    """`read_limited` within `lim.body_timeout_s` from now and `deadline` (event-loop time): past either, a
+    408 naming the limit that ran out (a trickled body holds nothing for long)."""
+    by_body = asyncio.get_running_loop().time() + lim.body_timeout_s
+    try:
+        async with asyncio.timeout_at(min(by_body, deadline)):
+            return await read_limited(chunks, lim.max_body_bytes, budget)
+    except ClientDisconnect:
+        raise PrismError(ErrorKind.BAD_REQUEST, "the client closed the connection before the whole body arrived",
+                         "body") from None
+    except TimeoutError:
+        which = (f"body_timeout_s={lim.body_timeout_s:g}" if by_body <= deadline
+                 else f"request_timeout_s={lim.request_timeout_s:g}")
+        raise PrismError(ErrorKind.BODY_TIMEOUT, f"the body did not arrive within {which} seconds", "body") from None
+
+
+class _NumberOutOfRange(ValueError):
+    pass
+
+
+_MAX_INT_DIGITS = 4300  # sys.get_int_max_str_digits()'s default
+
+
+def _int(text: str) -> int:
+    """An integer of any size the parser's own bound admits (Python's 4,300 digits, past which `int`
+    fails): a field's own range is its schema's to check, and an ignored field's is no concern."""
+    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        raise _NumberOutOfRange(f"an integer of {len(text.lstrip('-'))} digits is out of range (at most "
+                                f"{_MAX_INT_DIGITS} digits)")
+    return int(text)
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise _NumberOutOfRange(f"the number {text[:40]} is out of range (past a 64-bit float)")
+    return value
+
+
+def _constant(name: str):
+    raise _NumberOutOfRange(f"{name} is not a JSON number")
+
+
+def _deeper_than(value, limit: int) -> bool:
+    """Whether containers nest more than `limit` levels in `value` (walked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        for child in (node.values() if isinstance(node, dict) else node):
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
+    return False
+
+
+def parse_json_object(raw: bytes, max_depth: int = 32) -> dict:
+    """The body as a JSON object; anything else is a 422 naming what is wrong (never a 500): not UTF-8,
+    not JSON, nested more than `max_depth` levels (`limits.max_json_depth`), a float past the 64-bit range
+    or an integer past 4,300 digits, NaN or Infinity, a top level other than an object."""
     def invalid(msg: str, kind: str) -> RequestValidationError:
         return RequestValidationError([{"loc": ("body",), "msg": msg, "type": kind}])
 
+    too_deep = invalid(f"body is nested more than {max_depth} levels deep (max_json_depth)", "json_invalid")
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_int=_int, parse_float=_float, parse_constant=_constant)
     except RecursionError:
-        raise invalid("body is nested too deeply for the JSON parser (more than about 1,000 levels)",
-                      "json_invalid") from None
+        raise too_deep from None
+    except _NumberOutOfRange as exc:
+        raise invalid(str(exc), "json_invalid") from None
     except ValueError:  # UnicodeDecodeError (not UTF-8) is a ValueError too
         raise invalid("body is not valid JSON (UTF-8)", "json_invalid") from None
     if not isinstance(body, dict):
         raise invalid("body must be a JSON object", "dict_type")
+    if _deeper_than(body, max_depth):
+        raise too_deep
     return body
 
 
@@ -207,6 +308,7 @@ class Router:
         self.scorers = {m.name: h for m, h in zip(self.config.models, scorers)}
         self.evidences = {m.name: h for m, h in zip(self.config.models, evidences) if h is not None}
         self.keys = self.config.resolved_api_keys()
+        self.body_budget = ByteBudget(self.config.limits.max_in_flight_bytes, self.config.limits.retry_after_s)
         self.app_name = serve.get_replica_context().app_name
         # Tokenizers load now: a first request must not stall the event loop.
         self.service = RerankService(self.config, _load_prompts(self.config), score=self._call_scorer,
@@ -348,14 +450,13 @@ class Router:
     @app.post("/v2/rerank", openapi_extra=rerank_operation([CohereRerankRequest], [CohereRerankResponse]))
     async def cohere_rerank(self, request: Request):
         """Cohere v2 rerank."""
-        body = await self._read_body(request)
-        return await self._serve(lambda: job_from_cohere(_parse(CohereRerankRequest, body)), "v2/rerank")
+        return await self._serve(request, lambda body: job_from_cohere(_parse(CohereRerankRequest, body)),
+                                 "v2/rerank")
 
     @app.post("/v1/rerank", openapi_extra=rerank_operation([JinaRerankRequest], [JinaRerankResponse]))
     async def jina_rerank(self, request: Request):
         """Jina rerank."""
-        body = await self._read_body(request)
-        return await self._serve(lambda: job_from_jina(_parse(JinaRerankRequest, body)), "v1/rerank")
+        return await self._serve(request, lambda body: job_from_jina(_parse(JinaRerankRequest, body)), "v1/rerank")
 
     @app.post("/rerank", openapi_extra=rerank_operation(
         [JinaRerankRequest, TeiRerankRequest], [{"anyOf": [{"$ref": "#/components/schemas/JinaRerankResponse"},
@@ -363,70 +464,74 @@ class Router:
                                                                "$ref": "#/components/schemas/TeiRank"}}]}]))
     async def rerank(self, request: Request):
         """Jina body (`documents`) or TEI body (`texts`)."""
-        body = await self._read_body(request)
-        return await self._serve(lambda: job_from_tei(_parse(TeiRerankRequest, body)) if "texts" in body
+        return await self._serve(request, lambda body: job_from_tei(_parse(TeiRerankRequest, body)) if "texts" in body
                                  else job_from_jina(_parse(JinaRerankRequest, body)), "rerank")
 
     @app.post("/score", openapi_extra=score_operation())
     async def score(self, request: Request):
         """vLLM's score API: one query and N documents, or N pairs."""
-        return await self._serve_score(await self._read_body(request), "score")
+        return await self._serve_score(request, "score")
 
     @app.post("/v1/score", openapi_extra=score_operation())
     async def score_v1(self, request: Request):
         """vLLM's score API (OpenAI-style path)."""
-        return await self._serve_score(await self._read_body(request), "v1/score")
+        return await self._serve_score(request, "v1/score")
 
-    async def _serve_score(self, body: dict, endpoint: str):
+    async def _serve_score(self, http: Request, endpoint: str):
         loop = asyncio.get_running_loop()
 
-        async def work(request: _InFlight):
+        async def work(body: dict, request: _InFlight):
             job = job_from_score(_parse(ScoreRequest, body))
             model, rooms = await loop.run_in_executor(None, self.service.prepare_score, job)
             request.model = model.name
             return JSONResponse(await self.service.score_pairs(job, model, rooms))
 
-        return await self._accounted(endpoint, work)
+        return await self._accounted(http, endpoint, work)
 
-    async def _read_body(self, request: Request) -> dict:
+    async def _read_body(self, http: Request, request: _InFlight) -> dict:
         """The JSON object body, whatever the content type says (`curl -d` sends a form type). The body is
         read in pieces and refused (413) as soon as it passes `max_body_bytes`, whatever its framing: a
-        `Content-Length` over the limit before a byte is read, a chunked body when its bytes pass it."""
-        self._authorize(request)
-        self._check_body_size(request)
-        return parse_json_object(await read_limited(request.stream(), self.config.limits.max_body_bytes))
+        `Content-Length` over the limit before a byte is read, a chunked body when its bytes pass it. It
+        must arrive within `body_timeout_s` and the request's deadline (408), and its bytes are held
+        against `max_in_flight_bytes` (429) until the request ends."""
+        lim = self.config.limits
+        self._check_body_size(http)
+        raw = await read_body(http.stream(), lim, self.body_budget, request.deadline)
+        request.body_bytes = len(raw)
+        return parse_json_object(raw, lim.max_json_depth)
 
     # -- the one path every request takes ------------------------------------------------------------------
-    async def _serve(self, parse, endpoint: str):
-        """A rerank request in any shape: ranked, with evidence, plain or streamed."""
+    async def _serve(self, http: Request, parse, endpoint: str):
+        """A rerank request in any shape (`parse(body)` makes its job): ranked, with evidence, plain or streamed."""
         loop = asyncio.get_running_loop()
 
-        async def work(request: _InFlight):
-            job: RerankJob = parse()
+        async def work(body: dict, request: _InFlight):
+            job: RerankJob = parse(body)
             model = await loop.run_in_executor(None, self.service.prepare, job)
             request.model = model.name
             ranked = await self.service.rank(job, model)
             if job.stream:
-                request.hand_over_slot()  # the stream holds the slot until it ends
-                return StreamingResponse(self._stream(job, model, ranked, request.slot, endpoint, request.deadline),
+                request.hand_over()  # the stream holds the slot and the body's bytes until it ends
+                return StreamingResponse(self._stream(job, model, ranked, request, endpoint),
                                          media_type="text/event-stream")
             body, ranked = await self.service.respond(job, model, ranked)
             return JSONResponse(body, headers={"Server-Timing": server_timing(ranked)})
 
-        return await self._accounted(endpoint, work)
+        return await self._accounted(http, endpoint, work)
 
-    async def _accounted(self, endpoint: str, work):
-        """Admission, the deadline and the request metrics around `await work(request)`: a 504 past the
-        deadline, every outcome counted by status and error kind, the slot released unless handed over."""
+    async def _accounted(self, http: Request, endpoint: str, work):
+        """The key, the body, admission, the deadline and the request metrics around `await work(body,
+        request)`: the deadline runs from arrival, a slot is taken once the body is in, a 504 past the
+        deadline, every outcome counted by status and error kind, the slot and the body's bytes released
+        unless handed over to a stream."""
+        self._authorize(http)
+        request = _InFlight(asyncio.get_running_loop().time() + self.config.limits.request_timeout_s,
+                            self.body_budget)
         try:
-            request = _InFlight(self.service.admission(),
-                               asyncio.get_running_loop().time() + self.config.limits.request_timeout_s)
-        except PrismError as exc:
-            _count_failure(exc.kind, endpoint, "")
-            raise
-        try:
+            body = await self._read_body(http, request)
+            request.slot = self.service.admission()
             async with asyncio.timeout_at(request.deadline):
-                response = await work(request)
+                response = await work(body, request)
             if not isinstance(response, StreamingResponse):  # a stream counts itself when it ends
                 metrics.count("prism_requests_total", model=request.model, endpoint=endpoint, status="200")
             return response
@@ -444,15 +549,15 @@ class Router:
             raise
         finally:
             if not request.handed_over:
-                request.slot.release()
+                request.release()
 
-    async def _stream(self, job, model, ranked, slot, endpoint: str, deadline: float):
+    async def _stream(self, job, model, ranked, request: _InFlight, endpoint: str):
         try:
-            async for event, data in self.service.events(job, model, ranked, deadline=deadline):
+            async for event, data in self.service.events(job, model, ranked, deadline=request.deadline):
                 yield _sse(event, data)
             metrics.count("prism_requests_total", model=model.name, endpoint=endpoint, status="200")
         finally:
-            slot.release()
+            request.release()
 
     def _authorize(self, request: Request) -> None:
         if not self.keys:

@@ -187,7 +187,15 @@ class LimitsConfig(_Strict):
     max_query_chars: int = Field(
         default=2048, ge=1, description="characters (Unicode code points) in a query (422 past it); a query "
                                         "must also leave room for a document under the model's max_length")
-    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description="bytes of a request body (413)")
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description="bytes of a request body (413), "
+                                                                              "whatever its framing")
+    body_timeout_s: float = Field(
+        default=10, gt=0, description="seconds a body may take to arrive (408 past it); reading it counts against "
+                                      "request_timeout_s too")
+    max_in_flight_bytes: int = Field(
+        default=256 * 1024 * 1024, ge=1024, description="bytes of request bodies a router replica holds at once, "
+                                                        "counted as they are read (429 past it)")
+    max_json_depth: int = Field(default=32, ge=4, description="levels of nesting in a JSON body (422 past it)")
     max_new_tokens: int = Field(default=512, ge=1, description="tokens generated per evidence document")
     max_evidence_documents: int = Field(default=32, ge=1, description="evidence.top_n per request")
     max_in_flight: int = Field(default=256, ge=1, description="requests a router replica holds before 429")

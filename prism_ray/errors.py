@@ -17,6 +17,7 @@ class ErrorKind(str, Enum):
     AUTH = "auth"  # missing or wrong API key
     UNKNOWN_MODEL = "unknown_model"  # `model` (or cascade.screen) names no configured model
     TOO_LARGE = "too_large"  # body, document count or a document's length over a limit
+    BODY_TIMEOUT = "body_timeout"  # the body did not arrive within limits.body_timeout_s
     OVERLOAD = "overload"  # this router holds max_in_flight requests already
     SATURATED = "saturated"  # a tier's replicas and queues are full, or it has no replica
     TIMEOUT = "timeout"  # the request passed limits.request_timeout_s; its downstream work was cancelled
@@ -28,6 +29,7 @@ STATUS: dict[ErrorKind, int] = {
     ErrorKind.AUTH: 401,
     ErrorKind.UNKNOWN_MODEL: 404,
     ErrorKind.TOO_LARGE: 413,
+    ErrorKind.BODY_TIMEOUT: 408,
     ErrorKind.OVERLOAD: 429,
     ErrorKind.SATURATED: 503,
     ErrorKind.TIMEOUT: 504,
@@ -37,9 +39,11 @@ STATUS: dict[ErrorKind, int] = {
 DESCRIPTIONS: dict[int, str] = {
     401: "Missing or invalid API key (`Authorization: Bearer <key>`)",
     404: "The model (or cascade.screen) names no configured model",
+    408: "The body did not arrive within body_timeout_s (or the request's deadline); send it faster",
     413: "Body, document count or (with truncate false) a document over its limit",
     422: "The request breaks the schema or a limit; `param` names the field",
-    429: "The router is at max_in_flight; retry after Retry-After seconds",
+    429: "The router is at max_in_flight requests or max_in_flight_bytes of bodies; retry after "
+         "Retry-After seconds",
     503: "The model's replicas are saturated or starting; retry after Retry-After seconds",
     504: "The request passed its deadline (request_timeout_s); its work was cancelled",
 }

@@ -20,7 +20,7 @@ from prism_ray.config import AppConfig, ModelConfig
 from prism_ray.errors import DESCRIPTIONS, ErrorBody
 
 REF = "#/components/schemas/{model}"
-RERANK_ERRORS = (404, 413, 422, 429, 503, 504)
+RERANK_ERRORS = (404, 408, 413, 422, 429, 503, 504)
 SSE_EVENT = {  # one Server-Sent Event of a streamed answer (see RerankService.events)
     "type": "object", "required": ["event", "data"],
     "properties": {"event": {"enum": ["scores", "evidence_delta", "evidence", "error", "done"]},
@@ -114,6 +114,15 @@ def model_keys(m: ModelConfig) -> list[str]:
     return [m.name, m.model, *([m.size] if m.size else [])]
 
 
+def body_rules(lim) -> str:
+    """What every request body must be, past its schema (each rule answers the status it names)."""
+    return (f"A JSON object (any content type) of at most {lim.max_body_bytes} bytes whatever its framing "
+            f"(max_body_bytes, 413), arriving within {lim.body_timeout_s:g} s (body_timeout_s, 408), nested at most "
+            f"{lim.max_json_depth} levels (max_json_depth, 422); an integer of more than 4300 digits, a float past "
+            "the 64-bit range, NaN and Infinity are refused (422). A router replica holds at most "
+            f"{lim.max_in_flight_bytes} bytes of bodies at once (max_in_flight_bytes, 429).")
+
+
 def apply_config(schema: dict, config: AppConfig, request_models: list[str]) -> dict:
     """A copy of `schema` stating the limits, models and auth of `config`."""
     schema = deepcopy(schema)
@@ -151,6 +160,10 @@ def apply_config(schema: dict, config: AppConfig, request_models: list[str]) -> 
     comps["ChunkingOptions"]["properties"]["max_chunks_per_doc"]["maximum"] = lim.max_chunks_per_doc
     if "ScoreRequest" in comps:
         _score_request_limits(comps["ScoreRequest"], lim, every)
+    for ops in schema.get("paths", {}).values():
+        for op in ops.values():
+            if "requestBody" in op:
+                op["requestBody"]["description"] = body_rules(lim)
     if config.resolved_api_keys():
         comps_root = schema["components"]
         comps_root["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}

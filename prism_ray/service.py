@@ -22,7 +22,7 @@ from prism_ray.api import RankedDocument, RerankJob, ScoreJob, render
 from prism_ray.chunking import best_chunk, chunk_documents, chunk_texts, per_document
 from prism_ray.config import AppConfig, ModelConfig
 from prism_ray.errors import ErrorKind, PrismError, retry_later
-from prism_ray.prompt import PrismPromptTokenizer, PromptTooLong
+from prism_ray.prompt import CUT_MARGIN_TOKENS, FIRST_CHARS_PER_TOKEN, PrismPromptTokenizer, PromptTooLong
 from prism_ray.ranking import best_first, wants_evidence
 
 # (model name, query, documents, max tokens per document) -> per document, in order: a dict with
@@ -142,6 +142,7 @@ class RerankService:
         chunked = None if job.chunked is None else [job.chunked[i] for i in indices]
         # With chunking, every chunk of every document in one call: they share the query's prefix state.
         texts = docs if chunked is None else chunk_texts(docs, chunked)
+        texts = await self._heads(model.name, job.query, texts, job.max_tokens_per_doc)
         results = await self._score(model.name, job.query, texts, job.max_tokens_per_doc)
         if len(results) != len(texts):
             raise PrismError(ErrorKind.INTERNAL, f"the {model.name} scorer returned {len(results)} results "
@@ -187,9 +188,25 @@ class RerankService:
             return []
         return [r for rank, r in enumerate(ranked, 1) if wants_evidence(rank, r.score, ev.top_n, ev.min_score)]
 
-    def _evidence_args(self, job: RerankJob, model: ModelConfig, r: RankedDocument) -> tuple[str, str, str, int]:
+    async def _evidence_args(self, job: RerankJob, model: ModelConfig, r: RankedDocument) -> tuple[str, str, str, int]:
         max_new = job.evidence.max_new_tokens or self.limits.max_new_tokens
-        return model.name, job.query, self.scored_text(job, r), max_new
+        (text,) = await self._heads(model.name, job.query, [self.scored_text(job, r)], None)
+        return model.name, job.query, text, max_new
+
+    async def _heads(self, model_name: str, query: str, texts: list[str], max_doc_tokens: int | None) -> list[str]:
+        """Each text, or for one longer than the model reads, the cut of it that holds all it reads
+        (`PrismPromptTokenizer.document_head`): a tier is sent, and tokenizes, no more than it uses, and
+        answers exactly as for the whole text. Cuts are tokenized off the event loop."""
+        prompts = self.prompts[model_name]
+        bound = (prompts.max_length + CUT_MARGIN_TOKENS) * FIRST_CHARS_PER_TOKEN  # a text under it is never cut
+        if all(len(t) <= bound for t in texts):
+            return texts
+
+        def cut() -> list[str]:
+            need = prompts.document_room(prompts.prefix(query), max_doc_tokens) + 1
+            return [prompts.document_head(t, need) if len(t) > bound else t for t in texts]
+
+        return await asyncio.get_running_loop().run_in_executor(None, cut)
 
     @staticmethod
     def _with_evidence(r: RankedDocument, out: dict) -> RankedDocument:
@@ -199,7 +216,7 @@ class RerankService:
         return r
 
     async def _evidence_one(self, job: RerankJob, model: ModelConfig, r: RankedDocument) -> RankedDocument:
-        return self._with_evidence(r, await self._evidence(*self._evidence_args(job, model, r)))
+        return self._with_evidence(r, await self._evidence(*await self._evidence_args(job, model, r)))
 
     async def respond(self, job: RerankJob, model: ModelConfig,
                       ranked: list[RankedDocument] | None = None) -> tuple[dict | list, list[RankedDocument]]:
@@ -235,7 +252,8 @@ class RerankService:
         groups: dict[tuple[str, int | None], list[int]] = {}
         for i, ((query, _), room) in enumerate(zip(job.pairs, rooms)):
             groups.setdefault((query, room), []).append(i)
-        calls = [(q, [job.pairs[i][1] for i in idxs], room) for (q, room), idxs in groups.items()]
+        calls = [(q, await self._heads(model.name, q, [job.pairs[i][1] for i in idxs], room), room)
+                 for (q, room), idxs in groups.items()]
         if self._score_groups is not None:
             results = await self._score_groups(model.name, calls)
         else:
@@ -297,7 +315,7 @@ class RerankService:
                                queue: asyncio.Queue) -> None:
         """One target's events into `queue`: its deltas (with a streaming tier), then `evidence` or `error`."""
         try:
-            args = self._evidence_args(job, model, r)
+            args = await self._evidence_args(job, model, r)
             if self._evidence_stream is None:
                 out = await self._evidence(*args)
             else:

@@ -49,7 +49,7 @@ def server(tiny_ckpt, qwen3_ckpt):
         "models": [{"name": "prism-tiny", "model": str(tiny_ckpt), "dtype": "float32", "scorer": serve_tier(),
                     "evidence": None}],
         "api_keys": ["secret-key"],
-        "limits": {"max_in_flight": 1},
+        "limits": {"max_in_flight": 1, "body_timeout_s": 1.5},
     }
     serve.run(build_app(main), name="prism", route_prefix="/")
     serve.run(build_app(guarded), name="guarded", route_prefix="/guarded")
@@ -274,11 +274,49 @@ def test_bad_json_and_huge_body(client):
     assert chunked.status_code == 413 and "max_body_bytes" in chunked.json()["message"]
     nested = client.post("/v2/rerank", content=b'{"query": "q", "documents": ' + b"[" * 30000 + b"]" * 30000 + b"}",
                          headers={"content-type": "application/json"})
-    assert nested.status_code == 422 and "nested too deeply" in nested.json()["message"]
+    assert nested.status_code == 422 and "nested more than 32 levels" in nested.json()["message"]
+    out_of_range = client.post("/v2/rerank", content=b'{"query": "q", "documents": ["a"], "top_n": 1e999}',
+                               headers={"content-type": "application/json"})
+    assert out_of_range.status_code == 422 and "out of range" in out_of_range.json()["message"]
     # `curl -d` sends a form content type; the JSON body is still read.
     form = client.post("/v2/rerank", content=json.dumps({"query": QUERY, "documents": ["a"]}).encode(),
                        headers={"content-type": "application/x-www-form-urlencoded"})
     assert form.status_code == 200 and len(form.json()["results"]) == 1
+
+
+def test_a_trickled_body_holds_no_slot_and_is_408(server):
+    """A client trickling its body (chunked, a byte every 0.1 s) takes no `max_in_flight` slot while it
+    sends, so the guarded app (max_in_flight 1) serves another request meanwhile; at body_timeout_s the
+    trickle is answered 408."""
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    url = urlparse(server)
+    sock = socket.create_connection((url.hostname, url.port), timeout=10)
+    sock.sendall(b"POST /guarded/v2/rerank HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer secret-key\r\n"
+                 b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+    started = time.monotonic()
+    ok = None
+    try:
+        while time.monotonic() - started < 3:
+            sock.sendall(b"1\r\n \r\n")
+            time.sleep(0.1)
+            if ok is None and time.monotonic() - started > 0.5:
+                ok = httpx.post(f"{server}/guarded/v2/rerank", json={"query": QUERY, "documents": ["a", "b"]},
+                                headers={"Authorization": "Bearer secret-key"}, timeout=30)
+    except OSError:
+        pass  # the server may close the connection once it has answered
+    answer = b""
+    while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+        piece = sock.recv(65536)
+        if not piece:
+            break
+        answer += piece
+    sock.close()
+    assert ok is not None and ok.status_code == 200
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"body_timeout_s=1.5" in answer
 
 
 def test_models_health_docs(client):
@@ -553,7 +591,9 @@ def test_openapi_states_the_config_limits(client):
     assert cohere["query"]["maxLength"] == 64
     assert schemas["EvidenceOptions"]["properties"]["max_new_tokens"]["anyOf"][0]["maximum"] == 64
     responses = spec["paths"]["/v2/rerank"]["post"]["responses"]
-    assert {"200", "404", "413", "422", "429", "503"} <= set(responses) and "401" not in responses
+    assert {"200", "404", "408", "413", "422", "429", "503"} <= set(responses) and "401" not in responses
+    rules = spec["paths"]["/v2/rerank"]["post"]["requestBody"]["description"]
+    assert "65536 bytes" in rules and "(body_timeout_s, 408)" in rules and "32 levels (max_json_depth, 422)" in rules
     assert "securitySchemes" not in spec["components"]
     guarded = client.get("/guarded/openapi.json").json()
     assert guarded["components"]["securitySchemes"] == {"bearer": {"type": "http", "scheme": "bearer"}}

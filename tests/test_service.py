@@ -316,3 +316,37 @@ def test_score_api_truncate_prompt_tokens_leaves_the_document_its_room(prompts):
     with pytest.raises(PrismError) as err:
         svc.prepare_score(_score_job({"queries": QUERY, "documents": ["d"] * 6}))
     assert err.value.kind == ErrorKind.TOO_LARGE and "max_documents" in err.value.message
+
+
+def test_a_long_document_reaches_the_tiers_cut_to_what_they_read(prompts):
+    """A document far longer than max_length is sent to the scorer and the evidence tier as the cut that
+    holds every token they read (and a margin): the same tokens, the same `truncated`, a fraction of the bytes."""
+    from conftest import english_texts
+
+    long_doc = " ".join(english_texts(40, 200, 200)) * 8
+    sent: list[tuple[str, str, int | None]] = []
+
+    async def score(model, query, documents, max_doc_tokens):
+        sent.extend(("score", d, max_doc_tokens) for d in documents)
+        return [{"score": 0.9, "logit": 0.0, "num_tokens": 10, "truncated": False} for _ in documents]
+
+    async def evidence(model, query, document, max_new_tokens):
+        sent.append(("evidence", document, None))
+        return {"contribution": "c", "evidence": "e", "truncated": False, "text": "yes"}
+
+    svc = RerankService(_config(), prompts, score=score, evidence=evidence)
+    for cap in (None, 50):
+        sent.clear()
+        job = _job([long_doc, "short"], max_tokens_per_doc=cap, evidence=EvidenceOptions(top_n=2))
+        run(svc.respond(job, svc.prepare(job)))
+        p = prompts["small"]
+        whole = p.encode_text(" " + long_doc)
+        for tier, text, max_doc_tokens in sent:
+            if text == "short":
+                continue
+            assert long_doc.startswith(text) and len(text) < len(long_doc) / 20, tier
+            assert max_doc_tokens == (cap if tier == "score" else None)
+            room = p.document_room(p.prefix(QUERY), max_doc_tokens)
+            assert p.encode(QUERY, text, max_doc_tokens=max_doc_tokens) == p.encode(QUERY, long_doc, max_doc_tokens=max_doc_tokens)
+            assert p.encode_text(" " + text)[: room + 1] == whole[: room + 1]
+        assert sorted(t for t, d, _ in sent if d != "short") == ["evidence", "score"]

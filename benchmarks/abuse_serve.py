@@ -1,0 +1,288 @@
+"""Hostile clients beside normal ones, on loopback: are normal requests still served, and is every hostile one
+refused (or, for a long document, served at the cost of what is read) without a replica growing or dying?
+
+    python benchmarks/abuse_serve.py [--seconds 60] [--baseline-seconds 30] [--normal 4] [--hostile 8]
+
+Runs the config's application (default `deployments/local.yaml`) on a fresh local Ray cluster, on 127.0.0.1
+only. Two phases in this one run: `--normal` clients alone for `--baseline-seconds` (the baseline), then the
+same clients for `--seconds` beside `--hostile` clients, each cycling through:
+
+- `chunked`: a 64 MiB body sent chunked (no Content-Length) as fast as it goes (expected 413);
+- `trickle`: a chunked body of one byte every 0.2 s, for up to 40 s (expected 408 at body_timeout_s);
+- `nested`: `{"query": ..., "documents": [[[[...]]]]}` 100,000 levels deep (expected 422);
+- `long-doc`: one 15 MB document of 2.7 M words (served: 200, reading only what fits max_length);
+- `long-doc-chunked`: the same with `"chunking": {"max_chunks_per_doc": 64}` (200).
+
+Hostile requests go over raw sockets, so a refusal that closes the connection mid-body is still read. It
+prints the normal clients' p50/p99 and statuses for both phases, every hostile request's status and time
+(grouped by kind), and each Serve replica's and proxy's resident memory (VmRSS) at the start and the end of
+the hostile phase. Exit 1 when a target is missed: a normal request not 200, a normal p99 over 2x the
+baseline's, a hostile request with another status than its kind expects, a replica restarted, or a process
+grown more than 200 MiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import select
+import socket
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+QUERY = "What is the boiling point of water at sea level?"
+EXPECTED = {"chunked": {413}, "trickle": {408}, "nested": {422}, "long-doc": {200}, "long-doc-chunked": {200}}
+MAX_GROWTH_MIB = 200
+
+
+def _words(n: int, seed: int = 0) -> str:
+    import pydoc_data.topics
+
+    vocab = sorted({w for t in pydoc_data.topics.topics.values() for w in t.split()})
+    rng = random.Random(seed)
+    return " ".join(rng.choice(vocab) for _ in range(n))
+
+
+def _normal_body(n: int) -> dict:
+    import pydoc_data.topics
+
+    topics = [t.split() for t in pydoc_data.topics.topics.values() if len(t.split()) > 200]
+    return {"query": QUERY, "documents": [" ".join(topics[(n + 7 * i) % len(topics)][:60 + (13 * i) % 80])
+                                          for i in range(8)]}
+
+
+class RawRequest:
+    """One POST over a raw socket: the body sent piece by piece until the server answers (or it is all
+    sent), then the status line read. A server that answers early and closes is read, not an error."""
+
+    def __init__(self, port: int, path: str = "/v2/rerank"):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        self.head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     "Connection: close\r\n")
+        self.answer = b""
+
+    def answered(self) -> bool:
+        while select.select([self.sock], [], [], 0)[0]:
+            piece = self.sock.recv(65536)
+            if not piece:
+                return True
+            self.answer += piece
+        return b"\r\n" in self.answer
+
+    def send(self, body_pieces, chunked: bool, length: int | None = None) -> int:
+        head = self.head + ("Transfer-Encoding: chunked\r\n" if chunked else f"Content-Length: {length}\r\n")
+        try:
+            self.sock.sendall((head + "\r\n").encode())
+            for piece in body_pieces:
+                if self.answered():
+                    break
+                self.sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+            else:
+                if chunked:
+                    self.sock.sendall(b"0\r\n\r\n")
+        except OSError:
+            pass  # the server answered and closed; its answer is read below
+        self.sock.settimeout(120)
+        try:
+            while b"\r\n" not in self.answer:
+                piece = self.sock.recv(65536)
+                if not piece:
+                    break
+                self.answer += piece
+        except OSError:
+            pass
+        self.sock.close()
+        line = self.answer.split(b"\r\n", 1)[0].split()
+        return int(line[1]) if len(line) > 1 and line[1].isdigit() else -1
+
+
+def _hostile_once(port: int, kind: str, long_doc: bytes, long_doc_chunked: bytes) -> int:
+    req = RawRequest(port)
+    if kind == "chunked":
+        piece = b" " * (1 << 20)
+        return req.send((piece for _ in range(64)), chunked=True)
+    if kind == "trickle":
+        def trickle():
+            deadline = time.monotonic() + 40
+            while time.monotonic() < deadline:
+                yield b" "
+                time.sleep(0.2)
+        return req.send(trickle(), chunked=True)
+    if kind == "nested":
+        body = b'{"query": "q", "documents": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    else:
+        body = long_doc if kind == "long-doc" else long_doc_chunked
+    return req.send((body[i:i + (1 << 20)] for i in range(0, len(body), 1 << 20)), chunked=False, length=len(body))
+
+
+def _processes() -> dict[str, tuple[int, int]]:
+    """Live Serve replicas and proxies: name -> (pid, KiB resident)."""
+    import ray
+
+    out = {}
+    for actor_id, a in ray._private.state.actors().items():
+        name = a["ActorClassName"]
+        if a["State"] != "ALIVE" or not (name.startswith("ServeReplica:") or name == "ProxyActor"):
+            continue
+        try:
+            status = Path(f"/proc/{a['Pid']}/status").read_text()
+        except OSError:
+            continue
+        rss = [int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")]
+        if rss:
+            out[f"{name.split(':', 2)[-1]}#{actor_id[:6]}"] = (a["Pid"], rss[0])
+    return out
+
+
+def _percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else float("nan")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="deployments/local.yaml")
+    ap.add_argument("--seconds", type=float, default=60, help="the hostile phase")
+    ap.add_argument("--baseline-seconds", type=float, default=30, help="normal clients alone, before it")
+    ap.add_argument("--normal", type=int, default=4)
+    ap.add_argument("--hostile", type=int, default=8)
+    args = ap.parse_args()
+
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    app_args = yaml.safe_load(Path(args.config).read_text())["applications"][0]["args"]
+    words = _words(2_700_000)
+    long_doc = json.dumps({"query": QUERY, "documents": [words]}).encode()
+    long_doc_chunked = json.dumps({"query": QUERY, "documents": [words],
+                                   "chunking": {"max_chunks_per_doc": 64}}).encode()
+    del words
+    print(f"long document body: {len(long_doc) / 1e6:.1f} MB", flush=True)
+
+    ray.init(num_cpus=8, object_store_memory=512 * 1024**2, include_dashboard=False, log_to_driver=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(app_args), name="prism", route_prefix="/")
+    base = f"http://127.0.0.1:{port}"
+
+    normal: list[tuple[str, int, float]] = []  # (phase, status, seconds)
+    hostile: list[tuple[str, int, float]] = []  # (kind, status, seconds)
+    phase = ["baseline"]
+    stop_normal, stop_hostile = threading.Event(), threading.Event()
+
+    def normal_client(k: int) -> None:
+        n = k
+        with httpx.Client(base_url=base, timeout=120) as client:
+            while not stop_normal.is_set():
+                started, now = time.monotonic(), phase[0]
+                try:
+                    status = client.post("/v2/rerank", json=_normal_body(n)).status_code
+                except httpx.HTTPError:
+                    status = -1
+                normal.append((now, status, time.monotonic() - started))
+                n += 1
+
+    def hostile_client(k: int) -> None:
+        kinds = list(EXPECTED)
+        n = k
+        while not stop_hostile.is_set():
+            kind = kinds[n % len(kinds)]
+            started = time.monotonic()
+            status = _hostile_once(port, kind, long_doc, long_doc_chunked)
+            hostile.append((kind, status, time.monotonic() - started))
+            n += 1
+
+    with httpx.Client(base_url=base, timeout=120) as warm:  # every replica loaded before the clock starts
+        warm.post("/v2/rerank", json=_normal_body(0)).raise_for_status()
+    normals = [threading.Thread(target=normal_client, args=(k,), daemon=True) for k in range(args.normal)]
+    for t in normals:
+        t.start()
+    time.sleep(args.baseline_seconds)
+    at_start = _processes()
+    phase[0] = "hostile"
+    hostiles = [threading.Thread(target=hostile_client, args=(k,), daemon=True) for k in range(args.hostile)]
+    for t in hostiles:
+        t.start()
+    peak: dict[str, int] = {}
+    started = time.monotonic()
+    try:
+        while time.monotonic() - started < args.seconds:
+            time.sleep(2)
+            for name, (_, kib) in _processes().items():
+                peak[name] = max(peak.get(name, 0), kib)
+        stop_hostile.set()
+        for t in hostiles:
+            t.join(timeout=120)
+        at_end = _processes()
+    finally:
+        stop_normal.set()
+        stop_hostile.set()
+        for t in normals:
+            t.join(timeout=150)
+        serve.shutdown()
+        ray.shutdown()
+
+    failures = []
+    print(f"\nnormal clients ({args.normal}): baseline {args.baseline_seconds:g} s, then {args.seconds:g} s beside "
+          f"{args.hostile} hostile clients")
+    p99 = {}
+    for name in ("baseline", "hostile"):
+        rows = [r for r in normal if r[0] == name]
+        statuses: dict[int, int] = {}
+        for _, status, _ in rows:
+            statuses[status] = statuses.get(status, 0) + 1
+        seconds = [s for _, st, s in rows if st == 200]
+        p99[name] = _percentile(seconds, 0.99)
+        print(f"  {name:8s} {len(rows):5d} requests, statuses {dict(sorted(statuses.items()))}, "
+              f"p50 {1000 * statistics.median(seconds) if seconds else float('nan'):7.0f} ms, "
+              f"p99 {1000 * p99[name]:7.0f} ms")
+        if set(statuses) - {200}:
+            failures.append(f"normal requests not 200 in the {name} phase: {statuses}")
+    ratio = p99["hostile"] / p99["baseline"]
+    print(f"  p99 beside hostile clients / baseline p99: {ratio:.2f}x (target <= 2x)")
+    if ratio > 2:
+        failures.append(f"normal p99 {ratio:.2f}x the baseline's")
+
+    print(f"\nhostile requests ({len(hostile)}), by kind: status x count, and seconds to the answer (median, max)")
+    for kind in EXPECTED:
+        rows = [r for r in hostile if r[0] == kind]
+        statuses: dict[int, int] = {}
+        for _, status, _ in rows:
+            statuses[status] = statuses.get(status, 0) + 1
+        secs = [s for _, _, s in rows]
+        print(f"  {kind:17s} {dict(sorted(statuses.items()))}  "
+              + (f"median {statistics.median(secs):6.2f} s, max {max(secs):6.2f} s" if secs else ""))
+        if set(statuses) - EXPECTED[kind]:
+            failures.append(f"{kind}: statuses {statuses}, expected {sorted(EXPECTED[kind])}")
+
+    print("\nresident memory (MiB) at the start of the hostile phase -> its end (peak)")
+    for name in sorted(at_start):
+        pid, start_kib = at_start[name]
+        if name not in at_end or at_end[name][0] != pid:
+            print(f"  {name:40s} {start_kib / 1024:7.0f} -> gone (restarted)")
+            failures.append(f"{name} restarted")
+            continue
+        growth = (at_end[name][1] - start_kib) / 1024
+        print(f"  {name:40s} {start_kib / 1024:7.0f} -> {at_end[name][1] / 1024:7.0f} ({growth:+.0f}), "
+              f"peak {peak.get(name, 0) / 1024:.0f}")
+        if growth > MAX_GROWTH_MIB:
+            failures.append(f"{name} grew {growth:.0f} MiB")
+    print("\n" + ("PASS" if not failures else "FAIL: " + "; ".join(failures)))
+    return 0 if not failures else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
