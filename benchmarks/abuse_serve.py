@@ -10,7 +10,7 @@ same clients for `--seconds` beside `--hostile` clients, each cycling through:
 - `chunked`: a 64 MiB body sent chunked (no Content-Length) as fast as it goes (expected 413);
 - `trickle`: a chunked body of one byte every 0.2 s, for up to 40 s (expected 408 at body_timeout_s);
 - `nested`: `{"query": ..., "documents": [[[[...]]]]}` 100,000 levels deep (expected 422);
-- `long-doc`: one 15 MB document of 2.7 M words (served: 200, reading only what fits max_length);
+- `long-doc`: one document of 15 M characters (~2.5 M words; served: 200, reading only what fits max_length);
 - `long-doc-chunked`: the same with `"chunking": {"max_chunks_per_doc": 64}` (200).
 
 Hostile requests go over raw sockets, so a refusal that closes the connection mid-body is still read. It
@@ -44,12 +44,17 @@ EXPECTED = {"chunked": {413}, "trickle": {408}, "nested": {422}, "long-doc": {20
 MAX_GROWTH_MIB = 200
 
 
-def _words(n: int, seed: int = 0) -> str:
+def _words(chars: int, seed: int = 0) -> str:
+    """Seeded words of Python's docs, about `chars` characters of them."""
     import pydoc_data.topics
 
-    vocab = sorted({w for t in pydoc_data.topics.topics.values() for w in t.split()})
+    vocab = sorted({w for t in pydoc_data.topics.topics.values() for w in t.split() if len(w) < 12})
     rng = random.Random(seed)
-    return " ".join(rng.choice(vocab) for _ in range(n))
+    words = rng.choices(vocab, k=chars // 6)
+    text = " ".join(words)
+    while len(text) < chars:
+        text += " " + rng.choice(vocab)
+    return text[:chars]
 
 
 def _normal_body(n: int) -> dict:
@@ -163,12 +168,13 @@ def main() -> int:
     from deployments.app import build_app
 
     app_args = yaml.safe_load(Path(args.config).read_text())["applications"][0]["args"]
-    words = _words(2_700_000)
+    words = _words(15_000_000)
     long_doc = json.dumps({"query": QUERY, "documents": [words]}).encode()
     long_doc_chunked = json.dumps({"query": QUERY, "documents": [words],
                                    "chunking": {"max_chunks_per_doc": 64}}).encode()
+    print(f"long document: {len(words) / 1e6:.1f} M characters, {len(words.split()) / 1e6:.1f} M words; "
+          f"body {len(long_doc) / 1e6:.1f} MB", flush=True)
     del words
-    print(f"long document body: {len(long_doc) / 1e6:.1f} MB", flush=True)
 
     ray.init(num_cpus=8, object_store_memory=512 * 1024**2, include_dashboard=False, log_to_driver=False)
     with socket.socket() as s:

@@ -1,17 +1,19 @@
 """Scorer tier: one forward pass per document, gathered across concurrent requests.
 
-Requests are split into items of at most `max_batch_tokens` prompt tokens; `@serve.batch` with a
-token-counting `batch_size_fn` gathers items from concurrent requests into one engine call.
+Requests are split into items of at most `max_batch_tokens` prompt tokens; a `FairBatcher` gathers
+items of concurrent requests into one engine call of at most `max_batch_tokens` (one pair always fits),
+taking them from the requests in turn, so a request of many long documents does not hold a small one
+behind all of its items.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass, field
 
 from ray import serve
 
+from deployments.fair_batch import FairBatcher
 from deployments.threads import ComputeThread
 from prism_ray import metrics
 from prism_ray.config import ModelConfig, ScorerTierConfig
@@ -33,10 +35,6 @@ class _Item:
         return sum(p.num_tokens for p in self.pairs)
 
 
-def _tokens(items: list[_Item]) -> int:
-    return sum(i.tokens for i in items)
-
-
 @serve.deployment
 class Scorer:
     def __init__(self, model: dict):
@@ -44,9 +42,8 @@ class Scorer:
         tier: ScorerTierConfig = self.config.scorer
         self._compute = ComputeThread(tier.torch_threads, tier.wedged_after_s)
         self.engine = build_engine(self.config, "scorer")
-        # One pair always fits a batch, whatever the budget.
-        self._batched.set_max_batch_size(max(tier.max_batch_tokens, self.config.max_length))
-        self._batched.set_batch_wait_timeout_s(tier.batch_wait_timeout_s)
+        self._batcher = FairBatcher(self._batched, tier.max_batch_tokens, tier.batch_wait_timeout_s,
+                                    lambda item: item.tokens)
 
     async def score(self, query: str, documents: list[str], max_doc_tokens: int | None = None) -> list[dict]:
         """Per document: score, logit, num_tokens, truncated — in the documents' order — and compute_ms:
@@ -67,7 +64,7 @@ class Scorer:
             items.extend(mine)
             counts.append(len(mine))
         tokenize_ms = 1000 * (time.perf_counter() - started)
-        parts = await asyncio.gather(*(self._batched(item) for item in items))
+        parts = await self._batcher.submit(items)
         out, at = [], 0
         for n in counts:
             results = [r for part in parts[at:at + n] for r in part]
@@ -92,7 +89,6 @@ class Scorer:
         """Serve's periodic health check: fails when the engine is wedged (see deployments.threads)."""
         self._compute.check()
 
-    @serve.batch(max_batch_size=4096, batch_wait_timeout_s=0.005, batch_size_fn=_tokens)
     async def _batched(self, items: list[_Item]) -> list[list[dict]]:
         now = time.monotonic()
         name = self.config.name

@@ -14,14 +14,14 @@ so scoring that slice alone as a document gives the chunk's score.
 
 A long document is read only as far as its chunks reach: it is chunked from a cut that holds
 `max_chunks` x `chunk_tokens` tokens and a margin, and the cut doubles until its chunks end clear of
-it (the chunks are then those of the whole text), so a 15 MB document costs what its 64 chunks do.
+it (the chunks are then those of the whole text), so a 15 MB document costs what its chunks read.
 """
 
 from __future__ import annotations
 
 import bisect
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from prism_ray.prompt import CUT_MARGIN_TOKENS
@@ -91,10 +91,19 @@ def chunk_documents(prompts, query: str, documents: list[str], max_chunks_per_do
                     overlap_tokens: int | None = None, max_doc_tokens: int | None = None) -> list[ChunkedDocument]:
     """Chunks of each document for one query under a `PrismPromptTokenizer`: `chunk_tokens` defaults to,
     and is capped at, what fits `max_length` with this query's prompt (and `max_doc_tokens`)."""
+    return list(iter_chunk_documents(prompts, query, documents, max_chunks_per_doc, chunk_tokens, overlap_tokens,
+                                     max_doc_tokens))
+
+
+def iter_chunk_documents(prompts, query: str, documents: list[str], max_chunks_per_doc: int,
+                         chunk_tokens: int | None = None, overlap_tokens: int | None = None,
+                         max_doc_tokens: int | None = None) -> Iterator[ChunkedDocument]:
+    """`chunk_documents`, one document at a time: a caller with a limit on all chunks stops reading there."""
     room = prompts.document_room(prompts.prefix(query), max_doc_tokens)
     size = min(chunk_tokens or room, room)
     overlap = DEFAULT_OVERLAP_TOKENS if overlap_tokens is None else overlap_tokens
-    return [_split_read_as_needed(prompts, doc, size, overlap, max_chunks_per_doc) for doc in documents]
+    for doc in documents:
+        yield _split_read_as_needed(prompts, doc, size, overlap, max_chunks_per_doc)
 
 
 def _split_read_as_needed(prompts, doc: str, size: int, overlap: int, max_chunks: int) -> ChunkedDocument:
@@ -104,8 +113,7 @@ def _split_read_as_needed(prompts, doc: str, size: int, overlap: int, max_chunks
 
     need = max_chunks * size + 1
     while True:
-        text = prompts.document_head(doc, need)
-        starts = prompts.document_token_starts(text)
+        text, starts = prompts.document_head_starts(doc, need)
         out = split(text, size, overlap, max_chunks, lambda _, s=starts: s, count_tokens)
         if len(text) == len(doc) or _clear_of_cut(text, starts, out):
             return out

@@ -84,16 +84,17 @@ class ScorerTierConfig(TierConfig):
 
     Two token limits, named by what they count:
 
-    - `max_batch_tokens`: prompt tokens that `@serve.batch` gathers from concurrent requests into one
-      engine call. 4096 gathers, say, two requests of 10 documents x 200 tokens; a request larger than
-      the budget is split into items that each fit (one pair always fits, whatever its length).
+    - `max_batch_tokens`: prompt tokens that the scorer's batcher gathers from concurrent requests into
+      one engine call, taking items from the waiting requests in turn. 4096 gathers, say, two requests of
+      10 documents x 200 tokens; a request larger than the budget is split into items that each fit (one
+      pair always fits, whatever its length).
     - `engine_token_budget`: prompt tokens in one forward pass inside that call (rows are packed, not padded).
       Unset, the engine picks by device: 1024 on CPU, 16384 on CUDA. A gathered batch of 4096 tokens
       at a budget of 1024 runs as about four forwards.
     """
 
-    max_batch_tokens: int = Field(default=4096, gt=0, description="prompt tokens gathered per @serve.batch call")
-    batch_wait_timeout_s: float = Field(default=0.005, ge=0, description="how long @serve.batch waits to gather")
+    max_batch_tokens: int = Field(default=4096, gt=0, description="prompt tokens gathered per engine call")
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0, description="how long a batch waits to gather")
     engine_token_budget: int | None = Field(
         default=None, gt=0, description="prompt tokens per forward pass (packed rows); unset: 1024 on CPU, 16384 on CUDA")
 

@@ -43,7 +43,7 @@ PROMPT_TEMPLATE = (
 DEFAULT_MAX_LENGTH = 10_240  # the card's training cap: whole prompt, in tokens
 
 # A document is tokenized only as far as it can be used: its text is cut to a character bound, and the
-# bound doubles until the cut holds CUT_MARGIN_TOKENS tokens past the last token kept (or is the whole
+# bound grows until the cut holds CUT_MARGIN_TOKENS tokens past the last token kept (or is the whole
 # text). A cut changes how the last few tokens before it merge, never tokens this far back, so the kept
 # tokens are the whole text's (tests/test_prompt.py checks cuts against whole texts). The first bound
 # assumes FIRST_CHARS_PER_TOKEN characters a token, above what most text averages.
@@ -106,6 +106,11 @@ class EncodedPair:
     @property
     def ids(self) -> list[int]:
         return self.prefix + self.document + self.suffix
+
+
+def _starts(offsets) -> list[int]:
+    """Token starts in a document from the offsets of its segment (which begins with the template's space)."""
+    return [max(0, start - 1) for start, _ in offsets]
 
 
 class PromptTooLong(ValueError):
@@ -174,32 +179,38 @@ class PrismPromptTokenizer:
 
     def document_head(self, doc: str, need: int) -> str:
         """The shortest cut of `doc` (or `doc` itself) whose tokenization holds its first `need` tokens
-        exactly as the whole text's, with CUT_MARGIN_TOKENS more tokens after them: what a chunker needs
-        to read of a long document."""
-        cut, _ = self._leading([" " + doc], need)[0]
-        return doc[: cut - 1]
+        exactly as the whole text's, with CUT_MARGIN_TOKENS more tokens after them: what a tier needs to
+        read of a long document."""
+        return self.document_head_starts(doc, need)[0]
+
+    def document_head_starts(self, doc: str, need: int) -> tuple[str, list[int]]:
+        """`document_head(doc, need)`, and `document_token_starts` of it, from one tokenization."""
+        cut, enc = self._leading([" " + doc], need)[0]
+        return doc[: cut - 1], _starts(enc.offsets)
 
     def document_token_starts(self, doc: str) -> list[int]:
         """Where each token of `document(doc)` starts, as a character offset in `doc`."""
-        return [max(0, start - 1) for start, _ in self._text.encode(" " + doc, add_special_tokens=False).offsets]
+        return _starts(self._text.encode(" " + doc, add_special_tokens=False).offsets)
 
     def _leading(self, texts: list[str], need: int | None) -> list[tuple[int, object]]:
         """Per text: (characters tokenized, their encoding). A text is tokenized whole, or cut to a bound
-        that doubles until its first `need` tokens are settled (CUT_MARGIN_TOKENS tokens past them)."""
+        that grows until its first `need` tokens are settled (CUT_MARGIN_TOKENS tokens past them): each
+        next bound is what the characters per token seen so far call for, with a fifth more, and at
+        least 1.5 times the last."""
         if need is None:
             return [(len(t), e) for t, e in zip(texts, self._text.encode_batch(texts, add_special_tokens=False))]
+        want = need + CUT_MARGIN_TOKENS
         out: list = [None] * len(texts)
-        pending = list(range(len(texts)))
-        bound = (need + CUT_MARGIN_TOKENS) * FIRST_CHARS_PER_TOKEN
-        while pending:
-            cuts = [texts[i][:bound] for i in pending]
-            later = []
-            for i, cut, enc in zip(pending, cuts, self._text.encode_batch(cuts, add_special_tokens=False)):
-                if len(cut) == len(texts[i]) or len(enc.ids) >= need + CUT_MARGIN_TOKENS:
+        bounds = dict.fromkeys(range(len(texts)), want * FIRST_CHARS_PER_TOKEN)
+        while bounds:
+            order = list(bounds)
+            cuts = [texts[i][:bounds[i]] for i in order]
+            for i, cut, enc in zip(order, cuts, self._text.encode_batch(cuts, add_special_tokens=False)):
+                if len(cut) == len(texts[i]) or len(enc.ids) >= want:
                     out[i] = (len(cut), enc)
+                    del bounds[i]
                 else:
-                    later.append(i)
-            pending, bound = later, 2 * bound
+                    bounds[i] = max(3 * len(cut) // 2, int(1.2 * len(cut) * want / max(1, len(enc.ids))))
         return out
 
     def document_room(self, prefix: list[int], max_doc_tokens: int | None = None) -> int:

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 from prism_ray.api import RankedDocument, RerankJob, ScoreJob, render
-from prism_ray.chunking import best_chunk, chunk_documents, chunk_texts, per_document
+from prism_ray.chunking import best_chunk, chunk_texts, iter_chunk_documents, per_document
 from prism_ray.config import AppConfig, ModelConfig
 from prism_ray.errors import ErrorKind, PrismError, retry_later
 from prism_ray.prompt import CUT_MARGIN_TOKENS, FIRST_CHARS_PER_TOKEN, PrismPromptTokenizer, PromptTooLong
@@ -124,12 +124,16 @@ class RerankService:
             raise PrismError(ErrorKind.BAD_REQUEST, f"chunking.max_chunks_per_doc: {opts.max_chunks_per_doc}; the "
                                                     f"limit is {lim.max_chunks_per_doc} (max_chunks_per_doc)",
                              "chunking.max_chunks_per_doc")
-        job.chunked = chunk_documents(self.prompts[model.name], job.query, job.documents, opts.max_chunks_per_doc,
-                                      opts.chunk_tokens, opts.overlap_tokens, job.max_tokens_per_doc)
-        total = sum(len(c.chunks) for c in job.chunked)
-        if total > lim.max_chunks_per_request:
-            raise PrismError(ErrorKind.TOO_LARGE, f"chunking: the documents make {total} chunks; the limit is "
-                                                  f"{lim.max_chunks_per_request} (max_chunks_per_request)", "chunking")
+        job.chunked, total = [], 0
+        for chunked in iter_chunk_documents(self.prompts[model.name], job.query, job.documents,
+                                            opts.max_chunks_per_doc, opts.chunk_tokens, opts.overlap_tokens,
+                                            job.max_tokens_per_doc):
+            total += len(chunked.chunks)
+            if total > lim.max_chunks_per_request:  # refused here: the remaining documents are never read
+                raise PrismError(ErrorKind.TOO_LARGE, "chunking: the documents make more chunks than the limit of "
+                                                      f"{lim.max_chunks_per_request} (max_chunks_per_request)",
+                                 "chunking")
+            job.chunked.append(chunked)
 
     def scored_text(self, job: RerankJob, r: RankedDocument) -> str:
         """The text a result's score is for: its best chunk with chunking, else the document."""

@@ -1,0 +1,104 @@
+"""The scorer's batcher without Ray: batches within the token budget, requests taken in turn, callers that
+left dropped, errors to the batch's callers only."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from deployments.fair_batch import FairBatcher
+
+
+class Recorder:
+    """A batch runner that records each batch's items and answers item * 10, after `delay_s`."""
+
+    def __init__(self, delay_s: float = 0.0, fail_on=None):
+        self.batches: list[list] = []
+        self.delay_s, self.fail_on = delay_s, fail_on
+
+    async def __call__(self, items: list) -> list:
+        self.batches.append(list(items))
+        await asyncio.sleep(self.delay_s)
+        if self.fail_on is not None and self.fail_on in items:
+            raise RuntimeError(f"engine failed on {self.fail_on}")
+        return [i * 10 for i in items]
+
+
+def _batcher(runner, max_tokens=100, wait_s=0.0):
+    return FairBatcher(runner, max_tokens, wait_s, tokens_of=lambda item: item % 1000)
+
+
+def test_results_come_back_in_order_within_the_budget():
+    async def main():
+        runner = Recorder()
+        b = _batcher(runner, max_tokens=100)
+        out = await b.submit([30, 40, 50, 60, 500])  # 500: over the budget alone, still a batch of its own
+        return runner, out
+
+    runner, out = asyncio.run(main())
+    assert out == [300, 400, 500, 600, 5000]
+    assert all(sum(i % 1000 for i in batch) <= 100 or len(batch) == 1 for batch in runner.batches)
+    assert [i for batch in runner.batches for i in batch] == [30, 40, 50, 60, 500]
+
+
+def test_a_small_request_is_in_the_next_batch_whatever_a_large_one_queued():
+    """A request of 20 items arrives first; a one-item request a moment later is served in the second batch,
+    not after the large one's 20 items (first come, first served would put it last)."""
+    async def main():
+        runner = Recorder(delay_s=0.01)
+        b = _batcher(runner, max_tokens=100)
+        large = asyncio.ensure_future(b.submit([1000 + 50] * 20))  # 20 items of 50 tokens: 10 batches
+        await asyncio.sleep(0.005)  # the first batch is computing
+        small = await b.submit([7])
+        batches_before_small = next(i for i, batch in enumerate(runner.batches) if 7 in batch)
+        return batches_before_small, await large, small, runner
+
+    index, large, small, runner = asyncio.run(main())
+    assert small == [70] and large == [10500] * 20
+    assert index == 1  # the batch after the one computing when it arrived
+    assert runner.batches[1] == [1050, 7]  # one from each waiting request in turn, within the budget
+
+
+def test_a_caller_that_left_has_its_items_dropped():
+    async def main():
+        runner = Recorder(delay_s=0.02)
+        b = _batcher(runner, max_tokens=50)
+        gone = asyncio.ensure_future(b.submit([1050] * 10))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        stays = await b.submit([5])
+        await asyncio.sleep(0.05)
+        return runner, stays
+
+    runner, stays = asyncio.run(main())
+    assert stays == [50]
+    assert sum(batch.count(1050) for batch in runner.batches) <= 2  # at most the batch already computing
+
+
+def test_a_failed_batch_fails_its_callers_only_and_the_batcher_goes_on():
+    async def main():
+        runner = Recorder(fail_on=13)
+        b = _batcher(runner, max_tokens=10)  # every item a batch of its own
+        bad = asyncio.gather(b.submit([13]), return_exceptions=True)
+        good = b.submit([4, 5])
+        return await bad, await good
+
+    (bad,), good = asyncio.run(main())
+    assert isinstance(bad, RuntimeError) and "engine failed on 13" in str(bad)
+    assert good == [40, 50]
+
+
+@pytest.mark.parametrize("wait_s", [0.0, 0.05])
+def test_concurrent_requests_gather_into_one_batch(wait_s):
+    """Requests that arrive within the wait window share a batch."""
+    async def main():
+        runner = Recorder()
+        b = _batcher(runner, max_tokens=1000, wait_s=wait_s)
+        outs = await asyncio.gather(*(b.submit([i, i + 1]) for i in range(0, 8, 2)))
+        return runner, outs
+
+    runner, outs = asyncio.run(main())
+    assert outs == [[0, 10], [20, 30], [40, 50], [60, 70]]
+    if wait_s:
+        assert len(runner.batches) == 1
