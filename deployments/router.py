@@ -25,6 +25,7 @@ from starlette.requests import ClientDisconnect
 
 from deployments.retries import FIRST_DELAY_S, MAX_DELAY_S, replica_lost, with_retries
 from prism_ray import metrics
+from prism_ray.allocator import return_large_blocks
 from prism_ray.api import (
     CohereRerankRequest,
     CohereRerankResponse,
@@ -305,6 +306,7 @@ def _openapi() -> dict:
 class Router:
     def __init__(self, config: dict, scorers: list, evidences: list):
         self.config = AppConfig.model_validate(config)
+        return_large_blocks()  # a body's memory goes back to the system when its request ends
         self.scorers = {m.name: h for m, h in zip(self.config.models, scorers)}
         self.evidences = {m.name: h for m, h in zip(self.config.models, evidences) if h is not None}
         self.keys = self.config.resolved_api_keys()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import re
+from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -55,7 +56,12 @@ def split(text: str, chunk_tokens: int, overlap_tokens: int, max_chunks: int,
     starts = token_starts(text)
     if len(starts) <= chunk_tokens and count_tokens(text) <= chunk_tokens:
         return ChunkedDocument([Chunk(0, len(text))], False)
-    units = [(m.start(), m.end()) for m in _UNIT.finditer(text)]
+    # Units as two arrays of offsets (8 bytes each, not a tuple of two ints): a long document has 100,000s.
+    unit_start, unit_end = array("q"), array("q")
+    for m in _UNIT.finditer(text):
+        unit_start.append(m.start())
+        unit_end.append(m.end())
+    n_units = len(unit_start)
 
     def tokens_between(a: int, b: int) -> int:  # estimate: tokens of the whole text starting in [a, b)
         return bisect.bisect_left(starts, b) - bisect.bisect_left(starts, a)
@@ -63,28 +69,28 @@ def split(text: str, chunk_tokens: int, overlap_tokens: int, max_chunks: int,
     overlap_tokens = min(overlap_tokens, chunk_tokens // 2)
     chunks: list[Chunk] = []
     i = 0
-    while i < len(units) and len(chunks) < max_chunks:
-        first = units[i][0]
+    while i < n_units and len(chunks) < max_chunks:
+        first = unit_start[i]
         # The furthest unit end j such that units[i:j] fit, by the estimate; then checked exactly.
-        lo, hi = i + 1, len(units)
+        lo, hi = i + 1, n_units
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if tokens_between(first, units[mid - 1][1]) <= chunk_tokens:
+            if tokens_between(first, unit_end[mid - 1]) <= chunk_tokens:
                 lo = mid
             else:
                 hi = mid - 1
         j = lo
-        while j > i + 1 and count_tokens(text[first:units[j - 1][1]]) > chunk_tokens:
+        while j > i + 1 and count_tokens(text[first:unit_end[j - 1]]) > chunk_tokens:
             j -= 1
-        chunks.append(Chunk(first, units[j - 1][1]))
-        if j >= len(units):
+        chunks.append(Chunk(first, unit_end[j - 1]))
+        if j >= n_units:
             return ChunkedDocument(chunks, False)
         # The next chunk starts far enough back to share about overlap_tokens tokens, and always moves on.
         k = j
-        while k - 1 > i and tokens_between(units[k - 1][0], units[j - 1][1]) <= overlap_tokens:
+        while k - 1 > i and tokens_between(unit_start[k - 1], unit_end[j - 1]) <= overlap_tokens:
             k -= 1
         i = k
-    return ChunkedDocument(chunks, i < len(units))
+    return ChunkedDocument(chunks, i < n_units)
 
 
 def chunk_documents(prompts, query: str, documents: list[str], max_chunks_per_doc: int, chunk_tokens: int | None = None,

@@ -12,6 +12,7 @@ suffix tokens equal the tokens of the whole prompt.
 from __future__ import annotations
 
 import json
+from array import array
 from dataclasses import dataclass
 
 SYSTEM_PROMPT = (
@@ -108,9 +109,10 @@ class EncodedPair:
         return self.prefix + self.document + self.suffix
 
 
-def _starts(offsets) -> list[int]:
-    """Token starts in a document from the offsets of its segment (which begins with the template's space)."""
-    return [max(0, start - 1) for start, _ in offsets]
+def _starts(offsets) -> array:
+    """Token starts in a document from the offsets of its segment (which begins with the template's space),
+    as an array (8 bytes a token: a long document's cut has 100,000s)."""
+    return array("q", [max(0, start - 1) for start, _ in offsets])
 
 
 class PromptTooLong(ValueError):
@@ -183,12 +185,12 @@ class PrismPromptTokenizer:
         read of a long document."""
         return self.document_head_starts(doc, need)[0]
 
-    def document_head_starts(self, doc: str, need: int) -> tuple[str, list[int]]:
+    def document_head_starts(self, doc: str, need: int) -> tuple[str, array]:
         """`document_head(doc, need)`, and `document_token_starts` of it, from one tokenization."""
         cut, enc = self._leading([" " + doc], need)[0]
         return doc[: cut - 1], _starts(enc.offsets)
 
-    def document_token_starts(self, doc: str) -> list[int]:
+    def document_token_starts(self, doc: str) -> array:
         """Where each token of `document(doc)` starts, as a character offset in `doc`."""
         return _starts(self._text.encode(" " + doc, add_special_tokens=False).offsets)
 

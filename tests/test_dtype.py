@@ -54,11 +54,26 @@ def test_kernels_are_chosen_at_load_and_said(tiny_ckpt, qwen3_ckpt, caplog):
 
 
 def test_malloc_thresholds_are_raised_once_unless_turned_off():
-    """Engines call this on CPU (see prism_ray/engine/allocator.py); in a fresh process, as it is per process."""
-    code = ("from prism_ray.engine.allocator import tune_allocator; "
+    """Engines call this on CPU (see prism_ray/allocator.py); in a fresh process, as it is per process."""
+    code = ("from prism_ray.allocator import tune_allocator; "
             "print(tune_allocator(), tune_allocator())")
     on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert on.stdout.split() == ["True", "True"]  # glibc here; the second call is the cached first
     off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PRISM_RAY_MALLOC_TUNING": "0"})
     assert off.stdout.split() == ["False", "False"]
+
+
+def test_a_router_gives_large_blocks_back():
+    """The router fixes glibc's mmap threshold (prism_ray/allocator.py): after a 16 MiB body is freed, its
+    memory leaves the process, also the second time (glibc's own threshold would have risen to 16 MiB)."""
+    code = ("import sys; from prism_ray.allocator import return_large_blocks; on = sys.argv[1] == '1'\n"
+            "ok = return_large_blocks() if on else False\n"
+            "rss = lambda: int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0])\n"
+            "for _ in range(2):\n"
+            "    body = bytes(16 << 20); small = [bytes(100) for _ in range(1000)]; del body\n"
+            "base = rss(); body = b'x' * (16 << 20); body = body.decode(); del body; keep = [bytes(64)]\n"
+            "print(ok, (rss() - base) // 1024)")
+    on = subprocess.run([sys.executable, "-c", code, "1"], capture_output=True, text=True, check=True)
+    ok, grown_mib = on.stdout.split()
+    assert ok == "True" and int(grown_mib) < 4

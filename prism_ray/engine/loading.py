@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
+from prism_ray.allocator import tune_allocator
 from prism_ray.engine import models
-from prism_ray.engine.allocator import tune_allocator
 from prism_ray.engine.kernels import choose_kernels
 from prism_ray.engine.prefix import PrefixCache
 from prism_ray.prompt import DEFAULT_MAX_LENGTH, PrismPromptTokenizer
