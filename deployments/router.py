@@ -14,6 +14,7 @@ propagates the cancellation to the replica, and the evidence tier stops decoding
 import asyncio
 import hmac
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -310,6 +311,7 @@ class Router:
         self.scorers = {m.name: h for m, h in zip(self.config.models, scorers)}
         self.evidences = {m.name: h for m, h in zip(self.config.models, evidences) if h is not None}
         self.keys = self.config.resolved_api_keys()
+        self._chunking_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prism-chunking")
         self.body_budget = ByteBudget(self.config.limits.max_in_flight_bytes, self.config.limits.retry_after_s)
         self.app_name = serve.get_replica_context().app_name
         # Tokenizers load now: a first request must not stall the event loop.
@@ -509,7 +511,11 @@ class Router:
 
         async def work(body: dict, request: _InFlight):
             job: RerankJob = parse(body)
-            model = await loop.run_in_executor(None, self.service.prepare, job)
+            # Chunking reads up to max_chunks_per_doc x chunk_tokens tokens of each document: one such job at
+            # a time per router, so a burst of them bounds its memory and leaves a core to everything else
+            # (one still waiting at its deadline is dropped unstarted).
+            pool = self._chunking_pool if job.chunking is not None else None
+            model = await loop.run_in_executor(pool, self.service.prepare, job)
             request.model = model.name
             ranked = await self.service.rank(job, model)
             if job.stream:
