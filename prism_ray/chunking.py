@@ -22,7 +22,7 @@ from __future__ import annotations
 import bisect
 import re
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from prism_ray.prompt import CUT_MARGIN_TOKENS
@@ -126,7 +126,7 @@ def _split_read_as_needed(prompts, doc: str, size: int, overlap: int, max_chunks
         need *= 2
 
 
-def _clear_of_cut(text: str, starts: list[int], out: ChunkedDocument) -> bool:
+def _clear_of_cut(text: str, starts: Sequence[int], out: ChunkedDocument) -> bool:
     """Whether chunks of a cut `text` are those of the whole document: they stop short of the text's
     end (max_chunks reached), a whole unit lies between the last chunk and the cut, and the cut's last
     CUT_MARGIN_TOKENS tokens (which a cut can change) are past the last chunk."""

@@ -112,7 +112,7 @@ def test_a_cancelled_pair_frees_its_slot_for_a_waiting_one(engine):
 
 def test_text_arrives_in_pieces_that_make_the_answer(engine):
     engine.sync_every = 4
-    scheduler = Scheduler(engine, max_active_pairs=2)
+    scheduler = Scheduler(engine, max_active_pairs=2, stream_interval_s=0)
     seen: list[str] = []
     try:
         async def follow():
@@ -125,6 +125,39 @@ def test_text_arrives_in_pieces_that_make_the_answer(engine):
         scheduler.close()
     assert len(pieces) > 2 and all(pieces)
     assert "".join(pieces) == result.text and "".join(seen) == result.text
+
+
+def test_text_pieces_are_at_least_stream_interval_apart(engine):
+    """With a stream interval, pieces come no faster than it (the first at once, the rest gathered), and
+    they still make the whole answer."""
+    engine.sync_every = 1
+    scheduler = Scheduler(engine, max_active_pairs=2, stream_interval_s=0.2)
+    try:
+        async def follow():
+            handle = scheduler.submit(QUERY, "water boils at 100 degrees", max_new_tokens=48)
+            pieces = [(time.monotonic(), p) async for p in handle.deltas()]
+            return pieces, await handle
+
+        pieces, result = asyncio.run(follow())
+    finally:
+        scheduler.close()
+    assert "".join(p for _, p in pieces) == result.text and result.generated_tokens > len(pieces)
+    gaps = [b - a for (a, _), (b, _) in zip(pieces[:-2], pieces[1:-1])]  # the last piece comes at the end
+    assert all(g >= 0.15 for g in gaps), gaps
+
+
+def test_only_the_last_partial_character_is_held_back():
+    """Text ending in U+FFFD may end in a partial character, which decodes as one U+FFFD: that one waits for
+    its next bytes; earlier ones can no longer complete and are passed on, so a model writing invalid bytes
+    still streams."""
+    from prism_ray.engine.scheduler import GenerationHandle
+
+    seen: list[str] = []
+    handle = GenerationHandle(None, None, seen.append)
+    for text in ["a\ufffd", "a\ufffd\ufffd", "a\ufffd\ufffd\ufffd", "a\ufffd\ufffd\u00e9"]:
+        handle._publish(text)
+    handle._publish("a\ufffd\ufffd\u00e9!", final=True)
+    assert seen == ["a", "\ufffd", "\ufffd", "\u00e9", "!"]
 
 
 def test_greedy_and_sampled_pairs_share_steps_and_sampling_follows_its_own_seed(engine):

@@ -64,6 +64,7 @@ class GenerationHandle:
         self._future: concurrent.futures.Future[EvidenceResult] = concurrent.futures.Future()
         self._lock = threading.Lock()
         self._sent = ""  # text passed to listeners so far
+        self._published_at = float("-inf")  # when the loop last offered new text (time.monotonic)
         self._listeners: list[Callable[[str | None], None]] = []
         if on_text is not None:
             self._listeners.append(lambda t: None if t is None else on_text(t))
@@ -111,10 +112,12 @@ class GenerationHandle:
             listener(piece)
 
     def _publish(self, text: str, final: bool = False) -> None:
-        """New text for the listeners (text decoded so far; a trailing partial character is held back until
-        it completes, except at the end)."""
-        if not final:
-            text = text.rstrip("\ufffd")
+        """New text for the listeners (text decoded so far). A trailing partial character is held back until
+        it completes, except at the end: it decodes as one U+FFFD, so only the last one is held. Any before
+        it can no longer complete; holding those too would silence a stream whose model writes invalid
+        bytes (a random-weight test model looping on a lone continuation byte did, for 4,000 tokens)."""
+        if not final and text.endswith("\ufffd"):
+            text = text[:-1]
         with self._lock:
             if text.startswith(self._sent) and len(text) > len(self._sent):
                 piece, self._sent = text[len(self._sent):], text
@@ -135,18 +138,27 @@ class GenerationHandle:
             self._listeners.clear()
 
 
+# Text is passed to a pair's listeners at most this often (and always at its first sync and its end): a CPU
+# syncs every step, 100 times a second or more, and a piece per step per stream is a Ray object per token
+# between replica and router, load that a streaming client gains nothing from.
+STREAM_INTERVAL_S = 0.05
+
+
 class Scheduler:
     def __init__(self, engine: EvidenceEngine, max_active_pairs: int = 16, max_queued_pairs: int | None = 64,
-                 torch_threads: int | None = None, observer: Callable[[StepReport], None] | None = None):
+                 torch_threads: int | None = None, observer: Callable[[StepReport], None] | None = None,
+                 stream_interval_s: float = STREAM_INTERVAL_S):
         """`max_queued_pairs=None`: no bound on waiting pairs (a batch job that submits a bucket at once).
         `torch_threads`: the loop thread's torch thread count (default: the creating thread's). `observer` gets a `StepReport` after each step
-        (on the loop's thread: keep it cheap)."""
+        (on the loop's thread: keep it cheap). `stream_interval_s`: the least time between two pieces of
+        one pair's text (0: a piece at every host sync)."""
         if max_active_pairs < 1:
             raise ValueError("max_active_pairs must be >= 1")
         if max_queued_pairs is not None and max_queued_pairs < 0:
             raise ValueError("max_queued_pairs must be >= 0 (or None: unbounded)")
         self.engine = engine
         self.max_active_pairs, self.max_queued_pairs = max_active_pairs, max_queued_pairs
+        self.stream_interval_s = stream_interval_s
         self._observer = observer
         self._torch_threads = torch_threads or torch.get_num_threads()
         self._loop = DecodeLoop(engine, max_active_pairs, INITIAL_POOL_TOKENS)
@@ -273,7 +285,8 @@ class Scheduler:
             self._end(seq, None if seq.cancelled else self.engine.result(seq))
         for seq in self._loop.active:
             handle = self._handles.get(id(seq))
-            if handle is not None and handle._listeners:
+            if handle is not None and handle._listeners and now - handle._published_at >= self.stream_interval_s:
+                handle._published_at = now
                 handle._publish(self.engine.text(seq))
         if self._observer is not None:
             try:
