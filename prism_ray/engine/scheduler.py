@@ -114,8 +114,8 @@ class GenerationHandle:
     def _publish(self, text: str, final: bool = False) -> None:
         """New text for the listeners (text decoded so far). A trailing partial character is held back until
         it completes, except at the end: it decodes as one U+FFFD, so only the last one is held. Any before
-        it can no longer complete; holding those too would silence a stream whose model writes invalid
-        bytes (a random-weight test model looping on a lone continuation byte did, for 4,000 tokens)."""
+        it can no longer complete; holding those too would silence, until its end, a stream whose model
+        writes a run of invalid bytes."""
         if not final and text.endswith("\ufffd"):
             text = text[:-1]
         with self._lock:
