@@ -39,6 +39,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from soak_serve import percentile, serve_processes  # noqa: E402  (benchmarks/, on sys.path as the script's folder)
+
 QUERY = "What is the boiling point of water at sea level?"
 EXPECTED = {"chunked": {413}, "trickle": {408}, "nested": {422}, "long-doc": {200}, "long-doc-chunked": {200}}
 MAX_GROWTH_MIB = 200
@@ -129,30 +131,6 @@ def _hostile_once(port: int, kind: str, long_doc: bytes, long_doc_chunked: bytes
     return req.send((body[i:i + (1 << 20)] for i in range(0, len(body), 1 << 20)), chunked=False, length=len(body))
 
 
-def _processes() -> dict[str, tuple[int, int]]:
-    """Live Serve replicas and proxies: name -> (pid, KiB resident)."""
-    import ray
-
-    out = {}
-    for actor_id, a in ray._private.state.actors().items():
-        name = a["ActorClassName"]
-        if a["State"] != "ALIVE" or not (name.startswith("ServeReplica:") or name == "ProxyActor"):
-            continue
-        try:
-            status = Path(f"/proc/{a['Pid']}/status").read_text()
-        except OSError:
-            continue
-        rss = [int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")]
-        if rss:
-            out[f"{name.split(':', 2)[-1]}#{actor_id[:6]}"] = (a["Pid"], rss[0])
-    return out
-
-
-def _percentile(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else float("nan")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="deployments/local.yaml")
@@ -222,7 +200,7 @@ def main() -> int:
     for t in normals:
         t.start()
     time.sleep(args.baseline_seconds)
-    at_start = _processes()
+    at_start = serve_processes(proxies=True)
     phase[0] = "hostile"
     hostiles = [threading.Thread(target=hostile_client, args=(k,), daemon=True) for k in range(args.hostile)]
     for t in hostiles:
@@ -232,12 +210,12 @@ def main() -> int:
     try:
         while time.monotonic() - started < args.seconds:
             time.sleep(2)
-            for name, (_, kib) in _processes().items():
+            for name, (_, kib) in serve_processes(proxies=True).items():
                 peak[name] = max(peak.get(name, 0), kib)
         stop_hostile.set()
         for t in hostiles:
             t.join(timeout=120)
-        at_end = _processes()
+        at_end = serve_processes(proxies=True)
     finally:
         stop_normal.set()
         stop_hostile.set()
@@ -256,7 +234,7 @@ def main() -> int:
         for _, status, _ in rows:
             statuses[status] = statuses.get(status, 0) + 1
         seconds = [s for _, st, s in rows if st == 200]
-        p99[name] = _percentile(seconds, 0.99)
+        p99[name] = percentile(seconds, 0.99)
         print(f"  {name:8s} {len(rows):5d} requests, statuses {dict(sorted(statuses.items()))}, "
               f"p50 {1000 * statistics.median(seconds) if seconds else float('nan'):7.0f} ms, "
               f"p99 {1000 * p99[name]:7.0f} ms")

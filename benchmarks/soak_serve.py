@@ -85,21 +85,28 @@ class Soak:
                 n += 1
 
 
-def _replica_rss() -> dict[str, int]:
-    """KiB of resident memory per live Serve replica, keyed by deployment and actor id."""
+def serve_processes(proxies: bool = False) -> dict[str, tuple[int, int]]:
+    """Live Serve replicas (and with `proxies`, the HTTP proxies): name#actor -> (pid, KiB resident, VmRSS)."""
     import ray
 
     out = {}
     for actor_id, a in ray._private.state.actors().items():
-        if a["State"] == "ALIVE" and a["ActorClassName"].startswith("ServeReplica:"):
-            try:
-                status = Path(f"/proc/{a['Pid']}/status").read_text()
-            except OSError:
-                continue
-            rss = [int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")]
-            if rss:  # a process being killed has none
-                out[f"{a['ActorClassName'].split(':', 2)[2]}#{actor_id[:6]}"] = rss[0]
+        name = a["ActorClassName"]
+        if a["State"] != "ALIVE" or not (name.startswith("ServeReplica:") or (proxies and name == "ProxyActor")):
+            continue
+        try:
+            status = Path(f"/proc/{a['Pid']}/status").read_text()
+        except OSError:
+            continue
+        rss = [int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")]
+        if rss:  # a process being killed has none
+            out[f"{name.split(':', 2)[-1]}#{actor_id[:6]}"] = (a["Pid"], rss[0])
     return out
+
+
+def _replica_rss() -> dict[str, int]:
+    """KiB of resident memory per live Serve replica, keyed by deployment and actor id."""
+    return {name: kib for name, (_, kib) in serve_processes().items()}
 
 
 def _kill_one(deployment: str) -> str:
@@ -112,7 +119,7 @@ def _kill_one(deployment: str) -> str:
     raise SystemExit(f"--kill: no live replica of {deployment}")
 
 
-def _percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else float("nan")
 
@@ -177,7 +184,7 @@ def main() -> int:
     print(f"\n{len(soak.records)} requests in {total_s / 60:.1f} min, {args.clients} clients; by kind and status:")
     print(json.dumps(by_status, indent=1, sort_keys=True))
     for kind, values in sorted(latency.items()):
-        print(f"  {kind:9s} p50 {1000 * statistics.median(values):8.0f} ms   p99 {1000 * _percentile(values, 0.99):8.0f} ms")
+        print(f"  {kind:9s} p50 {1000 * statistics.median(values):8.0f} ms   p99 {1000 * percentile(values, 0.99):8.0f} ms")
     warm_at = 60 * args.warmup_minutes
     after_warmup = next(rss for t, rss in samples if t > warm_at or (t >= warm_at and warm_at > 0))
     end = samples[-1][1]

@@ -30,10 +30,6 @@ class FairBatcher:
         self._arrived = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
 
-    @property
-    def queued_items(self) -> int:
-        return sum(len(q) for q in self._waiting.values())
-
     async def submit(self, items: list) -> list:
         if not items:
             return []
