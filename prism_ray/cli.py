@@ -249,14 +249,13 @@ def cmd_batch(args) -> None:
     import ray
 
     from prism_ray.batch import run_batch
-    from prism_ray.batch.config import resolve_model
-    from prism_ray.batch.rows import InputError
     from prism_ray.batch.store import OutputMismatch
     from prism_ray.config import ConfigFileError
+    from prism_ray.data.rows import InputError
 
     cfg = batch_config_from_args(args)
     try:
-        resolve_model(cfg)  # a config mistake is reported before a cluster starts
+        cfg.resolve_model()  # a config mistake is reported before a cluster starts
         ray.init(address=args.address, log_to_driver=False)
         import ray.data  # configures its loggers on import; quiet them after that
 

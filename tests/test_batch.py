@@ -145,8 +145,8 @@ def test_bad_rows_are_written_with_an_error_and_counted(cluster, tiny_ckpt, engi
 
 
 def test_input_and_output_mistakes_name_the_option(cluster, tiny_ckpt, tmp_path):
-    from prism_ray.batch.rows import InputError
     from prism_ray.batch.store import OutputMismatch
+    from prism_ray.data.rows import InputError
 
     pq.write_table(pa.table({"qid": ["q"], "query": ["x"], "doc_id": ["d"], "text": ["t"]}), tmp_path / "a.parquet")
     with pytest.raises(InputError, match="'query_id' column.*--query-id-column"):

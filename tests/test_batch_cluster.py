@@ -1,4 +1,5 @@
-"""A batch job survives losing a worker node: a head and two worker nodes on this machine."""
+"""Batch on several nodes: a head and two worker nodes on this machine. The processor's actors spread over
+the nodes, and a batch job survives losing a worker node."""
 
 from __future__ import annotations
 
@@ -35,6 +36,30 @@ def _scorer_nodes() -> set[str]:
 
     return {a.node_id for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
             if "ScoreActor" in (a.class_name or "")}
+
+
+def _score_actors() -> dict[str, str]:
+    """Every scorer actor the cluster has run (alive or not): actor id -> node id."""
+    from ray.util.state import list_actors
+
+    return {a.actor_id: a.node_id for a in list_actors(limit=1000) if "ScoreActor" in (a.class_name or "")}
+
+
+def test_the_processors_actors_spread_over_the_nodes(three_nodes, tiny_ckpt):
+    import ray
+
+    from prism_ray.data import build_processor
+
+    _, workers = three_nodes
+    before = _score_actors()
+    items = [{"query": f"question {i}", "documents": [f"answer {i}", "something else"]} for i in range(16)]
+    # Two actors of 2 CPUs each on workers of 3 CPUs (the head has none): one per node.
+    rerank = build_processor({"model": str(tiny_ckpt), "dtype": "float32", "concurrency": 2, "num_cpus": 2,
+                              "batch_size": 1})
+    out = rerank(ray.data.from_items(items).repartition(16)).take_all()
+    assert len(out) == 16 and all(r["error"] is None and len(r["scores"]) == 2 for r in out)
+    ran = {a: n for a, n in _score_actors().items() if a not in before}
+    assert len(ran) == 2 and set(ran.values()) == {w.node_id for w in workers}
 
 
 def test_job_finishes_with_every_pair_once_after_a_worker_node_is_removed(three_nodes, tiny_ckpt, tmp_path):

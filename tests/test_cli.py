@@ -87,7 +87,6 @@ def _batch_args(*args):
 def test_batch_flags_override_the_job_file_and_reuse_the_serve_config(monkeypatch):
     from pathlib import Path
 
-    from prism_ray.batch.config import resolve_model
     from prism_ray.cli import batch_config_from_args
 
     root = Path(__file__).resolve().parents[1]
@@ -97,13 +96,13 @@ def test_batch_flags_override_the_job_file_and_reuse_the_serve_config(monkeypatc
     assert cfg.output == "/tmp/elsewhere" and cfg.input == "data/pairs/"
     assert cfg.evidence.top_k == 5 and cfg.evidence.max_new_tokens == 128
     assert cfg.columns.query == "question" and cfg.columns.text == "text"
-    model = resolve_model(cfg)
+    model = cfg.resolve_model()
     assert model.name == "prism-tiny" and model.scorer.ray_actor_options == {"num_cpus": 0.25}
     assert cfg.scorer_actors.resolve(model.scorer) == (1, 2)
     # Without --config or --serve-config, a model name is looked up in deployments/local.yaml.
     plain = batch_config_from_args(_batch_args("--model", "0.8b", "--input", "in/", "--output", "out/"))
-    assert plain.serve_config == "deployments/local.yaml" and resolve_model(plain).name == "prism-tiny"
-    assert plain.scorer_actors.resolve(resolve_model(plain).scorer) == (1, 2)
+    assert plain.serve_config == "deployments/local.yaml" and plain.resolve_model().name == "prism-tiny"
+    assert plain.scorer_actors.resolve(plain.resolve_model().scorer) == (1, 2)
     assert plain.evidence is None
 
 

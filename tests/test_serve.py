@@ -542,7 +542,7 @@ def test_batch_job_through_the_serve_app_equals_actor_mode(server, tiny_ckpt, tm
     from batch_data import long_rows, write_files
 
     from prism_ray.batch import BatchConfig, run_batch
-    from prism_ray.batch.rows import InputError
+    from prism_ray.data.rows import InputError
 
     rows = long_rows(4, 5)
     write_files(pa.table(rows), tmp_path / "in", num_files=2)

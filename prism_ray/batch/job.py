@@ -1,12 +1,11 @@
-"""A batch rerank job on Ray Data: parquet pairs in, scored and ranked parquet out.
+"""A batch rerank job: parquet pairs in, scored and ranked parquet out, on the processor's stages.
 
-    read_parquet ─► to_pairs (tasks) ─► groupby(bucket).map_groups(ScoreActor pool)
-                                  [─► groupby(bucket).map_groups(EvidenceActor pool)] ─► one file per bucket
+    read_parquet ─► to_pairs (tasks) ─► Processor.stages(long, sink) ─► one file per bucket
 
-A bucket holds every pair of its queries, so an actor scores a query's documents in one engine call
-(its prefix state is computed once) and ranks them; the evidence stage sees whole buckets too and
-generates only for each query's top k. The stage that finishes a bucket writes its file (see
-`store`), which is what makes reruns resume and lost nodes harmless.
+The job is the processor (`prism_ray.data`) in the long layout with three things around it: the input
+is read and turned into pairs (either layout) with the bucket of each query; buckets already in the
+output are skipped; and the last stage writes each bucket's file (`store.BucketSink`), which is what
+makes reruns resume and lost nodes harmless.
 """
 
 from __future__ import annotations
@@ -20,15 +19,12 @@ from pathlib import Path
 import pyarrow as pa
 
 from prism_ray import __version__
-from prism_ray.batch.config import BatchConfig, resolve_model
-from prism_ray.batch.rows import InputError, detect_layout, id_types, input_columns, to_pairs
-from prism_ray.batch.store import OutputStore
-from prism_ray.batch.work import EvidenceActor, ScoreActor, Stage
+from prism_ray.batch.config import BatchConfig
+from prism_ray.batch.store import BucketSink, OutputStore
 from prism_ray.config import ModelConfig
-from prism_ray.factory import deployment_name, pin_checkpoint
-
-SERVE_CLIENT_OPTIONS = {"num_cpus": 0.25}  # an actor that only holds deployment handles
-MAX_SHUFFLE_PARTITIONS = 64  # a partition holds whole buckets; more only adds shuffle tasks
+from prism_ray.data.config import PrismProcessorConfig
+from prism_ray.data.processor import Processor
+from prism_ray.data.rows import InputError, detect_layout, id_types, input_columns, to_pairs
 
 
 @dataclass
@@ -58,39 +54,23 @@ def run_batch(cfg: BatchConfig, progress: bool = True) -> Summary:
 
     if not ray.is_initialized():
         ray.init()
-    model = _prepare_model(cfg)
+    processor = Processor(_processor_config(cfg))  # checks the model before any data is read
+    model = processor.model
     ds, layout, schema = _read_input(cfg)
     cols = cfg.columns
     qid_type, did_type = id_types(schema, cols, layout)
-    scorer_range = cfg.scorer_actors.resolve(model.scorer)
     store = OutputStore(cfg.output)
     if cfg.overwrite:
         store.clear()
     input_rows = ds.count()  # parquet footers: no data is read
-    num_buckets = _num_buckets(ds, input_rows, layout, cols, cfg, scorer_range[1])
-    job = _job_record(cfg, model, layout, num_buckets=num_buckets)
-    job = store.start(job)
+    num_buckets = _num_buckets(ds, input_rows, layout, cols, cfg, cfg.scorer_actors.resolve(model.scorer)[1])
+    job = store.start(_job_record(cfg, model, layout, num_buckets=num_buckets))
     done = store.done()
-    stage = Stage(output=store.location, metadata=job, qid_type=qid_type, did_type=did_type,
-                  evidence_top_k=cfg.evidence.top_k if cfg.evidence else None,
-                  evidence_min_score=cfg.evidence.min_score if cfg.evidence else None,
-                  max_new_tokens=cfg.evidence.max_new_tokens if cfg.evidence else 256,
-                  temperature=cfg.evidence.temperature if cfg.evidence else 0.0,
-                  serve_app=cfg.serve_app,
-                  chunking=cfg.chunking.model_dump(exclude_none=True) if cfg.chunking else None)
     pairs = ds.map_batches(_pairs_udf, batch_format="pyarrow", zero_copy_batch=True, fn_kwargs={
         "cols": cols, "layout": layout, "num_buckets": job["num_buckets"], "qid_type": qid_type,
         "did_type": did_type, "skip": frozenset(done)})
-    spec = model.model_dump(mode="json")
-    partitions = min(job["num_buckets"], MAX_SHUFFLE_PARTITIONS)
-    out = pairs.groupby("_bucket", num_partitions=partitions).map_groups(
-        ScoreActor, fn_constructor_args=(spec, stage), batch_format="pyarrow", compute=_pool(scorer_range),
-        **_actor_options(model.scorer, cfg.serve_app))
-    if cfg.evidence:
-        out = out.groupby("_bucket", num_partitions=partitions).map_groups(
-            EvidenceActor, fn_constructor_args=(spec, stage), batch_format="pyarrow",
-            compute=_pool(cfg.evidence_actors.resolve(model.evidence)),
-            **_actor_options(model.evidence, cfg.serve_app))
+    out = processor.stages(pairs, sink=BucketSink(store.location, job, qid_type, did_type,
+                                                   num_buckets=job["num_buckets"]))  # the first run's win
     summary = Summary(output=store.location, skipped=sum(done.values()))
     started = time.monotonic()
     bar = _progress_bar(progress, max(input_rows - summary.skipped, 0) if layout == "long" else None)
@@ -109,27 +89,14 @@ def run_batch(cfg: BatchConfig, progress: bool = True) -> Summary:
     return summary
 
 
-def _prepare_model(cfg: BatchConfig) -> ModelConfig:
-    model = resolve_model(cfg)
-    if cfg.serve_app:
-        _check_serve_app(cfg.serve_app, model, evidence=cfg.evidence is not None)
-        return model
-    if cfg.evidence and model.evidence is None:
-        raise InputError(f"model {model.name!r} has no evidence tier configured, so it cannot generate evidence")
-    return pin_checkpoint(model)
-
-
-def _check_serve_app(app: str, model: ModelConfig, evidence: bool) -> None:
-    from ray import serve
-
-    apps = serve.status().applications
-    if app not in apps:
-        raise InputError(f"no running Serve app {app!r}; running apps: {sorted(apps)}")
-    deployments = apps[app].deployments
-    for tier in ("scorer", "evidence") if evidence else ("scorer",):
-        name = deployment_name(model.name, tier)
-        if name not in deployments:
-            raise InputError(f"Serve app {app!r} has no deployment {name}; it has {sorted(deployments)}")
+def _processor_config(cfg: BatchConfig) -> PrismProcessorConfig:
+    """The processor the job runs: long pairs (`to_pairs` names them), the job's model, actors and options."""
+    model = cfg.resolve_model()
+    return PrismProcessorConfig(
+        model=cfg.model, serve_config=cfg.serve_config, models=cfg.models, dtype=cfg.dtype, layout="long",
+        evidence=cfg.evidence, chunking=cfg.chunking, serve_app=cfg.serve_app,
+        concurrency=cfg.scorer_actors.resolve(model.scorer),
+        evidence_concurrency=cfg.evidence_actors.resolve(model.evidence))
 
 
 def _read_input(cfg: BatchConfig):
@@ -162,18 +129,6 @@ def _job_record(cfg: BatchConfig, model: ModelConfig, layout: str, num_buckets: 
         "evidence": cfg.evidence.model_dump() if cfg.evidence else None,
         "num_buckets": num_buckets, "prism_ray_version": __version__,
     }
-
-
-def _pool(size: tuple[int, int]):
-    import ray.data
-
-    return ray.data.ActorPoolStrategy(min_size=size[0], max_size=size[1])
-
-
-def _actor_options(tier, serve_app: str | None) -> dict:
-    if serve_app or tier is None:
-        return dict(SERVE_CLIENT_OPTIONS)
-    return dict(tier.ray_actor_options)
 
 
 def _pairs_udf(batch: pa.Table, cols, layout, num_buckets, qid_type, did_type, skip: frozenset) -> pa.Table:

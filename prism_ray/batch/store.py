@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from prism_ray.data.rows import output_schema
 
 MANIFEST = "_prism_job.json"
 SUCCESS = "_SUCCESS"
@@ -102,3 +106,33 @@ class OutputStore:
     def _write_bytes(self, name: str, data: bytes) -> None:
         with self.fs.open_output_stream(self._path(name)) as f:
             f.write(data)
+
+
+@dataclass(frozen=True)
+class BucketSink:
+    """The job's last stage, inside the processor's actor: writes a finished bucket's file and returns the
+    one-row summary the driver counts instead of the rows."""
+
+    output: str
+    metadata: dict
+    qid_type: pa.DataType
+    did_type: pa.DataType
+    num_buckets: int  # the job's query groups (`_bucket` is set by `data.rows.to_pairs`)
+
+    def finish(self, table: pa.Table, evidence: bool, chunking: bool, started: float) -> pa.Table:
+        if not table.num_rows:
+            return SUMMARY_SCHEMA.empty_table()
+        schema = output_schema(self.qid_type, self.did_type, evidence=evidence, chunking=chunking)
+        bucket = table.column("_bucket")[0].as_py()
+        OutputStore(self.output).write_bucket(bucket, table.select(schema.names).cast(schema), self.metadata)
+        return pa.Table.from_pylist([{
+            "bucket": bucket, "pairs": table.num_rows,
+            "failed": table.num_rows - table.column("error").null_count,
+            "tokens": sum(t or 0 for t in table.column("num_tokens").to_pylist()),
+            "evidence": table.num_rows - table.column("generation").null_count if evidence else 0,
+            "seconds": time.monotonic() - started,
+        }], schema=SUMMARY_SCHEMA)
+
+
+SUMMARY_SCHEMA = pa.schema([("bucket", pa.int64()), ("pairs", pa.int64()), ("failed", pa.int64()),
+                            ("tokens", pa.int64()), ("evidence", pa.int64()), ("seconds", pa.float64())])
