@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import asdict
 
 from ray import serve
 
@@ -20,10 +19,9 @@ from prism_ray.config import ModelConfig
 from prism_ray.engine import GenerationHandle, QueueFull, Scheduler, StepReport
 from prism_ray.errors import ErrorKind, PrismError
 from prism_ray.factory import build_engine
+from prism_ray.results import EvidenceResult
 
 logger = logging.getLogger("ray.serve")
-
-RESULT_FIELDS = ("score", "logit", "relevant", "contribution", "evidence", "text", "truncated", "generated_tokens")
 
 
 @serve.deployment
@@ -35,8 +33,9 @@ class Evidence:
         self.scheduler = Scheduler(self.engine, tier.max_active_pairs, tier.max_queued_pairs,
                                    torch_threads=tier.torch_threads, observer=self._observe)
 
-    async def generate(self, query: str, document: str, max_new_tokens: int, temperature: float = 0.0) -> dict:
-        """score, logit, relevant, contribution, evidence, text, truncated, generated_tokens for one pair."""
+    async def generate(self, query: str, document: str, max_new_tokens: int,
+                       temperature: float = 0.0) -> EvidenceResult:
+        """The engine's EvidenceResult for one pair (score, logit, contribution, evidence, text, ...)."""
         handle = await self._submit(query, document, max_new_tokens, temperature)
         try:
             return self._answer(await handle)
@@ -46,7 +45,7 @@ class Evidence:
 
     async def generate_stream(self, query: str, document: str, max_new_tokens: int, temperature: float = 0.0):
         """`generate` as it is written (call with `handle.options(stream=True)`): the text new since the
-        last item (a `str`) at each host sync, then the result (a `dict`, as `generate` returns)."""
+        last item (a `str`) at each host sync, then the EvidenceResult (as `generate` returns)."""
         handle = await self._submit(query, document, max_new_tokens, temperature)
         try:
             async for piece in handle.deltas():
@@ -70,12 +69,11 @@ class Evidence:
             raise PrismError(ErrorKind.SATURATED, f"the evidence tier of model {self.config.name!r} is full: {exc}; "
                                                   "retry later") from None
 
-    def _answer(self, result) -> dict:
+    def _answer(self, result: EvidenceResult) -> EvidenceResult:
         name = self.config.name
         metrics.count("prism_evidence_generated_total", model=name)
         metrics.count("prism_tokens_total", result.generated_tokens, model=name, tier="evidence")
-        out = asdict(result)
-        return {k: out[k] for k in RESULT_FIELDS}
+        return result
 
     def _cancelled(self, handle: GenerationHandle) -> None:
         if not handle.done:

@@ -19,6 +19,7 @@ from prism_ray import metrics
 from prism_ray.config import ModelConfig, ScorerTierConfig
 from prism_ray.factory import build_engine
 from prism_ray.prompt import EncodedPair
+from prism_ray.results import ScoreReply, ScoreResult, Timing
 
 
 @dataclass
@@ -45,13 +46,13 @@ class Scorer:
         self._batcher = FairBatcher(self._batched, tier.max_batch_tokens, tier.batch_wait_timeout_s,
                                     lambda item: item.tokens)
 
-    async def score(self, query: str, documents: list[str], max_doc_tokens: int | None = None) -> list[dict]:
-        """Per document: score, logit, num_tokens, truncated — in the documents' order — and compute_ms:
-        tokenizing this request plus the engine call that scored the document, i.e. what ScoreEngine.score
-        does in-process (the router reports it as Server-Timing)."""
+    async def score(self, query: str, documents: list[str], max_doc_tokens: int | None = None) -> ScoreReply:
+        """The engine's ScoreResult per document, in the documents' order, and the call's timing: tokenizing
+        this request plus the engine call(s) that scored it, i.e. what ScoreEngine.score does in-process (the
+        router reports it as Server-Timing)."""
         return (await self.score_groups([(query, documents, max_doc_tokens)]))[0]
 
-    async def score_groups(self, groups: list[tuple[str, list[str], int | None]]) -> list[list[dict]]:
+    async def score_groups(self, groups: list[tuple[str, list[str], int | None]]) -> list[ScoreReply]:
         """`score` for several (query, documents, max_doc_tokens) groups at once: their items are queued
         together, so they reach the same gathered engine call (the score API's several queries)."""
         started = time.perf_counter()
@@ -64,14 +65,12 @@ class Scorer:
             items.extend(mine)
             counts.append(len(mine))
         tokenize_ms = 1000 * (time.perf_counter() - started)
-        parts = await self._batcher.submit(items)
+        parts = await self._batcher.submit(items)  # per item: (its results, its engine call's ms)
         out, at = [], 0
         for n in counts:
-            results = [r for part in parts[at:at + n] for r in part]
-            at += n
-            for r in results:
-                r["compute_ms"] += tokenize_ms
-            out.append(results)
+            mine, at = parts[at:at + n], at + n
+            out.append(ScoreReply([r for results, _ in mine for r in results],
+                                  Timing(tokenize_ms + max(ms for _, ms in mine))))
         return out
 
     def _split(self, prefix: list[int], pairs: list[EncodedPair]) -> list[_Item]:
@@ -89,7 +88,7 @@ class Scorer:
         """Serve's periodic health check: fails when the engine is wedged (see deployments.threads)."""
         self._compute.check()
 
-    async def _batched(self, items: list[_Item]) -> list[list[dict]]:
+    async def _batched(self, items: list[_Item]) -> list[tuple[list[ScoreResult], float]]:
         now = time.monotonic()
         name = self.config.name
         for item in items:
@@ -98,14 +97,11 @@ class Scorer:
         started = time.perf_counter()
         results = await self._compute.run(self._score_items, items)
         compute_ms = 1000 * (time.perf_counter() - started)
-        for item_results in results:
-            for r in item_results:
-                r["compute_ms"] = compute_ms
         metrics.count("prism_pairs_scored_total", sum(len(r) for r in results), model=name)
-        metrics.count("prism_tokens_total", sum(x["num_tokens"] for r in results for x in r), model=name, tier="scorer")
-        return results
+        metrics.count("prism_tokens_total", sum(x.num_tokens for r in results for x in r), model=name, tier="scorer")
+        return [(r, compute_ms) for r in results]
 
-    def _score_items(self, items: list[_Item]) -> list[list[dict]]:
+    def _score_items(self, items: list[_Item]) -> list[list[ScoreResult]]:
         """Every item of a gathered batch in one engine call: rows of all queries are packed into forward
         passes together, and items of one query (same prefix tokens) share one prefix run."""
         groups: dict[tuple[int, ...], list[int]] = {}
@@ -113,11 +109,9 @@ class Scorer:
             groups.setdefault(tuple(item.prefix), []).append(idx)
         results = self.engine.score_encoded_groups(
             [(list(prefix), [p for i in idxs for p in items[i].pairs]) for prefix, idxs in groups.items()])
-        out: list[list[dict]] = [[] for _ in items]
+        out: list[list[ScoreResult]] = [[] for _ in items]
         for idxs, group_results in zip(groups.values(), results):
             start = 0
             for i in idxs:  # each item takes back exactly as many results as it brought pairs
-                mine, start = group_results[start:start + len(items[i].pairs)], start + len(items[i].pairs)
-                out[i] = [{"score": r.score, "logit": r.logit, "num_tokens": r.num_tokens, "truncated": r.truncated}
-                          for r in mine]
+                out[i], start = group_results[start:start + len(items[i].pairs)], start + len(items[i].pairs)
         return out

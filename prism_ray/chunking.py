@@ -153,3 +153,25 @@ def per_document(chunked: list[ChunkedDocument], results: list) -> list[list]:
         out.append(results[at:at + len(cd.chunks)])
         at += len(cd.chunks)
     return out
+
+
+@dataclass(frozen=True)
+class Folded:
+    """One document's outcome from its chunks' results: the best chunk gives the score."""
+
+    best: object  # the best chunk's result, as the scorer returned it
+    chunk: dict  # {index, count, start, end}: which chunk, of how many, and its character span
+    truncated: bool  # the document needed more chunks than allowed, or a chunk was cut by the scorer
+    num_tokens: int  # prompt tokens of all its chunks
+
+
+def fold(chunked: list[ChunkedDocument], results: list) -> list[Folded]:
+    """Per document, its chunks' `ScoreResult`s (`results` of `chunk_texts(...)`) folded: the one definition
+    the service, the CLI, the Reranker and the Ray Data actors use."""
+    out = []
+    for cd, mine in zip(chunked, per_document(chunked, results)):
+        k = best_chunk([r.score for r in mine])
+        c = cd.chunks[k]
+        out.append(Folded(mine[k], {"index": k, "count": len(cd.chunks), "start": c.start, "end": c.end},
+                          cd.truncated or any(r.truncated for r in mine), sum(r.num_tokens for r in mine)))
+    return out

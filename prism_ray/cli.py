@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 
 from prism_ray import checkpoints
 from prism_ray.prompt import CARD_DOCUMENTS, CARD_QUERY
-from prism_ray.ranking import best_first
 
 if TYPE_CHECKING:  # imported where used: `prism-ray --help` stays fast
     from prism_ray.batch.config import BatchConfig
@@ -47,48 +46,30 @@ def _read_docs_file(path: str) -> list[str]:
 
 def rerank(model: str, query: str, docs: list[str], evidence: bool, max_new_tokens: int,
            dtype: str = "auto", max_length: int | None = None, chunking: dict | None = None) -> dict:
-    """Rank `docs` for `query`; the dict `--json` prints. With `chunking` (max_chunks_per_doc, chunk_tokens,
-    overlap_tokens), each document is scored by its best chunk, reported as `chunk`, and evidence is
-    generated for that chunk."""
-    from prism_ray.engine import EvidenceEngine, ScoreEngine, load_model
+    """Rank `docs` for `query` with `prism_ray.Reranker`; the dict `--json` prints. With `evidence`, every
+    document gets contribution/evidence. With `chunking` (max_chunks_per_doc, chunk_tokens, overlap_tokens),
+    each document is scored by its best chunk, reported as `chunk`, and evidence is generated for that chunk."""
     from prism_ray.engine.score import validate_group
     from prism_ray.prompt import DEFAULT_MAX_LENGTH
+    from prism_ray.reranker import Reranker
 
     try:
         validate_group(query, docs)
+        reranker = Reranker(model, dtype=dtype, max_length=max_length or DEFAULT_MAX_LENGTH)
+        ranked = reranker.rank(query, docs, chunking=chunking,
+                               evidence={"top_n": len(docs), "max_new_tokens": max_new_tokens} if evidence else None)
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    loaded = load_model(model, dtype=dtype, max_length=max_length or DEFAULT_MAX_LENGTH)
-    texts, chunks, scored = list(docs), [None] * len(docs), None
-    if chunking:
-        from prism_ray.chunking import best_chunk, chunk_documents, chunk_texts, per_document
-
-        try:
-            chunked = chunk_documents(loaded.prompts, query, docs, **chunking)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        scores = ScoreEngine(loaded).score_pairs(query, chunk_texts(docs, chunked))
-        scored = []
-        for i, (doc, cd, mine) in enumerate(zip(docs, chunked, per_document(chunked, scores))):
-            k = best_chunk([r.score for r in mine])
-            c = cd.chunks[k]
-            texts[i] = doc[c.start:c.end]
-            scored.append(mine[k])
-            chunks[i] = ({"index": k, "count": len(cd.chunks), "start": c.start, "end": c.end},
-                         cd.truncated or any(r.truncated for r in mine))
+        raise UsageError(str(exc).splitlines()[0]) from None
     results = []
-    if evidence:
-        for i, r in enumerate(EvidenceEngine(loaded).generate([(query, t) for t in texts], max_new_tokens)):
-            results.append({"index": i, "relevance_score": r.score, "logit": r.logit, "truncated": r.prompt_truncated,
-                            "contribution": r.contribution, "evidence": r.evidence, "text": r.text,
-                            "evidence_truncated": r.truncated})
-    else:
-        for i, r in enumerate(scored if scored is not None else ScoreEngine(loaded).score_pairs(query, texts)):
-            results.append({"index": i, "relevance_score": r.score, "logit": r.logit, "truncated": r.truncated})
-    for r, chunk in zip(results, chunks):
-        if chunk is not None:
-            r["chunk"], r["truncated"] = chunk[0], chunk[1] or r["truncated"]
-    return {"model": model, "results": [results[i] for i in best_first([r["relevance_score"] for r in results])]}
+    for r in ranked:
+        item = {"index": r.index, "relevance_score": r.score, "logit": r.logit, "truncated": r.truncated}
+        if r.chunk is not None:
+            item["chunk"] = r.chunk
+        if r.has_evidence:
+            item.update(contribution=r.contribution, evidence=r.evidence, text=r.generated_text,
+                        evidence_truncated=r.evidence_truncated)
+        results.append(item)
+    return {"model": model, "results": results}
 
 
 def _print_table(out: dict, docs: list[str]) -> None:

@@ -215,9 +215,16 @@ class PrismPromptTokenizer:
                     bounds[i] = max(3 * len(cut) // 2, int(1.2 * len(cut) * want / max(1, len(enc.ids))))
         return out
 
-    def document_room(self, prefix: list[int], max_doc_tokens: int | None = None) -> int:
-        """Document tokens that fit `max_length` after `prefix` and the suffix (and `max_doc_tokens`)."""
+    def document_room(self, prefix: list[int], max_doc_tokens: int | None = None, strict: bool = False) -> int:
+        """Document tokens that fit `max_length` after `prefix` and the suffix (and `max_doc_tokens`): the one
+        definition of a document's room. A query that leaves none raises PromptTooLong when `strict`, else
+        gets a room of 1 (its scorer call then says why)."""
         room = self.max_length - len(prefix) - len(self.suffix)
+        if room < 1 and strict:
+            raise PromptTooLong(
+                f"query is {len(prefix) - len(self._prefix_head)} tokens; with the prompt it leaves no room "
+                f"for a document under max_length={self.max_length}"
+            )
         return max(1, room if max_doc_tokens is None else min(room, max_doc_tokens))
 
     def encode(self, query: str, doc: str, prefix: list[int] | None = None,
@@ -225,7 +232,7 @@ class PrismPromptTokenizer:
         """Tokens of the whole prompt, with the document cut so the total fits `max_length`
         (and the document itself `max_doc_tokens`, when given)."""
         prefix = self.prefix(query) if prefix is None else prefix
-        room = self._room(prefix, max_doc_tokens)
+        room = self.document_room(prefix, max_doc_tokens, strict=True)
         return self._pair(prefix, self.document(doc, room + 1), room)
 
     def encode_documents(self, query: str, docs: list[str], prefix: list[int] | None = None,
@@ -234,17 +241,8 @@ class PrismPromptTokenizer:
         tokenizers library spreads over the machine's cores: host time per request that a GPU would
         otherwise wait on (`benchmarks/bench_tokenize.py`)."""
         prefix = self.prefix(query) if prefix is None else prefix
-        room = self._room(prefix, max_doc_tokens)
+        room = self.document_room(prefix, max_doc_tokens, strict=True)
         return [self._pair(prefix, ids, room) for ids in self.documents(docs, room + 1)]
-
-    def _room(self, prefix: list[int], max_doc_tokens: int | None) -> int:
-        room = self.max_length - len(prefix) - len(self.suffix)
-        if room < 1:
-            raise PromptTooLong(
-                f"query is {len(prefix) - len(self._prefix_head)} tokens; with the prompt it leaves no room "
-                f"for a document under max_length={self.max_length}"
-            )
-        return room if max_doc_tokens is None else min(room, max_doc_tokens)
 
     def _pair(self, prefix: list[int], doc_ids: list[int], room: int) -> EncodedPair:
         """`doc_ids`: the document's tokens, or its first room + 1 (enough to tell it was cut)."""

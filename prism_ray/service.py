@@ -16,26 +16,16 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 
 from prism_ray.api import RankedDocument, RerankJob, ScoreJob, render
-from prism_ray.chunking import best_chunk, chunk_texts, iter_chunk_documents, per_document
+from prism_ray.chunking import chunk_texts, fold, iter_chunk_documents
 from prism_ray.config import AppConfig, ModelConfig
 from prism_ray.errors import ErrorKind, PrismError, retry_later
 from prism_ray.prompt import CUT_MARGIN_TOKENS, FIRST_CHARS_PER_TOKEN, PrismPromptTokenizer, PromptTooLong
 from prism_ray.ranking import best_first, wants_evidence
-
-# (model name, query, documents, max tokens per document) -> per document, in order: a dict with
-# score, logit, num_tokens, truncated and compute_ms.
-ScoreCall = Callable[[str, str, list[str], "int | None"], Awaitable[list[dict]]]
-# (model name, query, document, max new tokens) -> contribution, evidence, truncated, text.
-EvidenceCall = Callable[[str, str, str, int], Awaitable[dict]]
-# (model name, [(query, documents, max tokens per document)]) -> per group what ScoreCall returns; all
-# groups reach one engine call. Optional: without it, one ScoreCall per group, concurrently.
-ScoreGroupsCall = Callable[[str, list[tuple[str, list[str], "int | None"]]], Awaitable[list[list[dict]]]]
-# EvidenceCall as it is written: the text new since the last piece (str) at each host sync of the decode,
-# then what EvidenceCall returns (dict). Optional: without it, a stream has no evidence_delta events.
-EvidenceStreamCall = Callable[[str, str, str, int], AsyncIterator["str | dict"]]
+from prism_ray.results import EvidenceResult
+from prism_ray.tiers import EvidenceCall, EvidenceStreamCall, ScoreCall, ScoreGroupsCall
 
 
 class RerankService:
@@ -43,7 +33,9 @@ class RerankService:
                  score: ScoreCall, evidence: EvidenceCall, evidence_models: set[str] | None = None,
                  score_groups: ScoreGroupsCall | None = None, evidence_stream: EvidenceStreamCall | None = None):
         """`prompts`: each model's prompt tokenizer (limits count its tokens). `evidence_models`: models
-        that have an evidence tier (default: those whose config has one)."""
+        that have an evidence tier (default: those whose config has one). The tier callables are
+        `prism_ray.tiers`' Protocols; `score_groups` (several queries in one engine call) and `evidence_stream`
+        (evidence_delta events) are optional."""
         self.config = config
         self.limits = config.limits
         self.prompts = prompts
@@ -147,23 +139,21 @@ class RerankService:
         # With chunking, every chunk of every document in one call: they share the query's prefix state.
         texts = docs if chunked is None else chunk_texts(docs, chunked)
         texts = await self._heads(model.name, job.query, texts, job.max_tokens_per_doc)
-        results = await self._score(model.name, job.query, texts, job.max_tokens_per_doc)
+        reply = await self._score(model.name, job.query, texts, job.max_tokens_per_doc)
+        results = reply.results
         if len(results) != len(texts):
             raise PrismError(ErrorKind.INTERNAL, f"the {model.name} scorer returned {len(results)} results "
                                                  f"for {len(texts)} documents")
+        folded = None if chunked is None else fold(chunked, results)
         ranked = []
-        for n, (i, mine) in enumerate(zip(indices, [[r] for r in results] if chunked is None
-                                          else per_document(chunked, results))):
-            k = best_chunk([r["score"] for r in mine])
-            best = mine[k]
-            chunk = None
-            truncated = best["truncated"]
-            if chunked is not None:
-                cs = chunked[n].chunks
-                chunk = {"index": k, "count": len(cs), "start": cs[k].start, "end": cs[k].end}
-                truncated = chunked[n].truncated or any(r["truncated"] for r in mine)
-            ranked.append(RankedDocument(i, best["score"], best["logit"], sum(r["num_tokens"] for r in mine),
-                                         truncated, model.name, compute_ms=best.get("compute_ms", 0.0), chunk=chunk))
+        for n, i in enumerate(indices):
+            if folded is None:
+                best, chunk, truncated, tokens = results[n], None, results[n].truncated, results[n].num_tokens
+            else:
+                f = folded[n]
+                best, chunk, truncated, tokens = f.best, f.chunk, f.truncated, f.num_tokens
+            ranked.append(RankedDocument(i, best.score, best.logit, tokens, truncated, model.name,
+                                         compute_ms=reply.timing.compute_ms, chunk=chunk))
         if not job.truncate:
             for r in ranked:
                 if r.truncated:
@@ -213,9 +203,9 @@ class RerankService:
         return await asyncio.get_running_loop().run_in_executor(None, cut)
 
     @staticmethod
-    def _with_evidence(r: RankedDocument, out: dict) -> RankedDocument:
-        r.contribution, r.evidence, r.evidence_truncated = out["contribution"], out["evidence"], out["truncated"]
-        r.generated_text = out["text"]
+    def _with_evidence(r: RankedDocument, out: EvidenceResult) -> RankedDocument:
+        r.contribution, r.evidence, r.evidence_truncated = out.contribution, out.evidence, out.truncated
+        r.generated_text = out.text
         r.has_evidence = True
         return r
 
@@ -264,13 +254,14 @@ class RerankService:
             results = await asyncio.gather(*(self._score(model.name, q, docs, room) for q, docs, room in calls))
         data: list[dict | None] = [None] * len(job.pairs)
         tokens = 0
-        for idxs, group in zip(groups.values(), results):
+        for idxs, reply in zip(groups.values(), results):
+            group = reply.results
             if len(group) != len(idxs):
                 raise PrismError(ErrorKind.INTERNAL, f"the {model.name} scorer returned {len(group)} results "
                                                      f"for {len(idxs)} documents")
             for i, r in zip(idxs, group):
-                data[i] = {"index": i, "object": "score", "score": r["score"] if job.use_activation else r["logit"]}
-                tokens += r["num_tokens"]
+                data[i] = {"index": i, "object": "score", "score": r.score if job.use_activation else r.logit}
+                tokens += r.num_tokens
         return {"id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": model.name,
                 "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 

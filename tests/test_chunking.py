@@ -15,6 +15,7 @@ from prism_ray.config import AppConfig
 from prism_ray.engine import ScoreEngine, load_model
 from prism_ray.errors import ErrorKind, PrismError
 from prism_ray.prompt import PrismPromptTokenizer
+from prism_ray.results import EvidenceResult, ScoreReply, Timing
 from prism_ray.service import RerankService
 
 QUERY = "What is the boiling point of water at sea level?"
@@ -77,12 +78,12 @@ def _service(ckpt, engine, evidence_calls=None, **limits):
                                        "limits": {"max_chunks_per_doc": 16, "max_chunks_per_request": 40, **limits}})
 
     async def score(model, query, documents, max_doc_tokens):
-        return [{"score": r.score, "logit": r.logit, "num_tokens": r.num_tokens, "truncated": r.truncated}
-                for r in engine.score([(query, documents)], max_doc_tokens)[0]]
+        return ScoreReply(engine.score([(query, documents)], max_doc_tokens)[0], Timing(compute_ms=0.0))
 
     async def evidence(model, query, document, max_new_tokens):
         evidence_calls.append(document)
-        return {"contribution": "c", "evidence": "e", "truncated": False, "text": "t"}
+        return EvidenceResult(score=0.5, logit=0.0, relevant=True, contribution="c", evidence="e", text="t",
+                              truncated=False, num_tokens=1, prompt_truncated=False, generated_tokens=1)
 
     prompts = {"m": PrismPromptTokenizer(AutoTokenizer.from_pretrained(ckpt), max_length=512)}
     return RerankService(config, prompts, score=score, evidence=evidence)

@@ -11,6 +11,7 @@ from prism_ray.api import CascadeOptions, EvidenceOptions, RerankJob
 from prism_ray.config import AppConfig
 from prism_ray.errors import ErrorKind, PrismError
 from prism_ray.prompt import PrismPromptTokenizer
+from prism_ray.results import EvidenceResult, ScoreReply, ScoreResult, Timing
 from prism_ray.service import RerankService
 
 QUERY = "What is the boiling point of water?"
@@ -41,15 +42,20 @@ class FakeTiers:
     async def score(self, model, query, documents, max_doc_tokens):
         self.score_calls.append((model, list(documents)))
         await asyncio.sleep(0)
-        return [{"score": self.scores[model][d], "logit": 0.0, "num_tokens": 10, "truncated": d.startswith("long"),
-                 "compute_ms": 1.0} for d in documents]
+        return ScoreReply([ScoreResult(self.scores[model][d], 0.0, 10, d.startswith("long")) for d in documents],
+                          Timing(compute_ms=1.0))
 
     async def evidence(self, model, query, document, max_new_tokens):
         self.evidence_calls.append((model, document, max_new_tokens))
         await asyncio.sleep(0.01 * len(document))  # longer documents finish later
         if document in self.fail:
             raise RuntimeError("replica died")
-        return {"contribution": f"c:{document}", "evidence": f"e:{document}", "truncated": False, "text": document}
+        return _evidence(f"c:{document}", f"e:{document}", document)
+
+
+def _evidence(contribution: str, evidence: str, text: str) -> EvidenceResult:
+    return EvidenceResult(score=0.9, logit=2.2, relevant=True, contribution=contribution, evidence=evidence, text=text,
+                          truncated=False, num_tokens=10, prompt_truncated=False, generated_tokens=len(text))
 
 
 def _job(docs, **kw):
@@ -222,7 +228,7 @@ def test_a_scorer_that_raises_fails_the_request(prompts):
 
 def test_a_scorer_returning_the_wrong_count_is_an_internal_error(prompts):
     async def short(model, query, documents, max_doc_tokens):
-        return []
+        return ScoreReply([], Timing(compute_ms=0.0))
 
     svc = RerankService(_config(), prompts, score=short, evidence=FakeTiers(SCORES).evidence)
     job = _job("ab")
@@ -274,8 +280,8 @@ def test_score_api_one_to_n_and_pairwise_in_input_order(prompts):
 
     async def groups(model, batch):
         calls.append(batch)
-        return [[{"score": SCORES[model][d], "logit": ord(d[0]) / 100, "num_tokens": 7, "truncated": False}
-                 for d in docs] for _, docs, _ in batch]
+        return [ScoreReply([ScoreResult(SCORES[model][d], ord(d[0]) / 100, 7, False) for d in docs], Timing(0.0))
+                for _, docs, _ in batch]
 
     svc = RerankService(_config(), prompts, score=None, evidence=None, score_groups=groups)
     job = _score_job({"queries": QUERY, "documents": ["a", "b", "c"]})
@@ -328,11 +334,11 @@ def test_a_long_document_reaches_the_tiers_cut_to_what_they_read(prompts):
 
     async def score(model, query, documents, max_doc_tokens):
         sent.extend(("score", d, max_doc_tokens) for d in documents)
-        return [{"score": 0.9, "logit": 0.0, "num_tokens": 10, "truncated": False} for _ in documents]
+        return ScoreReply([ScoreResult(0.9, 0.0, 10, False) for _ in documents], Timing(0.0))
 
     async def evidence(model, query, document, max_new_tokens):
         sent.append(("evidence", document, None))
-        return {"contribution": "c", "evidence": "e", "truncated": False, "text": "yes"}
+        return _evidence("c", "e", "yes")
 
     svc = RerankService(_config(), prompts, score=score, evidence=evidence)
     for cap in (None, 50):

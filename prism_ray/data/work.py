@@ -12,7 +12,6 @@ layout): the text to generate on (the document, or its best chunk) where it gets
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 from dataclasses import dataclass
@@ -20,10 +19,11 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from prism_ray.data.rows import CHUNK_COLUMNS, LONG, ColumnNames, InputError, pair_error
-from prism_ray.chunking import best_chunk, chunk_documents, chunk_texts, per_document
+from prism_ray.chunking import chunk_documents, chunk_texts, fold
 from prism_ray.config import ModelConfig
 from prism_ray.factory import Tier, build_engine, deployment_name
 from prism_ray.ranking import ranks, wants_evidence
+from prism_ray.results import EvidenceResult, ScoreReply, ScoreResult
 
 EVIDENCE_TEXT = "_evidence_text"
 EVIDENCE_TEXTS = "_evidence_texts"
@@ -61,15 +61,15 @@ class EngineBackend:
         self.evidence = engine if tier == "evidence" else None
         self.prompts = engine.prompts
 
-    def score(self, groups: list[tuple[str, list[str]]]) -> list[list[dict] | Exception]:
+    def score(self, groups: list[tuple[str, list[str]]]) -> list[list[ScoreResult] | Exception]:
         try:  # every query of the block in one engine call: their rows share forward passes
-            return [[dataclasses.asdict(r) for r in res] for res in self.scorer.score(groups)]
+            return self.scorer.score(groups)
         except Exception:  # noqa: BLE001 - retry one group at a time so a bad one fails alone
             pass
-        out: list[list[dict] | Exception] = []
+        out: list[list[ScoreResult] | Exception] = []
         for query, docs in groups:
             try:
-                out.append([dataclasses.asdict(r) for r in self.scorer.score([(query, docs)])[0]])
+                out.append(self.scorer.score([(query, docs)])[0])
             except Exception as exc:  # noqa: BLE001 - recorded in the rows' error column
                 out.append(exc)
         return out
@@ -82,14 +82,15 @@ class EngineBackend:
 
         return Scheduler(self.evidence, self.model.evidence.max_active_pairs, max_queued_pairs=None)
 
-    def generate(self, pairs: list[tuple[str, str]], max_new_tokens: int, temperature: float) -> list[dict | Exception]:
+    def generate(self, pairs: list[tuple[str, str]], max_new_tokens: int,
+                 temperature: float) -> list[EvidenceResult | Exception]:
         """Every pair submitted at once: they share the decode loop's steps, and a bad one fails alone. A pair
         whose step failed is tried again on its own, in case another pair broke that step."""
         handles = self.scheduler.submit_many(pairs, max_new_tokens, temperature)
-        out: list[dict | Exception | None] = []
+        out: list[EvidenceResult | Exception | None] = []
         for h in handles:
             try:
-                out.append(dataclasses.asdict(h.result()))
+                out.append(h.result())
             except ValueError as exc:  # a bad pair: recorded in the rows' error column
                 out.append(exc)
             except Exception:  # noqa: BLE001 - its step failed: tried alone below, once the loop is idle
@@ -97,7 +98,7 @@ class EngineBackend:
         for i, pair in enumerate(pairs):
             if out[i] is None:
                 try:
-                    out[i] = dataclasses.asdict(self.evidence.generate([pair], max_new_tokens, temperature)[0])
+                    out[i] = self.evidence.generate([pair], max_new_tokens, temperature)[0]
                 except Exception as exc:  # noqa: BLE001
                     out[i] = exc
         return out
@@ -123,7 +124,8 @@ class ServeBackend:
         return PrismPromptTokenizer(AutoTokenizer.from_pretrained(self.model.model), max_length=self.model.max_length)
 
     def score(self, groups):
-        return _gather([self.handle.score.remote(q, docs) for q, docs in groups])
+        return [r.results if isinstance(r, ScoreReply) else r
+                for r in _gather([self.handle.score.remote(q, docs) for q, docs in groups])]
 
     def generate(self, pairs, max_new_tokens, temperature):
         return _gather([self.handle.generate.remote(q, d, max_new_tokens, temperature) for q, d in pairs])
@@ -169,24 +171,21 @@ def score_pairs(rows: list[dict], backend, stage: Stage) -> dict[str, list]:
         chunked = [chunk_documents(backend.prompts, q, docs, **stage.chunking) for q, docs in groups]
         groups = [(q, chunk_texts(docs, cds)) for (q, docs), cds in zip(groups, chunked)]
     for g, (idxs, result) in enumerate(zip(members, backend.score(groups) if groups else [])):
-        by_doc = per_document(chunked[g], result) if stage.chunking is not None and isinstance(result, list) else None
+        folded = fold(chunked[g], result) if stage.chunking is not None and isinstance(result, list) else None
         for j, i in enumerate(idxs):
             if isinstance(result, Exception):
                 out["error"][i] = f"scoring failed: {_describe(result)}"
                 continue
-            if stage.chunking is None:
+            if folded is None:
                 for key in ("score", "logit", "truncated", "num_tokens"):
-                    out[key][i] = result[j][key]
+                    out[key][i] = getattr(result[j], key)
                 continue
-            doc, mine = chunked[g][j], by_doc[j]  # this document's chunks: its best one gives the score
-            k = best_chunk([r["score"] for r in mine])
-            span = doc.chunks[k]
-            out["score"][i], out["logit"][i] = mine[k]["score"], mine[k]["logit"]
-            out["truncated"][i] = doc.truncated or any(r["truncated"] for r in mine)
-            out["num_tokens"][i] = sum(r["num_tokens"] for r in mine)
-            out["chunk_index"][i], out["chunk_count"][i] = k, len(doc.chunks)
-            out["chunk_start"][i], out["chunk_end"][i] = span.start, span.end
-            scored_text[i] = rows[i]["text"][span.start:span.end]
+            f = folded[j]  # this document's chunks: its best one gives the score
+            out["score"][i], out["logit"][i] = f.best.score, f.best.logit
+            out["truncated"][i], out["num_tokens"][i] = f.truncated, f.num_tokens
+            for key in ("index", "count", "start", "end"):
+                out[f"chunk_{key}"][i] = f.chunk[key]
+            scored_text[i] = rows[i]["text"][f.chunk["start"]:f.chunk["end"]]
     if stage.evidence:
         out[EVIDENCE_TEXT] = [None] * n
     for idxs in by_query.values():
@@ -198,10 +197,10 @@ def score_pairs(rows: list[dict], backend, stage: Stage) -> dict[str, list]:
     return out
 
 
-def generate_for(queries: list, texts: list, backend, stage: Stage) -> list[dict | Exception | None]:
+def generate_for(queries: list, texts: list, backend, stage: Stage) -> list[EvidenceResult | Exception | None]:
     """Evidence for each (query, text) whose text is not null; None for the others."""
     want = [i for i, t in enumerate(texts) if t is not None]
-    out: list[dict | Exception | None] = [None] * len(texts)
+    out: list[EvidenceResult | Exception | None] = [None] * len(texts)
     if want:
         results = backend.generate([(queries[i], texts[i]) for i in want], stage.max_new_tokens, stage.temperature)
         for i, res in zip(want, results):
@@ -249,13 +248,13 @@ def evidence_long(table: pa.Table, backend, stage: Stage) -> pa.Table:
     errors = table.column("error").to_pylist()
     out = {"contribution": [], "evidence": [], "evidence_truncated": [], "generation": [], "error": errors}
     for i, res in enumerate(results):
-        ok = isinstance(res, dict)
+        ok = isinstance(res, EvidenceResult)
         if isinstance(res, Exception):
             errors[i] = f"evidence failed: {_describe(res)}"
-        out["contribution"].append(res["contribution"] if ok else None)
-        out["evidence"].append(res["evidence"] if ok else None)
-        out["evidence_truncated"].append(res["truncated"] if ok else None)
-        out["generation"].append(res["text"] if ok else None)
+        out["contribution"].append(res.contribution if ok else None)
+        out["evidence"].append(res.evidence if ok else None)
+        out["evidence_truncated"].append(res.truncated if ok else None)
+        out["generation"].append(res.text if ok else None)
     return with_columns(table.drop_columns([EVIDENCE_TEXT]), out, _LONG_TYPES)
 
 
@@ -331,8 +330,8 @@ def evidence_wide(table: pa.Table, backend, stage: Stage) -> pa.Table:
     evidences = [None if row is None else [None] * len(row) for row in texts]
     errors = table.column("error").to_pylist()
     for (r, pos), res in zip(where, results):
-        if isinstance(res, dict):
-            contributions[r][pos], evidences[r][pos] = res["contribution"], res["evidence"]
+        if isinstance(res, EvidenceResult):
+            contributions[r][pos], evidences[r][pos] = res.contribution, res.evidence
         elif isinstance(res, Exception):
             message = f"{stage.columns.documents}[{pos}]: evidence failed: {_describe(res)}"
             errors[r] = f"{errors[r]}; {message}" if errors[r] else message

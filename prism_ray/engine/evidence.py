@@ -36,6 +36,7 @@ from prism_ray.engine.score import elapsed, sigmoid, validate_group
 from prism_ray.engine.transfer import to_device
 from prism_ray.output import parse_output
 from prism_ray.prompt import DEFAULT_MAX_LENGTH, EncodedPair
+from prism_ray.results import EvidenceResult
 
 DEFAULT_MAX_NEW_TOKENS = 512
 # Prompt tokens per prefill forward (packed: real tokens); 1 runs each pair on its own. On a 2-core CPU,
@@ -46,20 +47,6 @@ DEFAULT_PREFILL_BUDGET = {"cpu": 1024, "cuda": 16384}
 # running decode at the next step instead of up to 8 steps later: `benchmarks/bench_evidence_serve.py`
 # measured a short request behind three long ones at 3.7x its latency alone with 8 (see README).
 DEFAULT_SYNC_EVERY = {"cpu": 1, "cuda": 8}
-
-
-@dataclass(frozen=True)
-class EvidenceResult:
-    score: float
-    logit: float
-    relevant: bool  # the first generated token is "yes"
-    contribution: str | None
-    evidence: str | None
-    text: str  # everything generated, special tokens removed
-    truncated: bool  # generation was cut by max_new_tokens before the end of turn
-    num_tokens: int  # prompt tokens
-    prompt_truncated: bool  # the document was cut to fit max_length
-    generated_tokens: int
 
 
 @dataclass(eq=False)

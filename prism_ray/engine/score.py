@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,17 +22,10 @@ from prism_ray.engine.batching import packed_batches
 from prism_ray.engine.loading import LoadedModel, load_model
 from prism_ray.engine.models import SequenceState, pack
 from prism_ray.prompt import DEFAULT_MAX_LENGTH, EncodedPair
+from prism_ray.results import ScoreResult
 
 # Prompt tokens per forward (real tokens: rows are packed, not padded). GPUs want far larger batches.
 DEFAULT_TOKEN_BUDGET = {"cpu": 1024, "cuda": 16384}
-
-
-@dataclass(frozen=True)
-class ScoreResult:
-    score: float  # sigmoid(logit)
-    logit: float  # l_yes - l_no
-    num_tokens: int  # whole prompt, after truncation
-    truncated: bool  # the document was cut to fit max_length
 
 
 def validate_group(query, documents) -> None:
