@@ -37,7 +37,7 @@ def test_pin_checkpoint_builds_once_and_makes_the_path_absolute(tmp_path, monkey
 def test_a_batch_evidence_actor_and_a_serve_evidence_replica_build_the_same_engine(tiny_ckpt):
     from deployments.evidence import Evidence
     from deployments.scorer import Scorer
-    from prism_ray.data.work import EngineBackend
+    from prism_ray.data.backends import EngineBackend
 
     model = _model(tiny_ckpt)
     replica = Evidence.func_or_class(model.model_dump(mode="json"))  # the Serve replica's own constructor

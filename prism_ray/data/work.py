@@ -1,10 +1,9 @@
 """What a Ray Data actor does with one block of rows: score them (and rank), or generate evidence.
 
-Two backends do the model work: `EngineBackend` wraps the same ScoreEngine / EvidenceEngine classes
-the Serve tiers wrap, loaded inside the actor; `ServeBackend` sends the same calls to a running
-Serve app's scorer and evidence deployments through deployment handles. Everything else (grouping
-by query, ranks, which documents get evidence, error rows) is shared by both layouts and by the
-batch job, whose last stage also writes each finished bucket to its file (`batch.store.BucketSink`).
+The model work is a backend's (`prism_ray.data.backends`: the engines in the actor, or a running Serve
+app's deployments). Everything else (grouping by query, ranks, which documents get evidence, error
+rows) is shared by both layouts and by the batch job, whose last stage also writes each finished bucket
+to its file (`batch.store.BucketSink`).
 
 Between the score and the evidence stage a row carries `_evidence_text` (`_evidence_texts` in the wide
 layout): the text to generate on (the document, or its best chunk) where it gets evidence, else null.
@@ -12,7 +11,6 @@ layout): the text to generate on (the document, or its best chunk) where it gets
 
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import dataclass
 
@@ -21,9 +19,9 @@ import pyarrow as pa
 from prism_ray.data.rows import CHUNK_COLUMNS, LONG, ColumnNames, InputError, pair_error
 from prism_ray.chunking import chunk_documents, chunk_texts, fold
 from prism_ray.config import ModelConfig
-from prism_ray.factory import Tier, build_engine, deployment_name
+from prism_ray.data.backends import EngineBackend, ServeBackend
 from prism_ray.ranking import ranks, wants_evidence
-from prism_ray.results import EvidenceResult, ScoreReply, ScoreResult
+from prism_ray.results import EvidenceResult
 
 EVIDENCE_TEXT = "_evidence_text"
 EVIDENCE_TEXTS = "_evidence_texts"
@@ -47,98 +45,6 @@ class Stage:
     @property
     def evidence(self) -> bool:
         return self.evidence_top_k is not None
-
-
-# -- backends ---------------------------------------------------------------------------------------
-
-class EngineBackend:
-    """The engines, in this process. Each actor loads only the engine its stage needs."""
-
-    def __init__(self, model: ModelConfig, tier: Tier):
-        engine = build_engine(model, tier)  # the very factory the Serve tiers call
-        self.model = model
-        self.scorer = engine if tier == "scorer" else None
-        self.evidence = engine if tier == "evidence" else None
-        self.prompts = engine.prompts
-
-    def score(self, groups: list[tuple[str, list[str]]]) -> list[list[ScoreResult] | Exception]:
-        try:  # every query of the block in one engine call: their rows share forward passes
-            return self.scorer.score(groups)
-        except Exception:  # noqa: BLE001 - retry one group at a time so a bad one fails alone
-            pass
-        out: list[list[ScoreResult] | Exception] = []
-        for query, docs in groups:
-            try:
-                out.append(self.scorer.score([(query, docs)])[0])
-            except Exception as exc:  # noqa: BLE001 - recorded in the rows' error column
-                out.append(exc)
-        return out
-
-    @functools.cached_property
-    def scheduler(self):
-        """The evidence engine's decode loop, as a Serve replica runs it; no queue bound: a block's pairs are
-        submitted at once, and the block bounds them."""
-        from prism_ray.engine import Scheduler
-
-        return Scheduler(self.evidence, self.model.evidence.max_active_pairs, max_queued_pairs=None)
-
-    def generate(self, pairs: list[tuple[str, str]], max_new_tokens: int,
-                 temperature: float) -> list[EvidenceResult | Exception]:
-        """Every pair submitted at once: they share the decode loop's steps, and a bad one fails alone. A pair
-        whose step failed is tried again on its own, in case another pair broke that step."""
-        handles = self.scheduler.submit_many(pairs, max_new_tokens, temperature)
-        out: list[EvidenceResult | Exception | None] = []
-        for h in handles:
-            try:
-                out.append(h.result())
-            except ValueError as exc:  # a bad pair: recorded in the rows' error column
-                out.append(exc)
-            except Exception:  # noqa: BLE001 - its step failed: tried alone below, once the loop is idle
-                out.append(None)
-        for i, pair in enumerate(pairs):
-            if out[i] is None:
-                try:
-                    out[i] = self.evidence.generate([pair], max_new_tokens, temperature)[0]
-                except Exception as exc:  # noqa: BLE001
-                    out[i] = exc
-        return out
-
-
-class ServeBackend:
-    """A running Serve app's `<model>-scorer` / `<model>-evidence` deployments; requests go out together
-    so the deployments' own batching gathers them with online traffic."""
-
-    def __init__(self, model: ModelConfig, tier: str, app: str):
-        from ray import serve
-
-        self.handle = serve.get_deployment_handle(deployment_name(model.name, tier), app_name=app)
-        self.model = model
-
-    @functools.cached_property
-    def prompts(self):
-        """The model's prompt tokenizer, for cutting chunks here (the replicas hold their own)."""
-        from transformers import AutoTokenizer
-
-        from prism_ray.prompt import PrismPromptTokenizer
-
-        return PrismPromptTokenizer(AutoTokenizer.from_pretrained(self.model.model), max_length=self.model.max_length)
-
-    def score(self, groups):
-        return [r.results if isinstance(r, ScoreReply) else r
-                for r in _gather([self.handle.score.remote(q, docs) for q, docs in groups])]
-
-    def generate(self, pairs, max_new_tokens, temperature):
-        return _gather([self.handle.generate.remote(q, d, max_new_tokens, temperature) for q, d in pairs])
-
-
-def _gather(responses) -> list:
-    out = []
-    for r in responses:
-        try:
-            out.append(r.result())
-        except Exception as exc:  # noqa: BLE001 - recorded in the rows' error column
-            out.append(exc)
-    return out
 
 
 def _describe(exc: Exception) -> str:

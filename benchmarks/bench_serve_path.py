@@ -1,0 +1,102 @@
+"""The serving path's own cost: one client, sequential one-document requests, through a scorer that waits for
+a batch to gather (`batch_wait_timeout_s`, the old default 5 ms) and one that starts as soon as it is free (0,
+the default now), in one app, in one run; next to `GET /health` and the in-process engine.
+
+    python benchmarks/bench_serve_path.py [--requests 40] [--checkpoint checkpoints/tiny]
+
+Both models are the same checkpoint (`prism-tiny` widths: the engine's own compute is small, so what is
+left is the path), one replica each, one torch thread; requests alternate between them so that drift on
+the machine hits both alike. The path is the HTTP latency minus the replica's own compute (tokenizing + the
+engine call, which the router reports as `Server-Timing: scorer;dur=`). Prints its own figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from prism_ray.checkpoints import build_checkpoint  # noqa: E402
+from prism_ray.engine import ScoreEngine, load_model  # noqa: E402
+
+BODY = {"query": "What is a generator expression?", "documents": ["A generator expression yields items lazily."]}
+WAITS = {"wait-5ms": 0.005, "wait-0": 0.0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", default=str(ROOT / "checkpoints" / "tiny"))
+    ap.add_argument("--requests", type=int, default=40, help="per model")
+    args = ap.parse_args()
+    ckpt = Path(args.checkpoint).resolve()
+    if not (ckpt / "config.json").is_file():
+        build_checkpoint("tiny", ckpt)
+
+    torch.set_num_threads(1)
+    engine = ScoreEngine(load_model(ckpt, dtype="float32"))
+    engine.score_pairs(BODY["query"], BODY["documents"])
+    in_process = []
+    for _ in range(args.requests):
+        t0 = time.perf_counter()
+        engine.score_pairs(BODY["query"], BODY["documents"])
+        in_process.append(time.perf_counter() - t0)
+    del engine
+
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    models = [{"name": name, "model": str(ckpt), "dtype": "float32", "evidence": None,
+               "scorer": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 1}, "torch_threads": 1,
+                          "batch_wait_timeout_s": wait}} for name, wait in WAITS.items()]
+    serve.run(build_app({"models": models}), name="path", route_prefix="/")
+    base = f"http://127.0.0.1:{port}"
+    latency: dict[str, list[float]] = {name: [] for name in WAITS}
+    compute: dict[str, list[float]] = {name: [] for name in WAITS}
+    health: list[float] = []
+    try:
+        with httpx.Client(timeout=60) as c:
+            for name in WAITS:  # warm-up
+                c.post(f"{base}/v2/rerank", json={**BODY, "model": name}).raise_for_status()
+            for _ in range(args.requests):
+                for name in WAITS:
+                    t0 = time.perf_counter()
+                    resp = c.post(f"{base}/v2/rerank", json={**BODY, "model": name}).raise_for_status()
+                    latency[name].append(time.perf_counter() - t0)
+                    compute[name].append(float(resp.headers["server-timing"].split("dur=")[1]) / 1000)
+                t0 = time.perf_counter()
+                c.get(f"{base}/health").raise_for_status()
+                health.append(time.perf_counter() - t0)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    med = statistics.median
+    ms = lambda x: f"{1000 * x:.1f} ms"  # noqa: E731
+    print(f"checkpoint: {ckpt}  float32, 1 torch thread, {args.requests} sequential one-document requests per model")
+    print(f"  in-process ScoreEngine: median {ms(med(in_process))}")
+    print(f"  GET /health through the proxy and router: median {ms(med(health))}")
+    for name, wait in WAITS.items():
+        path = [a - b for a, b in zip(latency[name], compute[name])]
+        print(f"  batch_wait_timeout_s={wait:g} ({name}): HTTP median {ms(med(latency[name]))}, replica compute "
+              f"{ms(med(compute[name]))}, path (HTTP - compute) median {ms(med(path))}, "
+              f"in-process / HTTP = {med(in_process) / med(latency[name]):.0%}")
+
+
+if __name__ == "__main__":
+    main()
