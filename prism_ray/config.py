@@ -94,7 +94,11 @@ class ScorerTierConfig(TierConfig):
     """
 
     max_batch_tokens: int = Field(default=4096, gt=0, description="prompt tokens gathered per engine call")
-    batch_wait_timeout_s: float = Field(default=0.005, ge=0, description="how long a batch waits to gather")
+    batch_wait_timeout_s: float = Field(
+        default=0.0, ge=0, description="how long the first request to find the engine idle waits for others to join "
+                                       "its batch; 0: it starts at once, and what arrives while a batch computes "
+                                       "gathers into the next (benchmarks/bench_serve_path.py: 5 ms of wait was "
+                                       "5 ms more latency per request at one client)")
     engine_token_budget: int | None = Field(
         default=None, gt=0, description="prompt tokens per forward pass (packed rows); unset: 1024 on CPU, 16384 on CUDA")
 
