@@ -13,6 +13,8 @@ engine call, which the router reports as `Server-Timing: scorer;dur=`). Prints i
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import socket
 import statistics
 import sys
@@ -32,6 +34,50 @@ BODY = {"query": "What is a generator expression?", "documents": ["A generator e
 WAITS = {"wait-5ms": 0.005, "wait-0": 0.0}
 
 
+def service_steps(ckpt: Path, rounds: int = 200) -> dict[str, float]:
+    """Median ms of each step the router takes for BODY outside the tiers, in this process."""
+    from transformers import AutoTokenizer
+
+    from deployments.router import parse_json_object
+    from prism_ray.api import JinaRerankRequest, job_from_jina
+    from prism_ray.config import AppConfig
+    from prism_ray.prompt import PrismPromptTokenizer
+    from prism_ray.results import ScoreReply, ScoreResult, Timing
+    from prism_ray.service import RerankService
+
+    cfg = AppConfig.model_validate({"models": [{"name": "m", "model": str(ckpt)}]})
+    prompts = {"m": PrismPromptTokenizer(AutoTokenizer.from_pretrained(ckpt), max_length=cfg.models[0].max_length)}
+
+    async def score(model, query, documents, max_doc_tokens):
+        return ScoreReply([ScoreResult(0.5, 0.0, 10, False) for _ in documents], Timing(0.0))
+
+    svc = RerankService(cfg, prompts, score=score, evidence=None)
+    raw = json.dumps(BODY).encode()
+    names = ["parse the JSON body", "build the request model", "prepare (on an executor)", "rank", "respond"]
+
+    async def once() -> list[float]:
+        loop = asyncio.get_running_loop()
+        t = [time.perf_counter()]
+        body = parse_json_object(raw, 32)
+        t.append(time.perf_counter())
+        job = job_from_jina(JinaRerankRequest.model_validate(body))
+        t.append(time.perf_counter())
+        model = await loop.run_in_executor(None, svc.prepare, job)
+        t.append(time.perf_counter())
+        ranked = await svc.rank(job, model)
+        t.append(time.perf_counter())
+        await svc.respond(job, model, ranked)
+        t.append(time.perf_counter())
+        return [b - a for a, b in zip(t, t[1:])]
+
+    async def run() -> list[list[float]]:
+        return [await once() for _ in range(rounds)]
+
+    rows = asyncio.run(run())[rounds // 10:]
+    return {n: 1000 * statistics.median(r[i] for r in rows) for i, n in enumerate(names)} | {
+        "total": 1000 * statistics.median(sum(r) for r in rows)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default=str(ROOT / "checkpoints" / "tiny"))
@@ -41,6 +87,7 @@ def main() -> None:
     if not (ckpt / "config.json").is_file():
         build_checkpoint("tiny", ckpt)
 
+    steps = service_steps(ckpt)
     torch.set_num_threads(1)
     engine = ScoreEngine(load_model(ckpt, dtype="float32"))
     engine.score_pairs(BODY["query"], BODY["documents"])
@@ -89,6 +136,7 @@ def main() -> None:
     med = statistics.median
     ms = lambda x: f"{1000 * x:.1f} ms"  # noqa: E731
     print(f"checkpoint: {ckpt}  float32, 1 torch thread, {args.requests} sequential one-document requests per model")
+    print("  the router's own work without Ray (median): " + ", ".join(f"{k} {v:.2f} ms" for k, v in steps.items()))
     print(f"  in-process ScoreEngine: median {ms(med(in_process))}")
     print(f"  GET /health through the proxy and router: median {ms(med(health))}")
     for name, wait in WAITS.items():
