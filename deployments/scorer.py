@@ -103,15 +103,5 @@ class Scorer:
 
     def _score_items(self, items: list[_Item]) -> list[list[ScoreResult]]:
         """Every item of a gathered batch in one engine call: rows of all queries are packed into forward
-        passes together, and items of one query (same prefix tokens) share one prefix run."""
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for idx, item in enumerate(items):
-            groups.setdefault(tuple(item.prefix), []).append(idx)
-        results = self.engine.score_encoded_groups(
-            [(list(prefix), [p for i in idxs for p in items[i].pairs]) for prefix, idxs in groups.items()])
-        out: list[list[ScoreResult]] = [[] for _ in items]
-        for idxs, group_results in zip(groups.values(), results):
-            start = 0
-            for i in idxs:  # each item takes back exactly as many results as it brought pairs
-                out[i], start = group_results[start:start + len(items[i].pairs)], start + len(items[i].pairs)
-        return out
+        passes together, and the engine runs each distinct prefix once (items of one query share it)."""
+        return self.engine.score_encoded_groups([(item.prefix, item.pairs) for item in items])

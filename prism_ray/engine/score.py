@@ -81,16 +81,13 @@ class ScoreEngine:
     def score_pairs(self, query: str, documents: Sequence[str]) -> list[ScoreResult]:
         return self.score([(query, documents)])[0]
 
-    def score_encoded(self, prefix: list[int], pairs: Sequence[EncodedPair]) -> list[ScoreResult]:
-        """Scores pairs of one query that the caller already encoded (`prompts.encode(..., prefix=prefix)`)."""
-        return self.score_encoded_groups([(prefix, pairs)])[0]
-
     @torch.inference_mode()
     def score_encoded_groups(self, groups: Sequence[tuple[list[int], Sequence[EncodedPair]]]) -> list[list[ScoreResult]]:
         """Scores already-encoded pairs of several queries, one result list per (prefix, pairs) group.
 
-        For callers that tokenize anyway, such as a Serve replica sizing its batches by tokens. Each
-        distinct prefix runs once (all of them in one forward); then the rows of every group are packed
+        For callers that tokenize anyway, such as a Serve replica sizing its batches by tokens. Groups may
+        share a prefix (two requests of one query): each distinct prefix runs once (all of them in one
+        forward), the one place prefixes are grouped; then the rows of every group are packed
         into forward passes of up to `token_budget` tokens, whatever query they belong to, each row reading
         its own query's prefix state, so many small requests fill a forward as one large one would.
         """
