@@ -240,7 +240,9 @@ class RankedDocument:
 
 
 def render(job: RerankJob, ranked: list[RankedDocument], request_id: str, cascade: bool) -> dict | list:
-    """The response body in the shape the client spoke."""
+    """The response body in the shape the client spoke, built as the response model the OpenAPI document
+    declares for it (`CohereRerankResponse`, `JinaRerankResponse`, a list of `TeiRank`), so the reply and
+    the contract cannot drift apart; only the fields a reply sets are written."""
     tokens = sum(r.num_tokens for r in ranked)
     shown = ranked[: job.top_n] if job.top_n else ranked
     extra_model = (lambda r: {"model": r.model}) if cascade else (lambda r: {})
@@ -250,14 +252,14 @@ def render(job: RerankJob, ranked: list[RankedDocument], request_id: str, cascad
             item = {"index": r.index, "score": r.logit if job.raw_scores else r.score}
             if job.return_documents:
                 item["text"] = job.documents[r.index]
-            items.append({**item, **r.prism_fields(), **extra_model(r)})
+            items.append(TeiRank(**item, **r.prism_fields(), **extra_model(r)).model_dump(exclude_unset=True))
         return items
     results = []
     for r in shown:
         item = {"index": r.index, "relevance_score": r.score}
         if job.return_documents:
             item["document"] = {"text": job.documents[r.index]}
-        results.append({**item, **r.prism_fields(), **extra_model(r)})
+        results.append(RankedResult(**item, **r.prism_fields(), **extra_model(r)))
     if job.shape == "cohere":
         meta = {"api_version": {"version": "2"}, "billed_units": {"search_units": 1},
                 "tokens": {"input_tokens": tokens, "output_tokens": 0}}
@@ -267,8 +269,11 @@ def render(job: RerankJob, ranked: list[RankedDocument], request_id: str, cascad
                                                                     "was not scored" if job.chunking else
                                                                     "longer than fits the model; the rest was not scored")
                                 for i in cut]
-        return {"id": request_id, "results": results, "meta": meta}
-    return {"model": job.model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}, "results": results}
+        reply = CohereRerankResponse(id=request_id, results=results, meta=meta)
+    else:
+        reply = JinaRerankResponse(model=job.model, usage={"prompt_tokens": tokens, "total_tokens": tokens},
+                                   results=results)
+    return reply.model_dump(exclude_unset=True)
 
 
 def server_timing(ranked: list[RankedDocument]) -> str:
@@ -296,18 +301,22 @@ class _PrismResult(BaseModel):
     """Prism's additions to a result: present for the documents evidence was generated for; `model`
     only on a cascade (which checkpoint gave this score)."""
 
+    chunk: ChunkSpan | None = Field(default=None, description="with chunking: the chunk that gave the score")
     contribution: str | None = Field(default=None, description="one sentence; null when the model judged it irrelevant")
     evidence: str | None = Field(default=None, description="a self-contained rewrite of the relevant part")
     evidence_truncated: bool | None = Field(default=None, description="generation hit max_new_tokens")
     generated_text: str | None = Field(default=None, description="everything the model wrote")
     model: str | None = Field(default=None, description="on a cascade: the model whose score this is")
-    chunk: ChunkSpan | None = Field(default=None, description="with chunking: the chunk that gave the score")
 
 
-class RankedResult(_PrismResult):
+class _RankedHead(BaseModel):
     index: int
     relevance_score: float = Field(ge=0, le=1)
     document: TextObject | None = None
+
+
+class RankedResult(_PrismResult, _RankedHead):
+    """A Cohere / Jina result: its own fields first, then Prism's (pydantic orders fields base first)."""
 
 
 class CohereRerankResponse(BaseModel):
@@ -322,10 +331,14 @@ class JinaRerankResponse(BaseModel):
     results: list[RankedResult]
 
 
-class TeiRank(_PrismResult):
+class _TeiHead(BaseModel):
     index: int
     score: float = Field(description="sigmoid score, or the raw logit with raw_scores")
     text: str | None = None
+
+
+class TeiRank(_PrismResult, _TeiHead):
+    """A TEI rank: its own fields first, then Prism's."""
 
 
 STREAM_DESCRIPTION = (
