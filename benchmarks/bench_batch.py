@@ -29,23 +29,29 @@ from prism_ray.checkpoints import build_checkpoint  # noqa: E402
 from prism_ray.engine import ScoreEngine, load_model  # noqa: E402
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--queries", type=int, default=100)
+def bench_setup(doc: str, queries: int):
+    """The batch benchmarks' flags, the `bench` checkpoint (built on first use) and the example rows as
+    query_id -> (query, documents)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--queries", type=int, default=queries)
     ap.add_argument("--docs", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--checkpoint", default=str(ROOT / "checkpoints" / "bench"))
     args = ap.parse_args()
-
     ckpt = Path(args.checkpoint)
     if not (ckpt / "config.json").is_file():
         build_checkpoint("bench", ckpt)
-    torch.set_num_threads(args.threads)
-    pairs = args.queries * args.docs
     rows = example_pairs(args.queries, args.docs)
     groups: dict[str, tuple[str, list[str]]] = {}
     for qid, query, text in zip(rows["query_id"], rows["query"], rows["text"]):
         groups.setdefault(qid, (query, []))[1].append(text)
+    return args, ckpt, groups
+
+
+def main() -> None:
+    args, ckpt, groups = bench_setup(__doc__, queries=100)
+    torch.set_num_threads(args.threads)
+    pairs = args.queries * args.docs
 
     engine = ScoreEngine(load_model(ckpt, dtype="float32"))
     t0 = time.perf_counter()

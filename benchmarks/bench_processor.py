@@ -13,7 +13,6 @@ its last row is taken: planning, starting the actors and loading the model, scor
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -22,29 +21,17 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from jobs.example_data import example_pairs  # noqa: E402
-from prism_ray.checkpoints import build_checkpoint  # noqa: E402
+from bench_batch import bench_setup  # noqa: E402
+
 from prism_ray.data import build_processor  # noqa: E402
 from prism_ray.engine import ScoreEngine, load_model  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--queries", type=int, default=24)
-    ap.add_argument("--docs", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--checkpoint", default=str(ROOT / "checkpoints" / "bench"))
-    args = ap.parse_args()
-
-    ckpt = Path(args.checkpoint)
-    if not (ckpt / "config.json").is_file():
-        build_checkpoint("bench", ckpt)
-    rows = example_pairs(args.queries, args.docs)
-    groups: dict[str, dict] = {}
-    for qid, query, text in zip(rows["query_id"], rows["query"], rows["text"]):
-        groups.setdefault(qid, {"query_id": qid, "query": query, "documents": []})["documents"].append(text)
-    items = list(groups.values())
+    args, ckpt, by_query = bench_setup(__doc__, queries=24)
+    items = [{"query_id": qid, "query": query, "documents": docs} for qid, (query, docs) in by_query.items()]
     pairs = args.queries * args.docs
 
     torch.set_num_threads(args.threads)

@@ -47,6 +47,19 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
+def start_local_serve(num_cpus: int = 4) -> int:
+    """A local Ray cluster and Serve on a free loopback port; returns the port."""
+    import ray
+    from ray import serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return port
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default="checkpoints/bench")
@@ -78,11 +91,7 @@ def main() -> None:
 
     from deployments.app import build_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = start_local_serve()
     config = {"models": [{"name": "bench", "model": str(ckpt), "dtype": "float32", "evidence": None,
                           "scorer": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 1},
                                      "torch_threads": args.threads, "max_batch_tokens": 1024}}]}

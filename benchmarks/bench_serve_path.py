@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import statistics
 import sys
 import time
@@ -26,6 +25,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_serve import start_local_serve  # noqa: E402
 
 from prism_ray.checkpoints import build_checkpoint  # noqa: E402
 from prism_ray.engine import ScoreEngine, load_model  # noqa: E402
@@ -103,11 +105,7 @@ def main() -> None:
 
     from deployments.app import build_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = start_local_serve()
     models = [{"name": name, "model": str(ckpt), "dtype": "float32", "evidence": None,
                "scorer": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 1}, "torch_threads": 1,
                           "batch_wait_timeout_s": wait}} for name, wait in WAITS.items()]
