@@ -159,3 +159,24 @@ def test_config_mistakes_name_the_field(cluster, tiny_ckpt):
     ds = ray.data.from_items([{"question": "What is water?", "documents": ["Water is H2O."]}])
     with pytest.raises(Exception, match=r"wide layout needs a 'query' column \(set columns.query\)"):
         build_processor(_config(tiny_ckpt))(ds).take_all()
+
+
+def test_wide_rows_get_evidence_for_their_top_k_documents(cluster, tiny_ckpt, engine):
+    import ray
+
+    texts = english_texts(6, 10, 40)
+    items = [{"query": "How are exceptions handled?", "documents": texts[:4]},
+             {"query": "What is a generator?", "documents": texts[4:]}]
+    cfg = _config(tiny_ckpt, evidence={"top_k": 1, "max_new_tokens": 5})
+    out = {r["query"]: r for r in build_processor(cfg)(ray.data.from_items(items)).take_all()}
+    evidence = EvidenceEngine(engine.loaded)
+    for item in items:
+        row = out[item["query"]]
+        best = row["ranking"][0]
+        made = evidence.generate([(item["query"], item["documents"][best])], max_new_tokens=5)[0]
+        assert row["generations"][best] == made.text and made.text  # the model's own text, not only its tags
+        assert (row["contributions"][best], row["evidences"][best]) == (made.contribution, made.evidence)
+        others = [i for i in range(len(item["documents"])) if i != best]
+        assert all(row["generations"][i] is None and row["contributions"][i] is None for i in others)
+        assert len(row["contributions"]) == len(item["documents"]) and row["error"] is None
+        assert "_evidence_texts" not in row

@@ -127,7 +127,7 @@ _CHUNK_TYPE = pa.struct([("index", pa.int32()), ("count", pa.int32()), ("start",
 _WIDE_TYPES: dict[str, pa.DataType] = {
     "scores": pa.list_(pa.float64()), "ranking": pa.list_(pa.int32()), "truncated": pa.list_(pa.bool_()),
     "error": pa.string(), "chunks": pa.list_(_CHUNK_TYPE), EVIDENCE_TEXTS: pa.list_(pa.string()),
-    "contributions": pa.list_(pa.string()), "evidences": pa.list_(pa.string()),
+    "contributions": pa.list_(pa.string()), "evidences": pa.list_(pa.string()), "generations": pa.list_(pa.string()),
 }
 
 
@@ -232,17 +232,18 @@ def evidence_wide(table: pa.Table, backend, stage: Stage) -> pa.Table:
             flat_t.append(text)
             where.append((r, pos))
     results = generate_for(flat_q, flat_t, backend, stage)
-    contributions = [None if row is None else [None] * len(row) for row in texts]
-    evidences = [None if row is None else [None] * len(row) for row in texts]
+    contributions, evidences, generations = ([None if row is None else [None] * len(row) for row in texts]
+                                             for _ in range(3))
     errors = table.column("error").to_pylist()
     for (r, pos), res in zip(where, results):
         if isinstance(res, EvidenceResult):
-            contributions[r][pos], evidences[r][pos] = res.contribution, res.evidence
+            contributions[r][pos], evidences[r][pos], generations[r][pos] = res.contribution, res.evidence, res.text
         elif isinstance(res, Exception):
             message = f"{stage.columns.documents}[{pos}]: evidence failed: {_describe(res)}"
             errors[r] = f"{errors[r]}; {message}" if errors[r] else message
     return with_columns(table.drop_columns([EVIDENCE_TEXTS]),
-                        {"contributions": contributions, "evidences": evidences, "error": errors}, _WIDE_TYPES)
+                        {"contributions": contributions, "evidences": evidences, "generations": generations,
+                         "error": errors}, _WIDE_TYPES)
 
 
 # -- the actors ------------------------------------------------------------------------------------------
