@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from prism_ray.prompt import CUT_MARGIN_TOKENS
+from prism_ray.results import ScoreResult
 
 # A unit the cutter never splits: one CJK character, or a run of other non-space characters.
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af\uff66-\uff9f"
@@ -159,7 +160,7 @@ def per_document(chunked: list[ChunkedDocument], results: list) -> list[list]:
 class Folded:
     """One document's outcome from its chunks' results: the best chunk gives the score."""
 
-    best: object  # the best chunk's result, as the scorer returned it
+    best: ScoreResult  # the best chunk's result
     chunk: dict  # {index, count, start, end}: which chunk, of how many, and its character span
     truncated: bool  # the document needed more chunks than allowed, or a chunk was cut by the scorer
     num_tokens: int  # prompt tokens of all its chunks
