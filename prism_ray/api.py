@@ -231,6 +231,11 @@ class RankedDocument:
     compute_ms: float = 0.0  # the scorer's compute for it: tokenizing the request + the engine call
     chunk: dict | None = None  # with chunking: {index, count, start, end} of the chunk that gave the score
 
+    def scored_text(self, documents) -> str:
+        """The text its score is for: its best chunk with chunking, else the whole document."""
+        doc = documents[self.index]
+        return doc if self.chunk is None else doc[self.chunk["start"]:self.chunk["end"]]
+
     def prism_fields(self) -> dict:
         out: dict = {} if self.chunk is None else {"chunk": self.chunk}
         if self.has_evidence:

@@ -125,9 +125,8 @@ class Reranker:
     def _add_evidence(self, query: str, documents: Sequence[str], ranked: list[RankedDocument],
                       ev: EvidenceOptions) -> None:
         targets = [r for rank, r in enumerate(ranked, 1) if wants_evidence(rank, r.score, ev.top_n, ev.min_score)]
-        texts = [documents[r.index] if r.chunk is None else documents[r.index][r.chunk["start"]:r.chunk["end"]]
-                 for r in targets]
-        answers = self.generator.generate([(query, t) for t in texts], ev.max_new_tokens or DEFAULT_EVIDENCE_TOKENS)
+        answers = self.generator.generate([(query, r.scored_text(documents)) for r in targets],
+                                          ev.max_new_tokens or DEFAULT_EVIDENCE_TOKENS)
         for r, a in zip(targets, answers):
             r.contribution, r.evidence, r.evidence_truncated, r.generated_text = (
                 a.contribution, a.evidence, a.truncated, a.text)

@@ -127,11 +127,6 @@ class RerankService:
                                  "chunking")
             job.chunked.append(chunked)
 
-    def scored_text(self, job: RerankJob, r: RankedDocument) -> str:
-        """The text a result's score is for: its best chunk with chunking, else the document."""
-        doc = job.documents[r.index]
-        return doc if r.chunk is None else doc[r.chunk["start"]:r.chunk["end"]]
-
     # -- scoring and cascade ----------------------------------------------------------------------------
     async def _score_some(self, model: ModelConfig, job: RerankJob, indices: list[int]) -> list[RankedDocument]:
         docs = [job.documents[i] for i in indices]
@@ -184,7 +179,7 @@ class RerankService:
 
     async def _evidence_args(self, job: RerankJob, model: ModelConfig, r: RankedDocument) -> tuple[str, str, str, int]:
         max_new = job.evidence.max_new_tokens or self.limits.max_new_tokens
-        (text,) = await self._heads(model.name, job.query, [self.scored_text(job, r)], None)
+        (text,) = await self._heads(model.name, job.query, [r.scored_text(job.documents)], None)
         return model.name, job.query, text, max_new
 
     async def _heads(self, model_name: str, query: str, texts: list[str], max_doc_tokens: int | None) -> list[str]:

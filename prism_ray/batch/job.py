@@ -54,7 +54,7 @@ def run_batch(cfg: BatchConfig, progress: bool = True) -> Summary:
 
     if not ray.is_initialized():
         ray.init()
-    processor = Processor(_processor_config(cfg))  # checks the model before any data is read
+    processor = Processor(_processor_config(cfg, cfg.resolve_model()))  # checks the model before any data is read
     model = processor.model
     ds, layout, schema = _read_input(cfg)
     cols = cfg.columns
@@ -89,11 +89,11 @@ def run_batch(cfg: BatchConfig, progress: bool = True) -> Summary:
     return summary
 
 
-def _processor_config(cfg: BatchConfig) -> PrismProcessorConfig:
-    """The processor the job runs: long pairs (`to_pairs` names them), the job's model, actors and options."""
-    model = cfg.resolve_model()
+def _processor_config(cfg: BatchConfig, model: ModelConfig) -> PrismProcessorConfig:
+    """The processor the job runs: long pairs (`to_pairs` names them), the job's model (resolved once, passed
+    inline), actors and options."""
     return PrismProcessorConfig(
-        model=cfg.model, serve_config=cfg.serve_config, models=cfg.models, dtype=cfg.dtype, layout="long",
+        model=model.name, models=[model], layout="long",
         evidence=cfg.evidence, chunking=cfg.chunking, serve_app=cfg.serve_app,
         concurrency=cfg.scorer_actors.resolve(model.scorer),
         evidence_concurrency=cfg.evidence_actors.resolve(model.evidence))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from prism_ray.data.rows import CHUNK_COLUMNS, LONG, ColumnNames, InputError, pair_error
+from prism_ray.data.rows import CHUNK_COLUMNS, LONG, ColumnNames, InputError, output_schema, pair_error
 from prism_ray.chunking import chunk_documents, chunk_texts, fold
 from prism_ray.config import ModelConfig
 from prism_ray.data.backends import EngineBackend, ServeBackend
@@ -116,13 +116,11 @@ def generate_for(queries: list, texts: list, backend, stage: Stage) -> list[Evid
 
 # -- the two layouts ----------------------------------------------------------------------------------
 
+# The columns a long row gains: the batch job's output schema (ids aside), and the hidden evidence text.
 _LONG_TYPES: dict[str, pa.DataType] = {
-    "score": pa.float64(), "logit": pa.float64(), "rank": pa.int32(), "truncated": pa.bool_(),
-    "num_tokens": pa.int32(), "error": pa.string(), EVIDENCE_TEXT: pa.string(),
-    "chunk_index": pa.int32(), "chunk_count": pa.int32(), "chunk_start": pa.int64(), "chunk_end": pa.int64(),
-    "contribution": pa.string(), "evidence": pa.string(), "evidence_truncated": pa.bool_(),
-    "generation": pa.string(),
-}
+    f.name: f.type for f in output_schema(pa.null(), pa.null(), evidence=True, chunking=True)
+    if f.name not in ("query_id", "doc_id")} | {
+    EVIDENCE_TEXT: pa.string()}
 _CHUNK_TYPE = pa.struct([("index", pa.int32()), ("count", pa.int32()), ("start", pa.int64()), ("end", pa.int64())])
 _WIDE_TYPES: dict[str, pa.DataType] = {
     "scores": pa.list_(pa.float64()), "ranking": pa.list_(pa.int32()), "truncated": pa.list_(pa.bool_()),
