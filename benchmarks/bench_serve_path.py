@@ -64,11 +64,11 @@ def service_steps(ckpt: Path, rounds: int = 200) -> dict[str, float]:
         t.append(time.perf_counter())
         job = job_from_jina(JinaRerankRequest.model_validate(body))
         t.append(time.perf_counter())
-        model = await loop.run_in_executor(None, svc.prepare, job)
+        prepared = await loop.run_in_executor(None, svc.prepare, job)
         t.append(time.perf_counter())
-        ranked = await svc.rank(job, model)
+        ranked = await svc.rank(job, prepared)
         t.append(time.perf_counter())
-        await svc.respond(job, model, ranked)
+        await svc.respond(job, prepared, ranked)
         t.append(time.perf_counter())
         return [b - a for a, b in zip(t, t[1:])]
 

@@ -46,6 +46,7 @@ from prism_ray.api import (
 from prism_ray.config import AppConfig
 from prism_ray.errors import STATUS, ErrorBody, ErrorKind, PrismError, retry_later
 from prism_ray.factory import deployment_name
+from prism_ray.limits import LIMITS
 from prism_ray.openapi import apply_config, component_schemas, error_responses, rerank_operation, score_operation
 from prism_ray.service import RerankService
 
@@ -95,9 +96,7 @@ class ByteBudget:
 
     def take(self, n: int) -> None:
         if self.used + n > self.limit:
-            raise retry_later(ErrorKind.OVERLOAD, f"the server holds {self.used} bytes of request bodies; the limit "
-                                                  f"is {self.limit} (max_in_flight_bytes); retry later",
-                              self.retry_after_s)
+            raise LIMITS["max_in_flight_bytes"].refusal(self.limit, value=self.used, retry_after_s=self.retry_after_s)
         self.used += n
 
     def give(self, n: int) -> None:
@@ -147,7 +146,7 @@ def key_matches(token: str, keys) -> bool:
 
 
 def _too_large(size: str, limit: int) -> PrismError:
-    return PrismError(ErrorKind.TOO_LARGE, f"body is {size} bytes; the limit is {limit} (max_body_bytes)", "body")
+    return LIMITS["max_body_bytes"].refusal(limit, "body", size)
 
 
 async def read_limited(chunks, limit: int, budget: ByteBudget | None = None) -> bytes:
@@ -181,9 +180,9 @@ async def read_body(chunks, lim, budget: ByteBudget, deadline: float) -> bytes:
         raise PrismError(ErrorKind.BAD_REQUEST, "the client closed the connection before the whole body arrived",
                          "body") from None
     except TimeoutError:
-        which = (f"body_timeout_s={lim.body_timeout_s:g}" if by_body <= deadline
-                 else f"request_timeout_s={lim.request_timeout_s:g}")
-        raise PrismError(ErrorKind.BODY_TIMEOUT, f"the body did not arrive within {which} seconds", "body") from None
+        if by_body <= deadline:
+            raise LIMITS["body_timeout_s"].refusal(lim.body_timeout_s, "body") from None
+        raise LIMITS["body_deadline"].refusal(lim.request_timeout_s, "body") from None
 
 
 class _NumberOutOfRange(ValueError):
@@ -233,7 +232,7 @@ def parse_json_object(raw: bytes, max_depth: int = 32) -> dict:
     def invalid(msg: str, kind: str) -> RequestValidationError:
         return RequestValidationError([{"loc": ("body",), "msg": msg, "type": kind}])
 
-    too_deep = invalid(f"body is nested more than {max_depth} levels deep (max_json_depth)", "json_invalid")
+    too_deep = invalid(LIMITS["max_json_depth"].refusal(max_depth, "body").message, "json_invalid")
     try:
         body = json.loads(raw, parse_int=_int, parse_float=_float, parse_constant=_constant)
     except RecursionError:
@@ -486,9 +485,9 @@ class Router:
 
         async def work(body: dict, request: _InFlight):
             job = job_from_score(_parse(ScoreRequest, body))
-            model, rooms = await loop.run_in_executor(None, self.service.prepare_score, job)
-            request.model = model.name
-            return JSONResponse(await self.service.score_pairs(job, model, rooms))
+            prepared = await loop.run_in_executor(None, self.service.prepare_score, job)
+            request.model = prepared.model.name
+            return JSONResponse(await self.service.score_pairs(job, prepared))
 
         return await self._accounted(http, endpoint, work)
 
@@ -515,14 +514,14 @@ class Router:
             # a time per router, so a burst of them bounds its memory and leaves a core to everything else
             # (one still waiting at its deadline is dropped unstarted).
             pool = self._chunking_pool if job.chunking is not None else None
-            model = await loop.run_in_executor(pool, self.service.prepare, job)
-            request.model = model.name
-            ranked = await self.service.rank(job, model)
+            prepared = await loop.run_in_executor(pool, self.service.prepare, job)
+            request.model = prepared.model.name
+            ranked = await self.service.rank(job, prepared)
             if job.stream:
                 request.hand_over()  # the stream holds the slot and the body's bytes until it ends
-                return StreamingResponse(self._stream(job, model, ranked, request, endpoint),
+                return StreamingResponse(self._stream(job, prepared, ranked, request, endpoint),
                                          media_type="text/event-stream")
-            body, ranked = await self.service.respond(job, model, ranked)
+            body, ranked = await self.service.respond(job, prepared, ranked)
             return JSONResponse(body, headers={"Server-Timing": server_timing(ranked)})
 
         return await self._accounted(http, endpoint, work)
@@ -559,11 +558,11 @@ class Router:
             if not request.handed_over:
                 request.release()
 
-    async def _stream(self, job, model, ranked, request: _InFlight, endpoint: str):
+    async def _stream(self, job, prepared, ranked, request: _InFlight, endpoint: str):
         try:
-            async for event, data in self.service.events(job, model, ranked, deadline=request.deadline):
+            async for event, data in self.service.events(job, prepared, ranked, deadline=request.deadline):
                 yield _sse(event, data)
-            metrics.count("prism_requests_total", model=model.name, endpoint=endpoint, status="200")
+            metrics.count("prism_requests_total", model=prepared.model.name, endpoint=endpoint, status="200")
         finally:
             request.release()
 

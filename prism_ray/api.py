@@ -191,7 +191,6 @@ class RerankJob:
     cascade: CascadeOptions | None = None
     stream: bool = False
     chunking: ChunkingOptions | None = None
-    chunked: list | None = None  # per document, a chunking.ChunkedDocument (set by the service)
 
 
 def _texts(docs: list) -> list[str]:
@@ -236,6 +235,11 @@ class RankedDocument:
         doc = documents[self.index]
         return doc if self.chunk is None else doc[self.chunk["start"]:self.chunk["end"]]
 
+    def add_evidence(self, out) -> None:
+        """Take the evidence tier's `EvidenceResult` for this document."""
+        self.contribution, self.evidence, self.evidence_truncated = out.contribution, out.evidence, out.truncated
+        self.generated_text, self.has_evidence = out.text, True
+
     def prism_fields(self) -> dict:
         out: dict = {} if self.chunk is None else {"chunk": self.chunk}
         if self.has_evidence:
@@ -244,10 +248,11 @@ class RankedDocument:
         return out
 
 
-def render(job: RerankJob, ranked: list[RankedDocument], request_id: str, cascade: bool) -> dict | list:
+def render(job: RerankJob, ranked: list[RankedDocument], request_id: str, model: str, cascade: bool) -> dict | list:
     """The response body in the shape the client spoke, built as the response model the OpenAPI document
     declares for it (`CohereRerankResponse`, `JinaRerankResponse`, a list of `TeiRank`), so the reply and
-    the contract cannot drift apart; only the fields a reply sets are written."""
+    the contract cannot drift apart; only the fields a reply sets are written. `model`: the name of the
+    model that ranked (Jina's reply names it)."""
     tokens = sum(r.num_tokens for r in ranked)
     shown = ranked[: job.top_n] if job.top_n else ranked
     extra_model = (lambda r: {"model": r.model}) if cascade else (lambda r: {})
@@ -276,7 +281,7 @@ def render(job: RerankJob, ranked: list[RankedDocument], request_id: str, cascad
                                 for i in cut]
         reply = CohereRerankResponse(id=request_id, results=results, meta=meta)
     else:
-        reply = JinaRerankResponse(model=job.model, usage={"prompt_tokens": tokens, "total_tokens": tokens},
+        reply = JinaRerankResponse(model=model, usage={"prompt_tokens": tokens, "total_tokens": tokens},
                                    results=results)
     return reply.model_dump(exclude_unset=True)
 

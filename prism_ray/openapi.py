@@ -5,7 +5,8 @@ document, ranges); `apply_config` adds what one config enforces (document count,
 evidence limits, the model names it serves, bearer auth when keys are set). A request the document
 admits is served; one it refuses gets a 4xx from the table in `prism_ray.errors`. The one exception
 is stated in the schema: `truncate: false` asks for a 413 when a document is longer than the model's
-`max_length` in tokens, a bound no character count can state exactly.
+`max_length` in tokens, a bound no character count can state exactly. Where each limit goes in the
+document is `prism_ray.limits`' table, which the checks share.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from copy import deepcopy
 
 from pydantic import BaseModel
 
+from prism_ray import limits
 from prism_ray.api import STREAM_DESCRIPTION
 from prism_ray.config import AppConfig, ModelConfig
 from prism_ray.errors import DESCRIPTIONS, ErrorBody
@@ -80,18 +82,15 @@ def score_operation() -> dict:
     }
 
 
-def _score_request_limits(schema: dict, lim, model_pattern: str) -> None:
-    """The score request's limits, and its one-of-each rule: queries or text_1, documents or text_2 (a
-    null counts as absent). That a list of queries matches the documents in length is checked by the
-    server (422); JSON Schema cannot state it."""
+def _score_request_rules(schema: dict, model_pattern: str) -> None:
+    """The score request's models, non-empty lists, and its one-of-each rule: queries or text_1, documents
+    or text_2 (a null counts as absent). That a list of queries matches the documents in length is checked
+    by the server (422); JSON Schema cannot state it. (Its limits are `prism_ray.limits`' spots.)"""
     props = schema["properties"]
     for field in ("queries", "text_1", "documents", "text_2"):
         for alt in props[field]["anyOf"]:
-            item = alt.get("items", alt)
             if alt.get("type") == "array":
-                alt.update(minItems=1, maxItems=lim.max_documents)
-            if field in ("queries", "text_1") and item.get("type") == "string":
-                item["maxLength"] = lim.max_query_chars
+                alt["minItems"] = 1
     props["model"] = {"anyOf": [{"type": "string", "pattern": model_pattern}, {"type": "null"}], "default": None}
 
     def given(field: str) -> dict:
@@ -133,11 +132,9 @@ def apply_config(schema: dict, config: AppConfig, request_models: list[str]) -> 
     default_has_evidence = config.find_model(None).evidence is not None
     for name in request_models:
         props = comps[name]["properties"]
-        props["query"]["maxLength"] = lim.max_query_chars
         props["query"]["description"] += f"; at most {lim.max_query_chars} characters (max_query_chars)"
         for field in ("documents", "texts"):
             if field in props:
-                props[field]["maxItems"] = lim.max_documents
                 props[field]["description"] = f"1 to {lim.max_documents} (max_documents)"
         props["model"] = {"anyOf": [{"type": "string", "pattern": every}, {"type": "null"}], "default": None,
                           "description": "a configured model's name, checkpoint or size (any case); "
@@ -154,12 +151,10 @@ def apply_config(schema: dict, config: AppConfig, request_models: list[str]) -> 
             comps[name]["then"] = (
                 {"properties": {"model": {"anyOf": [evidence_model, {"type": "null"}]}}} if default_has_evidence
                 else {"required": ["model"], "properties": {"model": evidence_model}})
-    comps["EvidenceOptions"]["properties"]["top_n"]["maximum"] = lim.max_evidence_documents
-    comps["EvidenceOptions"]["properties"]["max_new_tokens"]["anyOf"][0]["maximum"] = lim.max_new_tokens
     comps["CascadeOptions"]["properties"]["screen"]["pattern"] = every
-    comps["ChunkingOptions"]["properties"]["max_chunks_per_doc"]["maximum"] = lim.max_chunks_per_doc
     if "ScoreRequest" in comps:
-        _score_request_limits(comps["ScoreRequest"], lim, every)
+        _score_request_rules(comps["ScoreRequest"], every)
+    limits.state(comps, lim, request_models)
     for ops in schema.get("paths", {}).values():
         for op in ops.values():
             if "requestBody" in op:

@@ -79,16 +79,17 @@ def test_ranks_best_first_and_renders_the_shape(prompts):
     tiers = FakeTiers(SCORES)
     svc = _service(prompts, tiers)
     job = _job("abcd", top_n=3)
-    model = svc.prepare(job)
-    body, ranked = run(svc.respond(job, model))
-    assert job.model == "small" and [r.index for r in ranked] == [1, 3, 2, 0]
+    prepared = svc.prepare(job)
+    body, ranked = run(svc.respond(job, prepared))
+    assert prepared.model.name == "small" and job.model is None  # what prepare decided; the job is unchanged
+    assert [r.index for r in ranked] == [1, 3, 2, 0]
     assert [r["index"] for r in body["results"]] == [1, 3, 2]
     assert body["meta"]["tokens"]["input_tokens"] == 40
 
 
 def test_model_by_size_any_case_and_unknown(prompts):
     svc = _service(prompts, FakeTiers(SCORES))
-    assert svc.prepare(_job("a", model="9B")).name == "big"
+    assert svc.prepare(_job("a", model="9B")).model.name == "big"
     with pytest.raises(PrismError) as err:
         svc.prepare(_job("a", model="13b"))
     assert err.value.kind is ErrorKind.UNKNOWN_MODEL and err.value.status == 404 and err.value.param == "model"
@@ -285,14 +286,12 @@ def test_score_api_one_to_n_and_pairwise_in_input_order(prompts):
 
     svc = RerankService(_config(), prompts, score=None, evidence=None, score_groups=groups)
     job = _score_job({"queries": QUERY, "documents": ["a", "b", "c"]})
-    model, rooms = svc.prepare_score(job)
-    body = run(svc.score_pairs(job, model, rooms))
+    body = run(svc.score_pairs(job, svc.prepare_score(job)))
     assert [d["index"] for d in body["data"]] == [0, 1, 2]
     assert [d["score"] for d in body["data"]] == [0.1, 0.9, 0.5] and body["usage"]["prompt_tokens"] == 21
     assert body["object"] == "list" and body["model"] == "small" and body["id"].startswith("score-")
     job = _score_job({"text_1": ["q one", "q two", "q one"], "text_2": ["a", "b", "c"], "use_activation": False})
-    model, rooms = svc.prepare_score(job)
-    body = run(svc.score_pairs(job, model, rooms))
+    body = run(svc.score_pairs(job, svc.prepare_score(job)))
     assert [d["score"] for d in body["data"]] == [0.97, 0.98, 0.99]  # logits, input order
     assert len(calls) == 2 and [(q, docs) for q, docs, _ in calls[1]] == [("q one", ["a", "c"]), ("q two", ["b"])]
 
@@ -314,10 +313,10 @@ def test_score_api_bad_shapes_name_the_field(body, needle):
 def test_score_api_truncate_prompt_tokens_leaves_the_document_its_room(prompts):
     svc = RerankService(_config(), prompts, score=None, evidence=None)
     job = _score_job({"queries": QUERY, "documents": ["a"], "truncate_prompt_tokens": 10_000})
-    _, [room] = svc.prepare_score(job)
+    [room] = svc.prepare_score(job).rooms
     prefix = prompts["small"].prefix(QUERY)
     assert room == 10_000 - len(prefix) - len(prompts["small"].suffix)
-    _, [room] = svc.prepare_score(_score_job({"queries": QUERY, "documents": ["a"], "truncate_prompt_tokens": 1}))
+    [room] = svc.prepare_score(_score_job({"queries": QUERY, "documents": ["a"], "truncate_prompt_tokens": 1})).rooms
     assert room == 1  # the instruction and query are never cut: the document keeps one token
     with pytest.raises(PrismError) as err:
         svc.prepare_score(_score_job({"queries": QUERY, "documents": ["d"] * 6}))
