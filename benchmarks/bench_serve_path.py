@@ -7,7 +7,10 @@ the default now), in one app, in one run; next to `GET /health` and the in-proce
 Both models are the same checkpoint (`prism-tiny` widths: the engine's own compute is small, so what is
 left is the path), one replica each, one torch thread; requests alternate between them so that drift on
 the machine hits both alike. The path is the HTTP latency minus the replica's own compute (tokenizing + the
-engine call, which the router reports as `Server-Timing: scorer;dur=`). Prints its own figures.
+engine call, which the router reports as `Server-Timing: scorer;dur=`); the router's own time outside its tier
+calls is `Server-Timing: router;dur=`, and the rest is Serve's hops (proxy -> router -> scorer and back) and
+the scorer's queue. Next to them, in the same cluster, Serve's floor: an ingress that does nothing, and one
+that awaits one handle call to a deployment that does nothing. Prints its own figures.
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ from pathlib import Path
 
 import httpx
 import torch
+from fastapi import FastAPI
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_serve import start_local_serve  # noqa: E402
+from bench_serve import server_timing, start_local_serve  # noqa: E402
 
 from prism_ray.checkpoints import build_checkpoint  # noqa: E402
 from prism_ray.engine import ScoreEngine, load_model  # noqa: E402
@@ -110,23 +114,34 @@ def main() -> None:
                "scorer": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 1}, "torch_threads": 1,
                           "batch_wait_timeout_s": wait}} for name, wait in WAITS.items()]
     serve.run(build_app({"models": models}), name="path", route_prefix="/")
+    serve.run(floor_app(), name="floor", route_prefix="/floor")
     base = f"http://127.0.0.1:{port}"
     latency: dict[str, list[float]] = {name: [] for name in WAITS}
     compute: dict[str, list[float]] = {name: [] for name in WAITS}
+    router: dict[str, list[float]] = {name: [] for name in WAITS}
     health: list[float] = []
+    floor: dict[str, list[float]] = {"GET /floor/health": [], "POST /floor/hop": []}
     try:
         with httpx.Client(timeout=60) as c:
             for name in WAITS:  # warm-up
                 c.post(f"{base}/v2/rerank", json={**BODY, "model": name}).raise_for_status()
+            c.post(f"{base}/floor/hop", json=BODY).raise_for_status()
             for _ in range(args.requests):
                 for name in WAITS:
                     t0 = time.perf_counter()
                     resp = c.post(f"{base}/v2/rerank", json={**BODY, "model": name}).raise_for_status()
                     latency[name].append(time.perf_counter() - t0)
-                    compute[name].append(float(resp.headers["server-timing"].split("dur=")[1]) / 1000)
+                    timing = server_timing(resp)
+                    compute[name].append(timing["scorer"])
+                    router[name].append(timing["router"])
                 t0 = time.perf_counter()
                 c.get(f"{base}/health").raise_for_status()
                 health.append(time.perf_counter() - t0)
+                for what in floor:
+                    method, path = what.split()
+                    t0 = time.perf_counter()
+                    c.request(method, base + path, json=BODY if method == "POST" else None).raise_for_status()
+                    floor[what].append(time.perf_counter() - t0)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -137,11 +152,46 @@ def main() -> None:
     print("  the router's own work without Ray (median): " + ", ".join(f"{k} {v:.2f} ms" for k, v in steps.items()))
     print(f"  in-process ScoreEngine: median {ms(med(in_process))}")
     print(f"  GET /health through the proxy and router: median {ms(med(health))}")
+    print("  Serve's own floor, same cluster (a FastAPI ingress that does nothing; one that awaits one handle call "
+          "to a deployment that returns its argument): " + ", ".join(f"{k} median {ms(med(v))}" for k, v in floor.items())
+          + f"; one handle hop {ms(med(floor['POST /floor/hop']) - med(floor['GET /floor/health']))}")
     for name, wait in WAITS.items():
         path = [a - b for a, b in zip(latency[name], compute[name])]
+        hops = [p - r for p, r in zip(path, router[name])]
         print(f"  batch_wait_timeout_s={wait:g} ({name}): HTTP median {ms(med(latency[name]))}, replica compute "
-              f"{ms(med(compute[name]))}, path (HTTP - compute) median {ms(med(path))}, "
+              f"{ms(med(compute[name]))}, path (HTTP - compute) median {ms(med(path))}, of which the router's own "
+              f"(Server-Timing router) {ms(med(router[name]))} and Serve's hops (proxy, the body fetched back from "
+              f"it, the scorer call) and the scorer's queue {ms(med(hops))}; "
               f"in-process / HTTP = {med(in_process) / med(latency[name]):.0%}")
+
+
+def floor_app():
+    """What Serve costs with no work at all: an ingress like the router (FastAPI, the JSON body read) whose
+    `/hop` awaits one handle call, to a deployment that returns its argument."""
+    from ray import serve
+
+    api = FastAPI()
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class Echo:
+        async def __call__(self, x):
+            return x
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    @serve.ingress(api)
+    class Ingress:
+        def __init__(self, echo):
+            self.echo = echo
+
+        @api.get("/health")
+        async def health(self) -> dict:
+            return {"status": "ok"}
+
+        @api.post("/hop")
+        async def hop(self, body: dict) -> dict:  # the JSON body parsed (a builtin annotation: Serve pickles this)
+            return {"n": await self.echo.remote(len(body))}
+
+    return Ingress.bind(Echo.bind())
 
 
 if __name__ == "__main__":

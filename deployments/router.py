@@ -12,8 +12,10 @@ propagates the cancellation to the replica, and the evidence tier stops decoding
 """
 
 import asyncio
+import contextvars
 import hmac
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
@@ -103,14 +105,38 @@ class ByteBudget:
         self.used -= n
 
 
+class TierClock:
+    """The wall time a request spends waiting on others: its body arriving (in a Serve replica, fetched from
+    the proxy) and its tier calls (any number at once counts once), so that the router can report its own
+    work apart: `Server-Timing: router;dur=` is the request's time in the router less these waits."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.outstanding, self.waited, self._since = 0, 0.0, 0.0
+
+    def enter(self) -> None:
+        if self.outstanding == 0:
+            self._since = time.perf_counter()
+        self.outstanding += 1
+
+    def leave(self) -> None:
+        self.outstanding -= 1
+        if self.outstanding == 0:
+            self.waited += time.perf_counter() - self._since
+
+    def own_ms(self) -> float:
+        return 1000 * (time.perf_counter() - self.started - self.waited)
+
+
 class _InFlight:
     """One request's deadline (event-loop time, from its arrival: reading the body counts), the body bytes
-    it holds of the replica's budget, its admission slot once the body is in, and its model name for the
-    metrics (only ever a configured model's name, never what the caller sent)."""
+    it holds of the replica's budget, its admission slot once the body is in, its model name for the
+    metrics (only ever a configured model's name, never what the caller sent), and its TierClock."""
 
     def __init__(self, deadline: float, budget: ByteBudget):
         self.deadline, self.budget, self.body_bytes = deadline, budget, 0
         self.slot, self.model, self.handed_over = None, "", False
+        self.clock = TierClock()
 
     def hand_over(self) -> None:
         """A stream takes over the slot and the body bytes, and releases them when it ends."""
@@ -313,6 +339,8 @@ class Router:
         self._chunking_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prism-chunking")
         self.body_budget = ByteBudget(self.config.limits.max_in_flight_bytes, self.config.limits.retry_after_s)
         self.app_name = serve.get_replica_context().app_name
+        # The request's TierClock, seen by its tier calls (made here, not at import: Serve pickles the class).
+        self._clock: contextvars.ContextVar[TierClock | None] = contextvars.ContextVar("prism_tier_clock", default=None)
         # Tokenizers load now: a first request must not stall the event loop.
         self.service = RerankService(self.config, _load_prompts(self.config), score=self._call_scorer,
                                      evidence=self._call_evidence, evidence_models=set(self.evidences),
@@ -347,10 +375,16 @@ class Router:
                 response.cancel()
                 raise
 
+        clock = self._clock.get()
+        if clock is not None:
+            clock.enter()
         try:
             return await with_retries(once, retried)
         except Exception as exc:
             raise self._tier_error(exc) from None
+        finally:
+            if clock is not None:
+                clock.leave()
 
     async def _stream_evidence(self, model: str, query: str, document: str, max_new_tokens: int):
         """The evidence replica's `generate_stream`: text pieces, then the result dict. Sent again while its
@@ -499,7 +533,11 @@ class Router:
         against `max_in_flight_bytes` (429) until the request ends."""
         lim = self.config.limits
         self._check_body_size(http)
-        raw = await read_body(http.stream(), lim, self.body_budget, request.deadline)
+        request.clock.enter()
+        try:
+            raw = await read_body(http.stream(), lim, self.body_budget, request.deadline)
+        finally:
+            request.clock.leave()
         request.body_bytes = len(raw)
         return parse_json_object(raw, lim.max_json_depth)
 
@@ -510,11 +548,15 @@ class Router:
 
         async def work(body: dict, request: _InFlight):
             job: RerankJob = parse(body)
-            # Chunking reads up to max_chunks_per_doc x chunk_tokens tokens of each document: one such job at
-            # a time per router, so a burst of them bounds its memory and leaves a core to everything else
-            # (one still waiting at its deadline is dropped unstarted).
-            pool = self._chunking_pool if job.chunking is not None else None
-            prepared = await loop.run_in_executor(pool, self.service.prepare, job)
+            if job.chunking is None:
+                # Only the query is tokenized, and it is within max_query_chars before it is: well under a
+                # millisecond, less than a hop to a thread and back costs on a busy replica.
+                prepared = self.service.prepare(job)
+            else:
+                # Chunking reads up to max_chunks_per_doc x chunk_tokens tokens of each document: one such job
+                # at a time per router, on its own thread, so a burst of them bounds its memory and leaves a
+                # core to everything else (one still waiting at its deadline is dropped unstarted).
+                prepared = await loop.run_in_executor(self._chunking_pool, self.service.prepare, job)
             request.model = prepared.model.name
             ranked = await self.service.rank(job, prepared)
             if job.stream:
@@ -522,7 +564,7 @@ class Router:
                 return StreamingResponse(self._stream(job, prepared, ranked, request, endpoint),
                                          media_type="text/event-stream")
             body, ranked = await self.service.respond(job, prepared, ranked)
-            return JSONResponse(body, headers={"Server-Timing": server_timing(ranked)})
+            return JSONResponse(body, headers={"Server-Timing": server_timing(ranked, request.clock.own_ms())})
 
         return await self._accounted(http, endpoint, work)
 
@@ -534,6 +576,7 @@ class Router:
         self._authorize(http)
         request = _InFlight(asyncio.get_running_loop().time() + self.config.limits.request_timeout_s,
                             self.body_budget)
+        self._clock.set(request.clock)
         try:
             body = await self._read_body(http, request)
             request.slot = self.service.admission()

@@ -286,14 +286,16 @@ def render(job: RerankJob, ranked: list[RankedDocument], request_id: str, model:
     return reply.model_dump(exclude_unset=True)
 
 
-def server_timing(ranked: list[RankedDocument]) -> str:
+def server_timing(ranked: list[RankedDocument], router_ms: float | None = None) -> str:
     """A Server-Timing header value: the scorer's compute for this request (tokenizing it and the
-    slowest engine call, per model that scored it), so a client can tell compute from the serving
-    path's own cost."""
+    slowest engine call, per model that scored it), and the router's own work (parsing the body, the
+    limits, building the reply: its time less waiting for the body and the tiers), so a client can tell
+    compute and the router's work from what the hops between them cost."""
     per_model: dict[str, float] = {}
     for r in ranked:
         per_model[r.model] = max(per_model.get(r.model, 0.0), r.compute_ms)
-    return f"scorer;dur={sum(per_model.values()):.1f}"
+    out = f"scorer;dur={sum(per_model.values()):.1f}"
+    return out if router_ms is None else f"{out}, router;dur={router_ms:.1f}"
 
 
 # -- response models: the OpenAPI contract of what `render` writes ---------------------------------------

@@ -130,8 +130,9 @@ def test_server_timing_reports_the_scorer_engine_time(client):
     t0 = time.perf_counter()
     resp = client.post("/v2/rerank", json={"query": QUERY, "documents": DOCS})
     elapsed_ms = 1000 * (time.perf_counter() - t0)
-    name, _, dur = resp.headers["server-timing"].partition(";dur=")
-    assert name == "scorer" and 0 < float(dur) < elapsed_ms
+    timings = dict(entry.strip().split(";dur=") for entry in resp.headers["server-timing"].split(","))
+    assert list(timings) == ["scorer", "router"] and 0 < float(timings["scorer"]) < elapsed_ms
+    assert 0 < float(timings["router"]) < elapsed_ms - float(timings["scorer"])  # its own time, apart from the tier's
 
 
 def test_tei_truncate_false_refuses_long_documents(client):
