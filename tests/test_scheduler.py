@@ -127,6 +127,30 @@ def test_text_arrives_in_pieces_that_make_the_answer(engine):
     assert "".join(pieces) == result.text and "".join(seen) == result.text
 
 
+def test_a_listener_that_raises_is_dropped_and_every_pair_still_finishes(engine):
+    """A text callback that raises runs on the loop's thread: it loses its text, but neither its own pair's
+    result nor a pair decoding beside it is lost, and the scheduler takes pairs afterwards."""
+    engine.sync_every = 4
+    scheduler = Scheduler(engine, max_active_pairs=2, stream_interval_s=0)
+    calls = []
+
+    def broken(piece: str) -> None:
+        calls.append(piece)
+        raise RuntimeError("listener bug")
+
+    try:
+        bad = scheduler.submit(QUERY, "water boils at 100 degrees", max_new_tokens=24, on_text=broken)
+        good = scheduler.submit(QUERY, "the sea is salty", max_new_tokens=24)
+        bad_text, good_text = bad.result(120).text, good.result(120).text
+        after = scheduler.submit(QUERY, "ice melts at 0 degrees", max_new_tokens=8).result(120)
+    finally:
+        scheduler.close()
+    assert len(calls) == 1  # dropped after its first failure
+    assert bad_text == engine.generate([(QUERY, "water boils at 100 degrees")], max_new_tokens=24)[0].text
+    assert good_text == engine.generate([(QUERY, "the sea is salty")], max_new_tokens=24)[0].text
+    assert after.text
+
+
 def test_text_pieces_are_at_least_stream_interval_apart(engine):
     """With a stream interval, pieces come no faster than it (the first at once, the rest gathered), and
     they still make the whole answer."""

@@ -108,8 +108,18 @@ class GenerationHandle:
             yield piece
 
     def _notify(self, piece: str | None) -> None:
+        """Each listener gets `piece`; one that raises (a callback's bug, a reader whose event loop has
+        closed) is dropped and logged, since it runs on the loop's thread: it must not stop the decode of
+        every pair, nor this pair's own result."""
+        failed = []
         for listener in self._listeners:
-            listener(piece)
+            try:
+                listener(piece)
+            except Exception:  # noqa: BLE001 - see above
+                log.exception("a text listener failed; it gets no more text")
+                failed.append(listener)
+        for listener in failed:
+            self._listeners.remove(listener)
 
     def _publish(self, text: str, final: bool = False) -> None:
         """New text for the listeners (text decoded so far). A trailing partial character is held back until
