@@ -63,6 +63,28 @@ def test_token_budget_changes_batches_not_scores(engines, tiny_ckpt):
         assert abs(a.score - b.score) <= TOL
 
 
+def test_rows_longer_than_the_budget_run_in_pieces_within_it_and_score_as_path_a(engines, any_ckpt, monkeypatch):
+    """With a budget of 150 tokens, documents of ~300-900 tokens run their heads in pieces, none of them
+    (nor any forward) over the budget, packed beside a short document; the scores are path A's."""
+    engine = ScoreEngine(engines[str(any_ckpt)].loaded, token_budget=150)
+    docs = [" ".join(english_texts(1, n, n)) for n in (200, 600)] + ["short one", "两百字" * 120]
+    sizes = []
+    forward = engine.loaded.net.forward_rows
+
+    def recording(ids, rows, *args, **kw):
+        sizes.append(sum(rows.lengths))
+        return forward(ids, rows, *args, **kw)
+
+    monkeypatch.setattr(engine.loaded.net, "forward_rows", recording)
+    query = "What is the boiling point of water at sea level?"
+    res = engine.score_pairs(query, docs)
+    assert max(sizes[1:]) <= 150 and len(sizes) >= 6  # sizes[0]: the query's prefix, bounded by max_query_chars
+    for doc, r in zip(docs, res):
+        ids = reference.prompt_ids(str(any_ckpt), query, doc)
+        assert r.num_tokens == len(ids) and (len(ids) > 300) == (doc != "short one")
+        assert abs(r.score - reference.path_a(str(any_ckpt), ids)["score"]) <= TOL, doc[:30]
+
+
 @pytest.mark.slow  # loads sentence-transformers
 def test_scores_equal_cross_encoder(engines, any_ckpt):
     from sentence_transformers import CrossEncoder

@@ -4,7 +4,8 @@ Per query, the prefix (system prompt + instruction + query, ~200 tokens) runs on
 the head every query shares once per process, then the query's own tokens). The rows of a call, every
 document of every query, each holding its document + suffix tokens (plus the few prefix tokens past the
 last 64-token chunk boundary), then run packed as one token stream without padding, each continuing from
-its query's prefix state where that state lies (`models.base.Model.forward_rows`). The final layer runs
+its query's prefix state where that state lies (`models.base.Model.forward_rows`). A row longer than the
+token budget runs its head in pieces first, so no forward holds more than the budget. The final layer runs
 only where each row's last token needs it, and only `(w_yes - w_no) · h_last` is computed, never the full
 vocabulary.
 """
@@ -100,6 +101,7 @@ class ScoreEngine:
             s = unique[tuple(prefix)]
             start = states[s].length if states[s] is not None else 0
             rows.extend((g, i, s, p.ids[start:]) for i, p in enumerate(pairs))
+        states, rows = self._long_rows_in_pieces(list(states), rows)
         # The logits stay on the device until every batch is queued: one transfer per call, so on a GPU the
         # host builds batch k+1 while batch k runs instead of waiting for it.
         order, values = [], []
@@ -111,6 +113,40 @@ class ScoreEngine:
         for (g, i, _, _), value in zip(order, torch.cat(values).tolist()):
             logits[g][i] = value
         return [[_result(p, x) for p, x in zip(pairs, xs)] for (_, pairs), xs in zip(groups, logits)]
+
+    def _long_rows_in_pieces(self, states: list[SequenceState | None],
+                             rows: list[tuple[int, int, int, list[int]]]) -> tuple[list, list]:
+        """Rows longer than `token_budget` first run their head in pieces of at most the budget, each
+        continuing from the state the last one left (as a query continues from its prefix), until what is
+        left fits: no forward pass holds more than the budget, so a replica's working set (activations, a
+        piece's attention scores against its context) is bounded by the budget, not by `max_length`. Each
+        piece ends at a multiple of the family's `chunk_align` from the sequence's start, where a cached
+        state continues exactly as one pass would (see `prefix`). Pieces of several long rows pack together.
+        Returns the states (with the pieces' own) and the rows, each long one now reading its last piece's
+        state and holding only the tokens after it."""
+        align, budget, net = self.loaded.net.family.chunk_align, self.token_budget, self.loaded.net
+        shared = len(states)  # the query prefixes' states; the pieces' own come after them, one per row
+        while True:
+            pieces = []
+            for k, (_, _, s, tail) in enumerate(rows):
+                if len(tail) > budget:
+                    start = states[s].length if states[s] is not None else 0
+                    n = (start + budget) // align * align - start
+                    if n > 0:
+                        pieces.append((k, n))
+            if not pieces:
+                return states, rows
+            for batch in packed_batches([n for _, n in pieces], budget):
+                chosen = [pieces[b] for b in batch]
+                _, new = net.forward_rows(*pack([rows[k][3][:n] for k, n in chosen],
+                                                [states[rows[k][2]] for k, _ in chosen], self.loaded.device),
+                                          keep_states=True)
+                for (k, n), state in zip(chosen, new):
+                    g, i, s, tail = rows[k]
+                    if s >= shared:
+                        states[s] = None  # the row's previous piece: read by nothing else
+                    states.append(state)
+                    rows[k] = (g, i, len(states) - 1, tail[n:])
 
     def _forward_rows(self, states: list[SequenceState | None], rows: list[tuple[int, int, int, list[int]]]) -> torch.Tensor:
         """Logit differences (on the device, float32) for document+suffix rows, each continuing from its
