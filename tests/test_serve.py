@@ -510,9 +510,15 @@ def test_a_short_answer_joins_a_running_decode_and_a_full_replica_refuses_with_5
 
             more_events = [[], []]
             more_writing = [asyncio.Event(), asyncio.Event()]
-            more = [asyncio.ensure_future(_long_stream(ac, decode_app, f"more {i}", more_writing[i], more_events[i]))
-                    for i in range(2)]  # the third slot, then the queue's one place
+
+            def more_stream(i: int) -> asyncio.Future:
+                return asyncio.ensure_future(_long_stream(ac, decode_app, f"more {i}", more_writing[i], more_events[i]))
+
+            # The third slot, then (once that one writes) the queue's one place: sent one after the other, since
+            # two sent at once reach the scheduler in either order and the second would wait in the queue.
+            more = [more_stream(0)]
             await _until(more_writing[0], more[0], more_events[0])
+            more.append(more_stream(1))
             deadline = asyncio.get_running_loop().time() + 60
             while "scores" not in more_events[1]:  # the queued one was scored: its evidence call is in
                 assert asyncio.get_running_loop().time() < deadline
