@@ -3,7 +3,10 @@
 Requests are split into items of at most `max_batch_tokens` prompt tokens; a `FairBatcher` gathers
 items of concurrent requests into one engine call of at most `max_batch_tokens` (one pair always fits),
 taking them from the requests in turn, so a request of many long documents does not hold a small one
-behind all of its items.
+behind all of its items. A pair longer than the engine's token budget is an item of its own that runs a
+piece per engine call (`ScoreEngine.score_step`), so a small request waits out one piece of it, not its
+whole prefill; at most `max_batch_tokens // engine budget` such pairs (at least one) are under way at
+once, which bounds the states a replica holds between pieces.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ from dataclasses import dataclass, field
 
 from ray import serve
 
-from deployments.fair_batch import FairBatcher
+from deployments.fair_batch import Again, FairBatcher
 from deployments.threads import ComputeThread
 from prism_ray import metrics
 from prism_ray.config import ModelConfig, ScorerTierConfig
+from prism_ray.engine.score import Partial
 from prism_ray.factory import build_engine
 from prism_ray.prompt import EncodedPair
 from prism_ray.results import ScoreReply, ScoreResult, Timing
@@ -25,15 +29,24 @@ from prism_ray.results import ScoreReply, ScoreResult, Timing
 @dataclass
 class _Item:
     """Some documents of one request, already tokenized (sizing the batch needs the token counts, and
-    the engine then reuses the encoding)."""
+    the engine then reuses the encoding), or one long pair part-way through (a `Partial`), with the
+    engine time it has taken so far."""
 
     prefix: list[int]
-    pairs: list[EncodedPair]
+    pairs: list[EncodedPair | Partial]
+    budget: int  # the engine's tokens per forward: what one call runs of a longer pair
     enqueued: float = field(default_factory=time.monotonic)
+    compute_ms: float = 0.0
 
     @property
     def tokens(self) -> int:
-        return sum(p.num_tokens for p in self.pairs)
+        """What the next engine call computes for this item."""
+        return sum(min(p.remaining if isinstance(p, Partial) else p.num_tokens, self.budget) for p in self.pairs)
+
+    @property
+    def long(self) -> bool:
+        """Whether it holds a pair that runs in pieces."""
+        return any(not isinstance(p, Partial) and p.num_tokens > self.budget for p in self.pairs)
 
 
 @serve.deployment
@@ -43,8 +56,10 @@ class Scorer:
         tier: ScorerTierConfig = self.config.scorer
         self._compute = ComputeThread(tier.torch_threads, tier.wedged_after_s)
         self.engine = build_engine(self.config, "scorer")
+        budget = self.engine.token_budget
         self._batcher = FairBatcher(self._batched, tier.max_batch_tokens, tier.batch_wait_timeout_s,
-                                    lambda item: item.tokens)
+                                    lambda item: item.tokens, may_continue=lambda item: item.long,
+                                    max_continuing=max(1, tier.max_batch_tokens // budget))
 
     async def score(self, query: str, documents: list[str], max_doc_tokens: int | None = None) -> ScoreReply:
         """The engine's ScoreResult per document, in the documents' order, and the call's timing: tokenizing
@@ -74,34 +89,51 @@ class Scorer:
         return out
 
     def _split(self, prefix: list[int], pairs: list[EncodedPair]) -> list[_Item]:
-        """Items of at most max_batch_tokens prompt tokens (one pair always fits)."""
-        items, start, acc = [], 0, 0
-        for i, pair in enumerate(pairs):
-            if i > start and acc + pair.num_tokens > self.config.scorer.max_batch_tokens:
-                items.append(_Item(prefix, pairs[start:i]))
-                start, acc = i, 0
+        """Items of at most max_batch_tokens prompt tokens; a pair longer than the engine's budget is an
+        item of its own (it runs in pieces)."""
+        budget, most = self.engine.token_budget, self.config.scorer.max_batch_tokens
+        items, mine, acc = [], [], 0
+        for pair in pairs:
+            if mine and (acc + pair.num_tokens > most or pair.num_tokens > budget):
+                items.append(_Item(prefix, mine, budget))
+                mine, acc = [], 0
+            mine.append(pair)
             acc += pair.num_tokens
-        items.append(_Item(prefix, pairs[start:]))
+            if pair.num_tokens > budget:
+                items.append(_Item(prefix, mine, budget))
+                mine, acc = [], 0
+        if mine:
+            items.append(_Item(prefix, mine, budget))
         return items
 
     def check_health(self) -> None:
         """Serve's periodic health check: fails when the engine is wedged (see deployments.threads)."""
         self._compute.check()
 
-    async def _batched(self, items: list[_Item]) -> list[tuple[list[ScoreResult], float]]:
+    async def _batched(self, items: list[_Item]) -> list[tuple[list[ScoreResult], float] | Again]:
         now = time.monotonic()
         name = self.config.name
         for item in items:
-            metrics.observe("prism_queue_wait_seconds", now - item.enqueued, metrics.SECONDS_BUCKETS, model=name, tier="scorer")
+            if not item.compute_ms:  # its first call (a long pair's later pieces waited behind their own)
+                metrics.observe("prism_queue_wait_seconds", now - item.enqueued, metrics.SECONDS_BUCKETS, model=name, tier="scorer")
         metrics.observe("prism_batch_pairs", sum(len(i.pairs) for i in items), metrics.SIZE_BUCKETS, model=name, tier="scorer")
         started = time.perf_counter()
         results = await self._compute.run(self._score_items, items)
         compute_ms = 1000 * (time.perf_counter() - started)
-        metrics.count("prism_pairs_scored_total", sum(len(r) for r in results), model=name)
-        metrics.count("prism_tokens_total", sum(x.num_tokens for r in results for x in r), model=name, tier="scorer")
-        return [(r, compute_ms) for r in results]
+        scored = [x for r in results for x in r if isinstance(x, ScoreResult)]
+        metrics.count("prism_pairs_scored_total", len(scored), model=name)
+        metrics.count("prism_tokens_total", sum(x.num_tokens for x in scored), model=name, tier="scorer")
+        out = []
+        for item, r in zip(items, results):
+            spent = item.compute_ms + compute_ms
+            if any(isinstance(x, Partial) for x in r):
+                out.append(Again(_Item(item.prefix, r, item.budget, item.enqueued, spent)))
+            else:
+                out.append((r, spent))
+        return out
 
-    def _score_items(self, items: list[_Item]) -> list[list[ScoreResult]]:
+    def _score_items(self, items: list[_Item]) -> list[list[ScoreResult | Partial]]:
         """Every item of a gathered batch in one engine call: rows of all queries are packed into forward
-        passes together, and the engine runs each distinct prefix once (items of one query share it)."""
-        return self.engine.score_encoded_groups([(item.prefix, item.pairs) for item in items])
+        passes together, and the engine runs each distinct prefix once (items of one query share it); a
+        long pair runs its next piece only."""
+        return self.engine.score_step([(item.prefix, item.pairs) for item in items])

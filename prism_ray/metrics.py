@@ -20,6 +20,8 @@ def _metric(kind: str, name: str, description: str, tags: tuple[str, ...], bound
 
 
 def count(name: str, value: float = 1.0, **tags: str) -> None:
+    if not value:  # nothing to count (Ray's Counter refuses an increment of 0)
+        return
     _metric("counter", name, name.replace("_", " "), tuple(sorted(tags))).inc(value, tags=tags)
 
 

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from deployments.fair_batch import FairBatcher
+from deployments.fair_batch import Again, FairBatcher
 
 
 class Recorder:
@@ -102,3 +102,80 @@ def test_concurrent_requests_gather_into_one_batch(wait_s):
     assert outs == [[0, 10], [20, 30], [40, 50], [60, 70]]
     if wait_s:
         assert len(runner.batches) == 1
+
+
+class Pieces:
+    """A batch runner for (name, pieces) items: an item of more than one piece answers Again with one piece
+    fewer, the last piece answers the name; it records each batch's items."""
+
+    def __init__(self, delay_s: float = 0.01):
+        self.batches: list[list] = []
+        self.delay_s = delay_s
+
+    async def __call__(self, items: list) -> list:
+        self.batches.append(list(items))
+        await asyncio.sleep(self.delay_s)
+        return [Again((name, n - 1)) if n > 1 else name for name, n in items]
+
+
+def _pieces_batcher(runner, max_continuing=1):
+    return FairBatcher(runner, max_tokens=10, wait_s=0.0, tokens_of=lambda item: 10,
+                       may_continue=lambda item: item[1] > 1, max_continuing=max_continuing)
+
+
+def test_an_item_answered_again_runs_a_piece_per_batch_with_other_requests_between():
+    """A long item of 4 pieces; a small request that arrives during its first piece runs in the next batch,
+    not after the last piece."""
+    async def main():
+        runner = Pieces()
+        b = _pieces_batcher(runner)
+        long = asyncio.ensure_future(b.submit([("long", 4)]))
+        await asyncio.sleep(0.005)
+        small = await b.submit([("small", 1)])
+        return await long, small, runner, b
+
+    long, small, runner, b = asyncio.run(main())
+    assert long == ["long"] and small == ["small"]
+    assert runner.batches == [[("long", 4)], [("small", 1)], [("long", 3)], [("long", 2)], [("long", 1)]]
+    assert b.under_way == 0
+
+
+def test_at_most_max_continuing_items_are_under_way_and_the_next_waits():
+    """With max_continuing=1 a second long request starts only when the first is done, while short
+    items of either request still run between the pieces."""
+    async def main():
+        runner = Pieces()
+        b = _pieces_batcher(runner, max_continuing=1)
+        outs = await asyncio.gather(b.submit([("a", 3)]), b.submit([("b", 3), ("b-short", 1)]))
+        return outs, runner, b
+
+    outs, runner, b = asyncio.run(main())
+    assert outs == [["a"], ["b", "b-short"]]
+    order = [item for batch in runner.batches for item in batch]
+    assert order.index(("b", 3)) > order.index(("a", 1))  # b started after a was done
+    assert order.index(("b-short", 1)) < order.index(("a", 1))  # b's short item did not wait behind it
+    assert b.under_way == 0
+
+    async def two():
+        runner = Pieces()
+        b = _pieces_batcher(runner, max_continuing=2)
+        await asyncio.gather(b.submit([("a", 3)]), b.submit([("b", 3)]))
+        return runner
+
+    order = [item for batch in asyncio.run(two()).batches for item in batch]
+    assert order.index(("b", 3)) < order.index(("a", 1))  # two may be under way at once
+
+
+def test_a_caller_that_left_part_way_frees_its_place():
+    async def main():
+        runner = Pieces(delay_s=0.02)
+        b = _pieces_batcher(runner, max_continuing=1)
+        gone = asyncio.ensure_future(b.submit([("gone", 50)]))
+        await asyncio.sleep(0.05)  # a few pieces in
+        gone.cancel()
+        out = await asyncio.wait_for(b.submit([("next", 2)]), 5)
+        return out, runner, b
+
+    out, runner, b = asyncio.run(main())
+    assert out == ["next"] and b.under_way == 0
+    assert sum(1 for batch in runner.batches for name, _ in batch if name == "gone") < 10

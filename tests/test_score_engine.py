@@ -8,6 +8,8 @@ import torch
 from conftest import CHINESE, MIXED, SPECIAL_STRINGS, english_texts
 
 from prism_ray.engine import ModelLoadError, ScoreEngine, load_model
+from prism_ray.engine.score import Partial
+from prism_ray.results import ScoreResult
 
 TOL = 1e-5
 
@@ -83,6 +85,26 @@ def test_rows_longer_than_the_budget_run_in_pieces_within_it_and_score_as_path_a
         ids = reference.prompt_ids(str(any_ckpt), query, doc)
         assert r.num_tokens == len(ids) and (len(ids) > 300) == (doc != "short one")
         assert abs(r.score - reference.path_a(str(any_ckpt), ids)["score"]) <= TOL, doc[:30]
+
+
+def test_score_step_runs_one_piece_per_call_and_its_partials_go_on_to_path_a(engines, any_ckpt):
+    """`score_step` gives a long row back as a Partial after each piece (the short row beside it is scored in
+    the first call); handing the partial back call after call ends in path A's score."""
+    engine = ScoreEngine(engines[str(any_ckpt)].loaded, token_budget=150)
+    query = "What is the boiling point of water at sea level?"
+    docs = [" ".join(english_texts(6, 100, 100)), "short one"]
+    prefix = engine.prompts.prefix(query)
+    [[entry, short]] = engine.score_step([(prefix, engine.prompts.encode_documents(query, docs, prefix=prefix))])
+    assert isinstance(short, ScoreResult)
+    remaining = []
+    while isinstance(entry, Partial):
+        remaining.append(entry.remaining)
+        [[entry]] = engine.score_step([(prefix, [entry])])
+    assert len(remaining) >= 4 and remaining == sorted(remaining, reverse=True) and remaining[-1] <= 150
+    for doc, r in zip(docs, (entry, short)):
+        ids = reference.prompt_ids(str(any_ckpt), query, doc)
+        assert r.num_tokens == len(ids)
+        assert abs(r.score - reference.path_a(str(any_ckpt), ids)["score"]) <= TOL
 
 
 @pytest.mark.slow  # loads sentence-transformers

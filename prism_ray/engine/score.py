@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -92,41 +93,67 @@ class ScoreEngine:
         into forward passes of up to `token_budget` tokens, whatever query they belong to, each row reading
         its own query's prefix state, so many small requests fill a forward as one large one would.
         """
+        return self._score(groups, one_piece=False)
+
+    @torch.inference_mode()
+    def score_step(self, groups: Sequence[tuple[list[int], Sequence[EncodedPair | Partial]]]) -> list[list[ScoreResult | Partial]]:
+        """`score_encoded_groups` that runs at most one piece of each row longer than `token_budget`: such a
+        row comes back as a `Partial` (its state so far), to be given back in its pair's place in a later
+        call, which goes on from there. Every other row is scored. A caller that interleaves other work
+        between the calls (the scorer tier's batcher) so never makes a small request wait out a long
+        row's whole prefill, only one piece of it. The scores are those of `score_encoded_groups`."""
+        return self._score(groups, one_piece=True)
+
+    def _score(self, groups, one_piece: bool) -> list[list]:
+        fresh = [prefix for prefix, pairs in groups if not all(isinstance(p, Partial) for p in pairs)]
         unique: dict[tuple[int, ...], int] = {}
-        for prefix, _ in groups:
+        for prefix in fresh:
             unique.setdefault(tuple(prefix), len(unique))
-        states = self.loaded.prefixes.states([list(p) for p in unique])
+        states = list(self.loaded.prefixes.states([list(p) for p in unique]))
+        shared = len(states)  # the query prefixes' states; those of partial rows come after them
         rows: list[tuple[int, int, int, list[int]]] = []  # (group, pair, state, tail)
         for g, (prefix, pairs) in enumerate(groups):
-            s = unique[tuple(prefix)]
-            start = states[s].length if states[s] is not None else 0
-            rows.extend((g, i, s, p.ids[start:]) for i, p in enumerate(pairs))
-        states, rows = self._long_rows_in_pieces(list(states), rows)
+            for i, p in enumerate(pairs):
+                if isinstance(p, Partial):
+                    states.append(p.state)
+                    rows.append((g, i, len(states) - 1, p.pair.ids[p.state.length:]))
+                else:
+                    s = unique[tuple(prefix)]
+                    start = states[s].length if states[s] is not None else 0
+                    rows.append((g, i, s, p.ids[start:]))
+        results: list[list] = [[None] * len(pairs) for _, pairs in groups]
+        moved = self._long_rows_in_pieces(states, rows, shared, rounds=1 if one_piece else None)
+        if one_piece:
+            for k in moved:
+                g, i, s, _ = rows[k]
+                results[g][i] = Partial(_pair(groups[g][1][i]), states[s])
+        scored = [k for k in range(len(rows)) if results[rows[k][0]][rows[k][1]] is None]
         # The logits stay on the device until every batch is queued: one transfer per call, so on a GPU the
         # host builds batch k+1 while batch k runs instead of waiting for it.
         order, values = [], []
-        for batch in packed_batches([len(r[3]) for r in rows], self.token_budget):
-            chosen = [rows[k] for k in batch]
+        for batch in packed_batches([len(rows[k][3]) for k in scored], self.token_budget):
+            chosen = [rows[scored[b]] for b in batch]
             order.extend(chosen)
             values.append(self._forward_rows(states, chosen))
-        logits = [[0.0] * len(pairs) for _, pairs in groups]
-        for (g, i, _, _), value in zip(order, torch.cat(values).tolist()):
-            logits[g][i] = value
-        return [[_result(p, x) for p, x in zip(pairs, xs)] for (_, pairs), xs in zip(groups, logits)]
+        if values:
+            for (g, i, _, _), value in zip(order, torch.cat(values).tolist()):
+                results[g][i] = _result(_pair(groups[g][1][i]), value)
+        return results
 
-    def _long_rows_in_pieces(self, states: list[SequenceState | None],
-                             rows: list[tuple[int, int, int, list[int]]]) -> tuple[list, list]:
+    def _long_rows_in_pieces(self, states: list[SequenceState | None], rows: list[tuple[int, int, int, list[int]]],
+                             shared: int, rounds: int | None = None) -> set[int]:
         """Rows longer than `token_budget` first run their head in pieces of at most the budget, each
         continuing from the state the last one left (as a query continues from its prefix), until what is
-        left fits: no forward pass holds more than the budget, so a replica's working set (activations, a
-        piece's attention scores against its context) is bounded by the budget, not by `max_length`. Each
-        piece ends at a multiple of the family's `chunk_align` from the sequence's start, where a cached
-        state continues exactly as one pass would (see `prefix`). Pieces of several long rows pack together.
-        Returns the states (with the pieces' own) and the rows, each long one now reading its last piece's
-        state and holding only the tokens after it."""
+        left fits (or for `rounds` pieces at most): no forward pass holds more than the budget, so a
+        replica's working set (activations, a piece's attention scores against its context) is bounded by
+        the budget, not by `max_length`. Each piece ends at a multiple of the family's `chunk_align` from the
+        sequence's start, where a cached state continues exactly as one pass would (see `prefix`). Pieces
+        of several long rows pack together. Updates `states` (appending the pieces' own; `states[:shared]`
+        are read by other rows and kept) and `rows` in place, each long one now reading its last piece's
+        state and holding only the tokens after it; returns the indices of the rows that ran a piece."""
         align, budget, net = self.loaded.net.family.chunk_align, self.token_budget, self.loaded.net
-        shared = len(states)  # the query prefixes' states; the pieces' own come after them, one per row
-        while True:
+        moved: set[int] = set()
+        while rounds is None or rounds > 0:
             pieces = []
             for k, (_, _, s, tail) in enumerate(rows):
                 if len(tail) > budget:
@@ -135,7 +162,7 @@ class ScoreEngine:
                     if n > 0:
                         pieces.append((k, n))
             if not pieces:
-                return states, rows
+                break
             for batch in packed_batches([n for _, n in pieces], budget):
                 chosen = [pieces[b] for b in batch]
                 _, new = net.forward_rows(*pack([rows[k][3][:n] for k, n in chosen],
@@ -147,12 +174,34 @@ class ScoreEngine:
                         states[s] = None  # the row's previous piece: read by nothing else
                     states.append(state)
                     rows[k] = (g, i, len(states) - 1, tail[n:])
+                    moved.add(k)
+            if rounds is not None:
+                rounds -= 1
+        return moved
 
     def _forward_rows(self, states: list[SequenceState | None], rows: list[tuple[int, int, int, list[int]]]) -> torch.Tensor:
         """Logit differences (on the device, float32) for document+suffix rows, each continuing from its
         query's prefix state."""
         hidden, _ = self.loaded.net.forward_rows(*pack([r[3] for r in rows], [states[r[2]] for r in rows], self.loaded.device))
         return self.loaded.net.scores(hidden)
+
+
+@dataclass(frozen=True)
+class Partial:
+    """A pair part-way through its prefill (`ScoreEngine.score_step`): `state` covers the first
+    `state.length` of its prompt tokens."""
+
+    pair: EncodedPair
+    state: SequenceState
+
+    @property
+    def remaining(self) -> int:
+        """Prompt tokens still to run."""
+        return len(self.pair.ids) - self.state.length
+
+
+def _pair(entry: EncodedPair | Partial) -> EncodedPair:
+    return entry.pair if isinstance(entry, Partial) else entry
 
 
 def elapsed(call) -> float:

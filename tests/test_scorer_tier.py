@@ -1,0 +1,58 @@
+"""The scorer replica without Ray: a long document runs a piece per engine call, with a short request's
+documents between its pieces, and both score as path A."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import reference
+from conftest import english_texts
+
+from prism_ray.config import ModelConfig
+
+QUERY = "What is the boiling point of water at sea level?"
+
+
+@pytest.fixture(scope="module")
+def replica(tiny_ckpt):
+    from deployments.scorer import Scorer
+
+    model = ModelConfig.model_validate({
+        "name": "prism-tiny", "model": str(tiny_ckpt), "dtype": "float32", "max_length": 1024,
+        "scorer": {"engine_token_budget": 128, "max_batch_tokens": 256, "batch_wait_timeout_s": 0,
+                   "torch_threads": 1}})
+    return Scorer.func_or_class(model.model_dump(mode="json"))  # the Serve replica's own constructor
+
+
+def test_a_short_request_runs_between_the_pieces_of_a_long_document(replica, tiny_ckpt, monkeypatch):
+    calls = []
+    step = replica.engine.score_step
+
+    def recording(groups):
+        calls.append([len(pairs) for _, pairs in groups])
+        return step(groups)
+
+    monkeypatch.setattr(replica.engine, "score_step", recording)
+    long_doc = " ".join(english_texts(6, 100, 100))
+    finished = []
+
+    async def main():
+        async def one(name, docs, after_first_call=False):
+            while after_first_call and not calls:
+                await asyncio.sleep(0.001)
+            reply = await replica.score(QUERY, docs)
+            finished.append(name)
+            return reply
+
+        return await asyncio.gather(one("long", [long_doc]), one("short", ["water boils at 100 C"], True))
+
+    long, short = asyncio.run(main())
+    assert finished == ["short", "long"]  # the short one did not wait out the long one's prefill
+    assert len(calls) >= 5  # the long document's pieces, one per engine call
+    for docs, reply in ((long_doc, long), ("water boils at 100 C", short)):
+        ids = reference.prompt_ids(str(tiny_ckpt), QUERY, docs)
+        [r] = reply.results
+        assert r.num_tokens == len(ids) > (500 if docs is long_doc else 0) and not r.truncated
+        assert abs(r.score - reference.path_a(str(tiny_ckpt), ids)["score"]) <= 1e-5
+    assert replica._batcher.under_way == 0
