@@ -1,11 +1,13 @@
-"""Batches for the scorer tier, gathered across concurrent requests and taken from them in turn.
+"""Batches for the scorer tier, gathered across concurrent requests, the least served first.
 
 `@serve.batch` serves its queue first come, first served: a request of 64 long chunks queues 64 items, and
 a one-document request that arrives a moment later waits behind all of them. `FairBatcher` keeps one queue
-per request and fills each batch round-robin over the waiting requests (one item from each, then a second
-from each, ...) up to the token budget, so a small request is in the next batch whatever a large one
-queued before it. Items of a request whose caller left (deadline, disconnect) are dropped before they
-are computed.
+per request and fills each batch from the request that has been served the fewest tokens so far, then
+the next (least attained service: a small request, served little, is in the next batch and usually whole
+in it, whatever a large one queued before it; the large one runs on what the small ones leave). A request
+passed over for `max_passed_over` batches in a row is overdue, and overdue requests go first, the longest
+passed over first: none starves, and under a backlog the order falls back to the longest waiting. Items
+of a request whose caller left (deadline, disconnect) are dropped before they are computed.
 
 An item too long for one batch (a document of `max_length` tokens) is computed a piece per batch: the
 runner answers `Again(rest)` for it, and the rest goes back to the front of its request's queue, so other
@@ -19,9 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+MAX_PASSED_OVER = 8  # batches a waiting request may be passed over in a row before it goes first
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,16 @@ class _Entry:
     continued: bool = False  # a rest handed back by `Again`: it counts against `max_continuing`
 
 
+@dataclass
+class _Request:
+    """One `submit` call's entries still to compute, and what it has been served."""
+
+    key: int  # arrival order
+    entries: deque = field(default_factory=deque)
+    served: int = 0  # tokens of its items taken into batches so far
+    passed: int = 0  # batches in a row taken without any of its items while it waited
+
+
 class FairBatcher:
     """`await submit(items)` answers each item's result, in order. `run_batch(items)` computes one batch
     (a list of results or `Again`s, one per item) and runs one at a time; a batch holds at most `max_tokens`
@@ -47,10 +61,12 @@ class FairBatcher:
 
     def __init__(self, run_batch: Callable[[list], Awaitable[list]], max_tokens: int, wait_s: float,
                  tokens_of: Callable[[object], int], may_continue: Callable[[object], bool] = lambda item: False,
-                 max_continuing: int = 1):
+                 max_continuing: int = 1, max_passed_over: int = MAX_PASSED_OVER):
+        if max_continuing < 1 or max_passed_over < 1:
+            raise ValueError("max_continuing and max_passed_over must be >= 1")
         self._run, self.max_tokens, self.wait_s, self._tokens_of = run_batch, max_tokens, wait_s, tokens_of
-        self._may_continue, self.max_continuing = may_continue, max_continuing
-        self._waiting: OrderedDict[int, deque[_Entry]] = OrderedDict()  # request -> its entries
+        self._may_continue, self.max_continuing, self.max_passed_over = may_continue, max_continuing, max_passed_over
+        self._waiting: dict[int, _Request] = {}  # requests with entries to compute, by key
         self._under_way = 0  # items that answered Again and have not finished
         self._ids = itertools.count()
         self._arrived = asyncio.Event()
@@ -63,7 +79,8 @@ class FairBatcher:
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = loop.create_task(self._serve())
         futures = [loop.create_future() for _ in items]
-        self._waiting[next(self._ids)] = deque(_Entry(item, f) for item, f in zip(items, futures))
+        key = next(self._ids)
+        self._waiting[key] = _Request(key, deque(_Entry(item, f) for item, f in zip(items, futures)))
         self._arrived.set()
         # A cancelled caller cancels its futures (gather does), and `take` drops cancelled ones.
         return await asyncio.gather(*futures)
@@ -72,41 +89,48 @@ class FairBatcher:
     def under_way(self) -> int:
         return self._under_way
 
-    def take(self) -> list[tuple[int, _Entry]]:
-        """The next batch as (request, entry) pairs: round-robin over the waiting requests, oldest first,
-        within the budget. An item that may not start yet (too many under way) keeps its place while the
-        request's next item goes; a request with nothing that may start is passed over."""
-        batch, tokens, starting, passed = [], 0, 0, set()
-        while len(passed) < len(self._waiting):
-            key, queue = next(iter(self._waiting.items()))
-            if any(e.future.done() for e in queue):  # its caller left
-                for e in queue:
+    def take(self) -> list[tuple[_Request, _Entry]]:
+        """The next batch as (request, entry) pairs, within the budget: the requests' items in the order of
+        `_priority`. An item that may not start yet (too many under way) keeps its place while its
+        request's next goes."""
+        for req in list(self._waiting.values()):
+            if any(e.future.done() for e in req.entries):  # its caller left
+                for e in req.entries:
                     if e.future.done():
                         self._finish(e)
-                queue = self._waiting[key] = deque(e for e in queue if not e.future.done())
-            if not queue:
-                del self._waiting[key]
-                passed.discard(key)
-                continue
-            full = self._under_way + starting >= self.max_continuing
-            at = next((i for i, e in enumerate(queue) if not (full and self._starts(e))), None)
-            if at is None:
-                passed.add(key)
-                self._waiting.move_to_end(key)
-                continue
-            entry = queue[at]
-            cost = self._tokens_of(entry.item)
-            if batch and tokens + cost > self.max_tokens:
+                req.entries = deque(e for e in req.entries if not e.future.done())
+            if not req.entries:
+                del self._waiting[req.key]
+        order = sorted(self._waiting.values(), key=self._priority)
+        batch, tokens, starting = [], 0, 0
+        for req in order:
+            while req.entries:
+                full = self._under_way + starting >= self.max_continuing
+                at = next((i for i, e in enumerate(req.entries) if not (full and self._starts(e))), None)
+                if at is None:
+                    break
+                entry = req.entries[at]
+                cost = self._tokens_of(entry.item)
+                if batch and tokens + cost > self.max_tokens:
+                    break
+                del req.entries[at]
+                batch.append((req, entry))
+                tokens += cost
+                starting += self._starts(entry)
+                req.served += cost
+            if batch and tokens >= self.max_tokens:
                 break
-            del queue[at]
-            batch.append((key, entry))
-            tokens += cost
-            starting += self._starts(entry)
-            self._waiting.move_to_end(key)  # the next item comes from the next request
-            if not queue:
-                del self._waiting[key]
-                passed.discard(key)
+        taken = {req.key for req, _ in batch}
+        for req in list(self._waiting.values()):
+            req.passed = 0 if req.key in taken else req.passed + 1
+            if not req.entries:
+                del self._waiting[req.key]
         return batch
+
+    def _priority(self, req: _Request) -> tuple:
+        """Overdue requests first, the longest passed over first; then the least served; then the oldest."""
+        overdue = req.passed >= self.max_passed_over
+        return (not overdue, -req.passed if overdue else req.served, req.key)
 
     def _starts(self, entry: _Entry) -> bool:
         """Whether taking the entry may put one more item under way."""
@@ -116,21 +140,17 @@ class FairBatcher:
         if entry.continued:
             self._under_way -= 1
 
-    def _again(self, key: int, entry: _Entry, rest: object) -> None:
-        """The rest of an item goes back to the front of its request's queue (a new queue at the back of
-        the turn if the request had nothing else waiting)."""
+    def _again(self, req: _Request, entry: _Entry, rest: object) -> None:
+        """The rest of an item goes back to the front of its request's queue."""
         if not entry.continued:
             self._under_way += 1
-        again = _Entry(rest, entry.future, continued=True)
-        if key in self._waiting:
-            self._waiting[key].appendleft(again)
-        else:
-            self._waiting[key] = deque([again])
+        req.entries.appendleft(_Entry(rest, entry.future, continued=True))
+        self._waiting.setdefault(req.key, req)
 
     def _queued_tokens_at_least(self, n: int) -> bool:
         total = 0
-        for queue in self._waiting.values():
-            for entry in queue:
+        for req in self._waiting.values():
+            for entry in req.entries:
                 if not entry.future.done():
                     total += self._tokens_of(entry.item)
                     if total >= n:
@@ -161,9 +181,9 @@ class FairBatcher:
                     if not entry.future.done():
                         entry.future.set_exception(exc)
                 continue
-            for (key, entry), result in zip(batch, results):
+            for (req, entry), result in zip(batch, results):
                 if isinstance(result, Again) and not entry.future.done():
-                    self._again(key, entry, result.item)
+                    self._again(req, entry, result.item)
                     continue
                 self._finish(entry)
                 if not entry.future.done():

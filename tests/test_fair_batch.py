@@ -1,5 +1,5 @@
-"""The scorer's batcher without Ray: batches within the token budget, requests taken in turn, callers that
-left dropped, errors to the batch's callers only."""
+"""The scorer's batcher without Ray: batches within the token budget, the least served request first (none
+starved), long items a piece per batch, callers that left dropped, errors to the batch's callers only."""
 
 from __future__ import annotations
 
@@ -57,7 +57,27 @@ def test_a_small_request_is_in_the_next_batch_whatever_a_large_one_queued():
     index, large, small, runner = asyncio.run(main())
     assert small == [70] and large == [10500] * 20
     assert index == 1  # the batch after the one computing when it arrived
-    assert runner.batches[1] == [1050, 7]  # one from each waiting request in turn, within the budget
+    assert runner.batches[1] == [7, 1050]  # the least served first, then the budget filled from the next
+
+
+def test_the_least_served_request_goes_first_and_none_is_passed_over_too_long():
+    """A large request that has been served two batches waits behind 12 fresh small requests until it has
+    been passed over max_passed_over (3) batches; then the smalls, passed over longer still, go first: the
+    longest waiting first once everyone is overdue."""
+    async def main():
+        runner = Recorder(delay_s=0.005)
+        b = FairBatcher(runner, 100, 0.0, tokens_of=lambda item: item % 1000, max_passed_over=3)
+        large = asyncio.ensure_future(b.submit([1000 + 100] * 6))  # a batch per item
+        while len(runner.batches) < 2:
+            await asyncio.sleep(0.001)
+        smalls = await asyncio.gather(*(b.submit([100]) for _ in range(12)))
+        return await large, smalls, runner
+
+    large, smalls, runner = asyncio.run(main())
+    assert large == [11000] * 6 and smalls == [[1000]] * 12
+    owners = "".join("L" if batch == [1100] else "s" for batch in runner.batches)
+    start = owners.index("s")
+    assert owners[start:] == "sssL" + "s" * 9 + "LLL", owners
 
 
 def test_a_caller_that_left_has_its_items_dropped():
