@@ -15,7 +15,7 @@ same clients for `--seconds` beside `--hostile` clients, each cycling through:
 
 Hostile requests go over raw sockets, so a refusal that closes the connection mid-body is still read. It
 prints the normal clients' p50/p99 and statuses for both phases, every hostile request's status and time
-(grouped by kind), and each Serve replica's and proxy's resident memory (VmRSS) at the start and the end of
+(grouped by kind), the cores each process kept busy in each phase, and each Serve replica's and proxy's resident memory (VmRSS) at the start and the end of
 the hostile phase. Exit 1 when a target is missed: a normal request not 200, a normal p99 over 2x the
 baseline's, a hostile request with another status than its kind expects, a replica restarted, or a process
 grown more than 200 MiB.
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import select
 import socket
@@ -57,6 +58,36 @@ def _words(chars: int, seed: int = 0) -> str:
     while len(text) < chars:
         text += " " + rng.choice(vocab)
     return text[:chars]
+
+
+def _cpu_seconds(pid: int | str) -> float:
+    """User + system CPU seconds a process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_now() -> dict[str, float]:
+    """CPU seconds so far of each Serve process, this benchmark's own (its clients), and the machine's busy
+    total (all cores, from /proc/stat)."""
+    out = {"(this benchmark: the clients)": _cpu_seconds("self")}
+    for name, (pid, _) in serve_processes(proxies=True).items():
+        try:
+            out[name] = _cpu_seconds(pid)
+        except OSError:
+            pass
+    ticks = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    out["(machine, all processes)"] = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+    out["(wall)"] = time.monotonic()
+    return out
+
+
+def _print_cpu(cpu: list[dict[str, float]]) -> None:
+    """Cores each process kept busy in each phase: where the machine's time went."""
+    print(f"\nCPU (cores busy on average; the machine has {os.cpu_count()}): baseline -> hostile phase")
+    for name in sorted(cpu[0]):
+        if name != "(wall)" and all(name in c for c in cpu):
+            base, hostile = ((b[name] - a[name]) / (b["(wall)"] - a["(wall)"]) for a, b in zip(cpu, cpu[1:]))
+            print(f"  {name:40s} {base:5.2f} -> {hostile:5.2f}")
 
 
 def _normal_body(n: int) -> dict:
@@ -199,8 +230,10 @@ def main() -> int:
     normals = [threading.Thread(target=normal_client, args=(k,), daemon=True) for k in range(args.normal)]
     for t in normals:
         t.start()
+    cpu = [_cpu_now()]
     time.sleep(args.baseline_seconds)
     at_start = serve_processes(proxies=True)
+    cpu.append(_cpu_now())
     phase[0] = "hostile"
     hostiles = [threading.Thread(target=hostile_client, args=(k,), daemon=True) for k in range(args.hostile)]
     for t in hostiles:
@@ -216,6 +249,7 @@ def main() -> int:
         for t in hostiles:
             t.join(timeout=120)
         at_end = serve_processes(proxies=True)
+        cpu.append(_cpu_now())
     finally:
         stop_normal.set()
         stop_hostile.set()
@@ -257,6 +291,7 @@ def main() -> int:
         if set(statuses) - EXPECTED[kind]:
             failures.append(f"{kind}: statuses {statuses}, expected {sorted(EXPECTED[kind])}")
 
+    _print_cpu(cpu)
     print("\nresident memory (MiB) at the start of the hostile phase -> its end (peak)")
     for name in sorted(at_start):
         pid, start_kib = at_start[name]
