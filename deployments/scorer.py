@@ -2,8 +2,8 @@
 
 Requests are split into items of at most `max_batch_tokens` prompt tokens; a `FairBatcher` gathers
 items of concurrent requests into one engine call of at most `max_batch_tokens` (one pair always fits),
-taking them from the requests in turn, so a request of many long documents does not hold a small one
-behind all of its items. A pair longer than the engine's token budget is an item of its own that runs a
+the least served request's first, so a request of many long documents does not hold a small one behind
+all of its items. A pair longer than the engine's token budget is an item of its own that runs a
 piece per engine call (`ScoreEngine.score_step`), so a small request waits out one piece of it, not its
 whole prefill; at most `max_batch_tokens // engine budget` such pairs (at least one) are under way at
 once, which bounds the states a replica holds between pieces.

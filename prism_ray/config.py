@@ -85,7 +85,7 @@ class ScorerTierConfig(TierConfig):
     Two token limits, named by what they count:
 
     - `max_batch_tokens`: prompt tokens that the scorer's batcher gathers from concurrent requests into
-      one engine call, taking items from the waiting requests in turn. 4096 gathers, say, two requests of
+      one engine call, the least served waiting request's items first. 4096 gathers, say, two requests of
       10 documents x 200 tokens; a request larger than the budget is split into items that each fit. A pair
       longer than `engine_token_budget` runs one piece of at most that budget per engine call, so other
       requests' items run between its pieces; at most `max_batch_tokens // engine_token_budget` such pairs
