@@ -117,16 +117,18 @@ def state(components: dict[str, dict], limits, request_models: list[str]) -> Non
             names = request_models if spot.component == EVERY_REQUEST else [spot.component]
             for name in names:
                 if name in components:
-                    for node in _nodes(components[name], spot.path):
+                    for node in nodes_at(components[name], spot.path):
                         if node.get("type") == _TYPE_OF[spot.keyword]:
                             node[spot.keyword] = value
 
 
-def _nodes(node: dict, path: tuple[str, ...]) -> Iterator[dict]:
+def nodes_at(node: dict, path: tuple[str, ...]) -> Iterator[dict]:
+    """The schema nodes a spot's `path` reaches from `node`, through every `anyOf` alternative on the way
+    (a field of type "string or list" has one node per alternative)."""
     if "anyOf" in node:
         for alt in node["anyOf"]:
-            yield from _nodes(alt, path)
+            yield from nodes_at(alt, path)
     elif not path:
         yield node
     elif isinstance(node.get(path[0]), dict):
-        yield from _nodes(node[path[0]], path[1:])
+        yield from nodes_at(node[path[0]], path[1:])

@@ -8,7 +8,7 @@ import pytest
 from prism_ray.api import CohereRerankRequest, JinaRerankRequest, ScoreRequest, TeiRerankRequest
 from prism_ray.config import AppConfig, LimitsConfig
 from prism_ray.errors import ErrorKind, PrismError
-from prism_ray.limits import EVERY_REQUEST, LIMITS, _nodes, check
+from prism_ray.limits import EVERY_REQUEST, LIMITS, check, nodes_at
 from prism_ray.openapi import apply_config, component_schemas
 
 REQUESTS = [CohereRerankRequest, JinaRerankRequest, TeiRerankRequest]
@@ -34,7 +34,7 @@ def test_the_openapi_document_states_each_limit_where_the_table_says():
         for spot in limit.spots:
             names = [m.__name__ for m in REQUESTS] if spot.component == EVERY_REQUEST else [spot.component]
             for name in names:
-                for node in _nodes(comps[name], spot.path):
+                for node in nodes_at(comps[name], spot.path):
                     if spot.keyword in node:
                         assert node[spot.keyword] == values[limit.name], (limit.name, name, spot.path)
                         stated += 1
