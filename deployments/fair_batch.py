@@ -77,6 +77,7 @@ class FairBatcher:
             return []
         loop = asyncio.get_running_loop()
         if self._loop_task is None or self._loop_task.done():
+            self._arrived = asyncio.Event()  # of this loop (a batcher may outlive one, as in a test's asyncio.run)
             self._loop_task = loop.create_task(self._serve())
         futures = [loop.create_future() for _ in items]
         key = next(self._ids)
