@@ -50,9 +50,9 @@ def test_a_short_request_runs_between_the_pieces_of_a_long_document(replica, tin
     long, short = asyncio.run(main())
     assert finished == ["short", "long"]  # the short one did not wait out the long one's prefill
     assert len(calls) >= 5  # the long document's pieces, one per engine call
-    for docs, reply in ((long_doc, long), ("water boils at 100 C", short)):
-        ids = reference.prompt_ids(str(tiny_ckpt), QUERY, docs)
+    for doc, reply in ((long_doc, long), ("water boils at 100 C", short)):
+        ids = reference.prompt_ids(str(tiny_ckpt), QUERY, doc)
         [r] = reply.results
-        assert r.num_tokens == len(ids) > (500 if docs is long_doc else 0) and not r.truncated
+        assert r.num_tokens == len(ids) > (500 if doc is long_doc else 0) and not r.truncated
         assert abs(r.score - reference.path_a(str(tiny_ckpt), ids)["score"]) <= 1e-5
     assert replica._batcher.under_way == 0
