@@ -197,7 +197,7 @@ class Partial:
     @property
     def remaining(self) -> int:
         """Prompt tokens still to run."""
-        return len(self.pair.ids) - self.state.length
+        return self.pair.num_tokens - self.state.length
 
 
 def _pair(entry: EncodedPair | Partial) -> EncodedPair:
