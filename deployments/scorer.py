@@ -34,19 +34,8 @@ class _Item:
 
     prefix: list[int]
     pairs: list[EncodedPair | Partial]
-    budget: int  # the engine's tokens per forward: what one call runs of a longer pair
     enqueued: float = field(default_factory=time.monotonic)
     compute_ms: float = 0.0
-
-    @property
-    def tokens(self) -> int:
-        """What the next engine call computes for this item."""
-        return sum(min(p.remaining if isinstance(p, Partial) else p.num_tokens, self.budget) for p in self.pairs)
-
-    @property
-    def long(self) -> bool:
-        """Whether it holds a pair that runs in pieces."""
-        return any(not isinstance(p, Partial) and p.num_tokens > self.budget for p in self.pairs)
 
 
 @serve.deployment
@@ -56,10 +45,9 @@ class Scorer:
         tier: ScorerTierConfig = self.config.scorer
         self._compute = ComputeThread(tier.torch_threads, tier.wedged_after_s)
         self.engine = build_engine(self.config, "scorer")
-        budget = self.engine.token_budget
         self._batcher = FairBatcher(self._batched, tier.max_batch_tokens, tier.batch_wait_timeout_s,
-                                    lambda item: item.tokens, may_continue=lambda item: item.long,
-                                    max_continuing=max(1, tier.max_batch_tokens // budget))
+                                    self._next_tokens, may_continue=self._starts_pieces,
+                                    max_continuing=max(1, tier.max_batch_tokens // self.engine.token_budget))
 
     async def score(self, query: str, documents: list[str], max_doc_tokens: int | None = None) -> ScoreReply:
         """The engine's ScoreResult per document, in the documents' order, and the call's timing: tokenizing
@@ -91,20 +79,33 @@ class Scorer:
     def _split(self, prefix: list[int], pairs: list[EncodedPair]) -> list[_Item]:
         """Items of at most max_batch_tokens prompt tokens; a pair longer than the engine's budget is an
         item of its own (it runs in pieces)."""
-        budget, most = self.engine.token_budget, self.config.scorer.max_batch_tokens
+        most = self.config.scorer.max_batch_tokens
         items, mine, acc = [], [], 0
         for pair in pairs:
-            if mine and (acc + pair.num_tokens > most or pair.num_tokens > budget):
-                items.append(_Item(prefix, mine, budget))
+            if mine and (acc + pair.num_tokens > most or self._in_pieces(pair)):
+                items.append(_Item(prefix, mine))
                 mine, acc = [], 0
             mine.append(pair)
             acc += pair.num_tokens
-            if pair.num_tokens > budget:
-                items.append(_Item(prefix, mine, budget))
+            if self._in_pieces(pair):
+                items.append(_Item(prefix, mine))
                 mine, acc = [], 0
         if mine:
-            items.append(_Item(prefix, mine, budget))
+            items.append(_Item(prefix, mine))
         return items
+
+    def _in_pieces(self, pair: EncodedPair) -> bool:
+        """Whether a pair is longer than one forward of the engine, so it runs a piece per engine call."""
+        return pair.num_tokens > self.engine.token_budget
+
+    def _starts_pieces(self, item: _Item) -> bool:
+        """Whether computing the item may leave a pair part-way (the batcher bounds how many are)."""
+        return any(not isinstance(p, Partial) and self._in_pieces(p) for p in item.pairs)
+
+    def _next_tokens(self, item: _Item) -> int:
+        """Tokens the item's next engine call computes: a long pair's next piece, at most the budget."""
+        left = (p.remaining if isinstance(p, Partial) else p.num_tokens for p in item.pairs)
+        return sum(min(n, self.engine.token_budget) for n in left)
 
     def check_health(self) -> None:
         """Serve's periodic health check: fails when the engine is wedged (see deployments.threads)."""
@@ -127,7 +128,7 @@ class Scorer:
         for item, r in zip(items, results):
             spent = item.compute_ms + compute_ms
             if any(isinstance(x, Partial) for x in r):
-                out.append(Again(_Item(item.prefix, r, item.budget, item.enqueued, spent)))
+                out.append(Again(_Item(item.prefix, r, item.enqueued, spent)))
             else:
                 out.append((r, spent))
         return out
