@@ -90,6 +90,28 @@ def _print_cpu(cpu: list[dict[str, float]]) -> None:
             print(f"  {name:40s} {base:5.2f} -> {hostile:5.2f}")
 
 
+def _server_timing(header: str) -> dict[str, float]:
+    """`scorer;dur=12.5, router;dur=3.1` as {"scorer": 12.5, "router": 3.1}."""
+    out = {}
+    for part in header.split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        if dur:
+            out[name] = float(dur)
+    return out
+
+
+def _print_split(rows: list[tuple[float, dict[str, float]]]) -> None:
+    """Where a normal request's time went (p50 / p99 of each part, ms): the scorer's compute (its engine
+    call, which other requests' rows share), the router's own work, and the rest (the proxy, the hops,
+    the scorer's queue): tells a slower scorer from a busier path."""
+    if not rows:
+        return
+    parts = {"scorer compute": [t["scorer"] for _, t in rows], "router own": [t["router"] for _, t in rows],
+             "rest (proxy, hops, queue)": [ms - t["scorer"] - t["router"] for ms, t in rows]}
+    print("           " + ", ".join(f"{name} {statistics.median(v):.0f} / {percentile(v, 0.99):.0f}"
+                                    for name, v in parts.items()))
+
+
 def _normal_body(n: int) -> dict:
     import pydoc_data.topics
 
@@ -199,7 +221,7 @@ def main() -> int:
     serve.run(build_app(app_args), name="prism", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
 
-    normal: list[tuple[str, int, float]] = []  # (phase, status, seconds)
+    normal: list[tuple[str, int, float, dict[str, float]]] = []  # (phase, status, seconds, Server-Timing ms)
     hostile: list[tuple[str, int, float]] = []  # (kind, status, seconds)
     phase = ["baseline"]
     stop_normal, stop_hostile = threading.Event(), threading.Event()
@@ -209,11 +231,13 @@ def main() -> int:
         with httpx.Client(base_url=base, timeout=120) as client:
             while not stop_normal.is_set():
                 started, now = time.monotonic(), phase[0]
+                timing: dict[str, float] = {}
                 try:
-                    status = client.post("/v2/rerank", json=_normal_body(n)).status_code
+                    reply = client.post("/v2/rerank", json=_normal_body(n))
+                    status, timing = reply.status_code, _server_timing(reply.headers.get("server-timing", ""))
                 except httpx.HTTPError:
                     status = -1
-                normal.append((now, status, time.monotonic() - started))
+                normal.append((now, status, time.monotonic() - started, timing))
                 n += 1
 
     def hostile_client(k: int) -> None:
@@ -265,13 +289,14 @@ def main() -> int:
     for name in ("baseline", "hostile"):
         rows = [r for r in normal if r[0] == name]
         statuses: dict[int, int] = {}
-        for _, status, _ in rows:
+        for _, status, _, _ in rows:
             statuses[status] = statuses.get(status, 0) + 1
-        seconds = [s for _, st, s in rows if st == 200]
+        seconds = [s for _, st, s, _ in rows if st == 200]
         p99[name] = percentile(seconds, 0.99)
         print(f"  {name:8s} {len(rows):5d} requests, statuses {dict(sorted(statuses.items()))}, "
               f"p50 {1000 * statistics.median(seconds) if seconds else float('nan'):7.0f} ms, "
               f"p99 {1000 * p99[name]:7.0f} ms")
+        _print_split([(1000 * s, t) for _, st, s, t in rows if st == 200 and "scorer" in t and "router" in t])
         if set(statuses) - {200}:
             failures.append(f"normal requests not 200 in the {name} phase: {statuses}")
     ratio = p99["hostile"] / p99["baseline"]
@@ -304,6 +329,8 @@ def main() -> int:
               f"peak {peak.get(name, 0) / 1024:.0f}")
         if growth > MAX_GROWTH_MIB:
             failures.append(f"{name} grew {growth:.0f} MiB")
+    for name in sorted(set(at_end) - set(at_start)):  # a replica the autoscaler added: it shares the cores
+        print(f"  {name:40s}   (new) -> {at_end[name][1] / 1024:7.0f}")
     print("\n" + ("PASS" if not failures else "FAIL: " + "; ".join(failures)))
     return 0 if not failures else 1
 

@@ -5,9 +5,12 @@ a one-document request that arrives a moment later waits behind all of them. `Fa
 per request and fills each batch from the request that has been served the fewest tokens so far, then
 the next (least attained service: a small request, served little, is in the next batch and usually whole
 in it, whatever a large one queued before it; the large one runs on what the small ones leave). A request
-passed over for `max_passed_over` batches in a row is overdue, and overdue requests go first, the longest
-passed over first: none starves, and under a backlog the order falls back to the longest waiting. Items
-of a request whose caller left (deadline, disconnect) are dropped before they are computed.
+passed over for `max_passed_over` batches in a row is overdue, and one batch in every `max_passed_over + 1`
+is an overdue turn: the longest passed over goes first in it. None starves (each overdue request gets a
+turn, the longest waiting first), and however many large requests wait, together they lead at most one
+batch in `max_passed_over + 1` while small ones are waiting: a turn per request instead would let three
+overdue large requests lead three batches in a row, then again. Items of a request whose caller left
+(deadline, disconnect) are dropped before they are computed.
 
 An item too long for one batch (a document of `max_length` tokens) is computed a piece per batch: the
 runner answers `Again(rest)` for it, and the rest goes back to the front of its request's queue, so other
@@ -25,7 +28,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-MAX_PASSED_OVER = 8  # batches a waiting request may be passed over in a row before it goes first
+MAX_PASSED_OVER = 8  # batches a waiting request may be passed over in a row before it is overdue (the scorer
+# takes `scorer.max_passed_over` from its config)
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,7 @@ class FairBatcher:
         self._may_continue, self.max_continuing, self.max_passed_over = may_continue, max_continuing, max_passed_over
         self._waiting: dict[int, _Request] = {}  # requests with entries to compute, by key
         self._under_way = 0  # items that answered Again and have not finished
+        self._since_turn = 0  # batches since one was led by an overdue request
         self._ids = itertools.count()
         self._arrived = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
@@ -102,7 +107,8 @@ class FairBatcher:
                 req.entries = deque(e for e in req.entries if not e.future.done())
             if not req.entries:
                 del self._waiting[req.key]
-        order = sorted(self._waiting.values(), key=self._priority)
+        turn = self._since_turn >= self.max_passed_over  # this batch may be an overdue turn
+        order = sorted(self._waiting.values(), key=lambda req: self._priority(req, turn))
         batch, tokens, starting = [], 0, 0
         for req in order:
             while req.entries:
@@ -121,6 +127,8 @@ class FairBatcher:
                 req.served += cost
             if batch and tokens >= self.max_tokens:
                 break
+        led_by_overdue = turn and bool(batch) and batch[0][0].passed >= self.max_passed_over
+        self._since_turn = 0 if led_by_overdue else self._since_turn + 1
         taken = {req.key for req, _ in batch}
         for req in list(self._waiting.values()):
             req.passed = 0 if req.key in taken else req.passed + 1
@@ -128,9 +136,10 @@ class FairBatcher:
                 del self._waiting[req.key]
         return batch
 
-    def _priority(self, req: _Request) -> tuple:
-        """Overdue requests first, the longest passed over first; then the least served; then the oldest."""
-        overdue = req.passed >= self.max_passed_over
+    def _priority(self, req: _Request, turn: bool) -> tuple:
+        """In an overdue turn, overdue requests first, the longest passed over first; then the least served;
+        then the oldest."""
+        overdue = turn and req.passed >= self.max_passed_over
         return (not overdue, -req.passed if overdue else req.served, req.key)
 
     def _starts(self, entry: _Entry) -> bool:

@@ -47,7 +47,8 @@ class Scorer:
         self.engine = build_engine(self.config, "scorer")
         self._batcher = FairBatcher(self._batched, tier.max_batch_tokens, tier.batch_wait_timeout_s,
                                     self._next_tokens, may_continue=self._starts_pieces,
-                                    max_continuing=max(1, tier.max_batch_tokens // self.engine.token_budget))
+                                    max_continuing=max(1, tier.max_batch_tokens // self.engine.token_budget),
+                                    max_passed_over=tier.max_passed_over)
 
     async def score(self, query: str, documents: list[str], max_doc_tokens: int | None = None) -> ScoreReply:
         """The engine's ScoreResult per document, in the documents' order, and the call's timing: tokenizing

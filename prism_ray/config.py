@@ -103,6 +103,11 @@ class ScorerTierConfig(TierConfig):
                                        "5 ms more latency per request at one client)")
     engine_token_budget: int | None = Field(
         default=None, gt=0, description="prompt tokens per forward pass (packed rows); unset: 1024 on CPU, 16384 on CUDA")
+    max_passed_over: int = Field(
+        default=8, ge=1, description="batches a waiting request may be passed over (others were served less) before "
+                                     "it is overdue; one batch in every max_passed_over + 1 goes to an overdue "
+                                     "request first, so large requests together get at least that share while "
+                                     "small ones keep the rest (deployments/fair_batch.py)")
 
 
 class EvidenceTierConfig(TierConfig):

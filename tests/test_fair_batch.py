@@ -80,6 +80,33 @@ def test_the_least_served_request_goes_first_and_none_is_passed_over_too_long():
     assert owners[start:] == "sssL" + "s" * 9 + "LLL", owners
 
 
+def test_overdue_large_requests_together_lead_one_batch_in_max_passed_over_plus_one():
+    """Three large requests wait beside two clients that send small requests back to back. Once all three
+    are overdue they do not lead batches in a row (a turn per request would give them three of every four):
+    while small ones wait, at most one batch in max_passed_over + 1 (4) is a large one's, and every large
+    request still finishes."""
+    async def main():
+        runner = Recorder(delay_s=0.002)
+        b = FairBatcher(runner, 100, 0.0, tokens_of=lambda item: item % 1000, max_passed_over=3)
+        larges = [asyncio.ensure_future(b.submit([1000 + 100] * 5)) for _ in range(3)]  # a batch per item
+
+        async def small_client():
+            for _ in range(15):
+                assert await b.submit([100]) == [1000]
+
+        await asyncio.gather(small_client(), small_client())
+        done = [await f for f in larges]
+        return done, "".join("L" if batch == [1100] else "s" for batch in runner.batches)
+
+    larges, owners = asyncio.run(main())
+    assert larges == [[11000] * 5] * 3
+    while_smalls_wait = owners[:owners.rindex("s") + 1]
+    assert "LL" not in while_smalls_wait[3:], owners  # the first batches start the three requests
+    windows = [while_smalls_wait[i:i + 4] for i in range(3, len(while_smalls_wait) - 3)]
+    assert max(w.count("L") for w in windows) == 1, owners
+    assert owners.count("L") == 15 and owners.count("s") == 30
+
+
 def test_a_caller_that_left_has_its_items_dropped():
     async def main():
         runner = Recorder(delay_s=0.02)

@@ -21,7 +21,7 @@ def replica(tiny_ckpt):
     model = ModelConfig.model_validate({
         "name": "prism-tiny", "model": str(tiny_ckpt), "dtype": "float32", "max_length": 1024,
         "scorer": {"engine_token_budget": 128, "max_batch_tokens": 256, "batch_wait_timeout_s": 0,
-                   "torch_threads": 1}})
+                   "torch_threads": 1, "max_passed_over": 5}})
     return Scorer.func_or_class(model.model_dump(mode="json"))  # the Serve replica's own constructor
 
 
@@ -56,3 +56,4 @@ def test_a_short_request_runs_between_the_pieces_of_a_long_document(replica, tin
         assert r.num_tokens == len(ids) > (500 if doc is long_doc else 0) and not r.truncated
         assert abs(r.score - reference.path_a(str(tiny_ckpt), ids)["score"]) <= 1e-5
     assert replica._batcher.under_way == 0
+    assert replica._batcher.max_passed_over == 5  # the tier's config reaches its batcher
