@@ -102,15 +102,30 @@ def chunk_documents(prompts, query: str, documents: list[str], max_chunks_per_do
                                      max_doc_tokens))
 
 
+def chunk_size(prompts, query: str, chunk_tokens: int | None = None, max_doc_tokens: int | None = None) -> int:
+    """Tokens a chunk holds at most for this query: `chunk_tokens`, capped at (and by default) the room a
+    document has under `max_length` with the query's prompt (and `max_doc_tokens`)."""
+    room = prompts.document_room(prompts.prefix(query), max_doc_tokens)
+    return min(chunk_tokens or room, room)
+
+
 def iter_chunk_documents(prompts, query: str, documents: list[str], max_chunks_per_doc: int,
                          chunk_tokens: int | None = None, overlap_tokens: int | None = None,
-                         max_doc_tokens: int | None = None) -> Iterator[ChunkedDocument]:
-    """`chunk_documents`, one document at a time: a caller with a limit on all chunks stops reading there."""
-    room = prompts.document_room(prompts.prefix(query), max_doc_tokens)
-    size = min(chunk_tokens or room, room)
+                         max_doc_tokens: int | None = None,
+                         max_chunks_in_all: int | None = None) -> Iterator[ChunkedDocument]:
+    """`chunk_documents`, one document at a time: a caller with a limit on all chunks stops reading there.
+    With `max_chunks_in_all`, a document is read only as far as one chunk past what the limit leaves, so
+    the document that passes it comes back with more chunks than are left (the caller refuses it) without
+    the rest of its text being read; documents within the limit are chunked exactly as without it."""
+    size = chunk_size(prompts, query, chunk_tokens, max_doc_tokens)
     overlap = DEFAULT_OVERLAP_TOKENS if overlap_tokens is None else overlap_tokens
+    left = max_chunks_in_all
     for doc in documents:
-        yield _split_read_as_needed(prompts, doc, size, overlap, max_chunks_per_doc)
+        most = max_chunks_per_doc if left is None else min(max_chunks_per_doc, left + 1)
+        out = _split_read_as_needed(prompts, doc, size, overlap, most)
+        if left is not None:
+            left -= len(out.chunks)
+        yield out
 
 
 def _split_read_as_needed(prompts, doc: str, size: int, overlap: int, max_chunks: int) -> ChunkedDocument:

@@ -215,6 +215,10 @@ class LimitsConfig(_Strict):
     max_chunks_per_doc: int = Field(default=64, ge=1, description="chunking.max_chunks_per_doc (422 past it)")
     max_chunks_per_request: int = Field(default=4096, ge=1, description="chunks of all documents of one request "
                                                                         "(413 past it)")
+    max_chunk_tokens_per_request: int = Field(
+        default=1024 * 1024, ge=1, description="tokens the chunks of one request may hold, counted as chunks x their "
+                                               "size (chunk_tokens, or the room), the scoring work a request asks "
+                                               "(413 past it; reading stops there)")
     request_timeout_s: float = Field(
         default=60, gt=0, description="deadline of one request, retries included: past it a 504 (type timeout), "
                                       "and its scorer and evidence calls are cancelled; a stream ends its "

@@ -86,6 +86,9 @@ LIMITS: dict[str, Limit] = {limit.key or limit.name: limit for limit in (
     # Counted while the documents are cut, and refused before the rest are read: no total to report.
     Limit("max_chunks_per_request", ErrorKind.TOO_LARGE,
           "{param}: the documents make more chunks than the limit of {limit} ({name})"),
+    Limit("max_chunk_tokens_per_request", ErrorKind.TOO_LARGE,
+          "{param}: the documents make {value}; the limit is {limit} tokens of chunks ({name}): ask for fewer "
+          "or smaller chunks"),
     # The body's limits: checked by the router as the body arrives, stated in each operation's
     # requestBody description (`openapi.body_rules`), since JSON Schema has no keyword for them.
     Limit("max_body_bytes", ErrorKind.TOO_LARGE, "{param} is {value} bytes; the limit is {limit} ({name})"),

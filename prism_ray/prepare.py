@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from prism_ray.api import RerankJob, ScoreJob
-from prism_ray.chunking import ChunkedDocument, iter_chunk_documents
+from prism_ray.chunking import ChunkedDocument, chunk_size, iter_chunk_documents
 from prism_ray.config import AppConfig, ModelConfig
 from prism_ray.errors import ErrorKind, PrismError
 from prism_ray.limits import LIMITS, check
@@ -98,12 +98,20 @@ class Preparer:
         """The job's documents cut into chunks (with the model's tokenizer), within the chunk limits."""
         opts = job.chunking
         check(self.limits, "max_chunks_per_doc", opts.max_chunks_per_doc, "chunking.max_chunks_per_doc")
+        prompts, lim = self.prompts[model.name], self.limits
+        # Each chunk holds at most `size` tokens, so the token budget allows this many chunks in all.
+        size = chunk_size(prompts, job.query, opts.chunk_tokens, job.max_tokens_per_doc)
+        by_tokens = lim.max_chunk_tokens_per_request // size
+        most = min(lim.max_chunks_per_request, by_tokens)
         out, total = [], 0
-        for chunked in iter_chunk_documents(self.prompts[model.name], job.query, job.documents,
-                                            opts.max_chunks_per_doc, opts.chunk_tokens, opts.overlap_tokens,
-                                            job.max_tokens_per_doc):
+        for chunked in iter_chunk_documents(prompts, job.query, job.documents, opts.max_chunks_per_doc,
+                                            opts.chunk_tokens, opts.overlap_tokens, job.max_tokens_per_doc,
+                                            max_chunks_in_all=most):
             total += len(chunked.chunks)
-            if total > self.limits.max_chunks_per_request:  # refused here: the remaining documents are never read
-                raise LIMITS["max_chunks_per_request"].refusal(self.limits.max_chunks_per_request, "chunking")
+            if total > most:  # refused here: the rest of this document and the remaining ones are never read
+                if total > lim.max_chunks_per_request:
+                    raise LIMITS["max_chunks_per_request"].refusal(lim.max_chunks_per_request, "chunking")
+                raise LIMITS["max_chunk_tokens_per_request"].refusal(
+                    lim.max_chunk_tokens_per_request, "chunking", f"more than {by_tokens} chunks of up to {size} tokens")
             out.append(chunked)
         return out

@@ -148,6 +148,39 @@ def test_chunk_limits_name_the_field(tiny_ckpt, engines):
     assert err.value.kind == ErrorKind.TOO_LARGE and "max_chunks_per_request" in err.value.message
 
 
+def test_the_chunk_token_budget_refuses_past_it_without_reading_on(tiny_ckpt, engines):
+    """max_chunk_tokens_per_request counts chunks x their size: a request whose chunks hold exactly the
+    budget is chunked as without it; a budget that leaves a long document 4 of its 16 chunks is a 413
+    naming the field, and that document is read only about 5 chunks far, not 16."""
+    big = (LONG + " ") * 30  # ~45,000 words: far more than 16 chunks of 60 tokens
+    within = _job([LONG[:1200], LONG[1200:2400], big], chunking=ChunkingOptions(max_chunks_per_doc=16, chunk_tokens=60))
+
+    def prepared(budget=None):
+        """The chunks (or the error) and the longest text tokenized on the way."""
+        svc = _service(tiny_ckpt, engines[str(tiny_ckpt)],
+                       **({} if budget is None else {"max_chunk_tokens_per_request": budget}))
+        prompts, seen = svc.preparer.prompts["m"], [0]
+        real = prompts._text.encode_batch
+        prompts._text.encode_batch = lambda texts, **kw: (seen.extend(len(t) for t in texts), real(texts, **kw))[1]
+        try:
+            return svc.prepare(within).chunked, max(seen)
+        except PrismError as exc:
+            return exc, max(seen)
+        finally:
+            prompts._text.encode_batch = real
+
+    unlimited, read_whole = prepared()
+    small = len(unlimited[0].chunks) + len(unlimited[1].chunks)
+    assert len(unlimited[2].chunks) == 16
+    count = small + 16
+    assert prepared(60 * count)[0] == unlimited
+    err, read = prepared(60 * (small + 4))
+    assert isinstance(err, PrismError) and err.kind == ErrorKind.TOO_LARGE and err.param == "chunking"
+    assert "max_chunk_tokens_per_request" in err.message and f"{60 * (small + 4)} tokens" in err.message
+    assert f"more than {small + 4} chunks of up to 60 tokens" in err.message
+    assert read < 0.6 * read_whole, (read, read_whole)  # about 5 of the 16 chunks' text
+
+
 def test_chunks_of_a_long_document_read_only_what_they_reach(prompts):
     """The chunker reads a cut of a long document, and its chunks equal the whole text's (split over the
     whole tokenization), for prose, CJK, one enormous word at the start, and text past max_chunks."""
