@@ -1,19 +1,23 @@
-"""The GPU check (v2), in one go and without Ray: fp32 parity with path A on the device, then bf16 figures.
+"""The GPU check (v3), in one go and without Ray: fp32 parity with path A on the device, then bf16 figures.
 
     bash benchmarks/device_check.sh          # on a CUDA machine (the 0.8b preset); at most 8 minutes on an H200
     bash benchmarks/device_check.sh --cpu    # the same steps on the tiny preset and small sizes: a dry run
 
-Sections, each in its own try (one that fails prints why and the others still run), figures gathered into
-one table at the end:
-- parity: fp32 scores against path A one prompt per forward (exits 1 if it fails);
-- scoring: ScoreEngine and path A batched (a plain forward over right-padded whole prompts) on 1 query x 20
-  documents and 16 x 20 packed in one call: prompt tokens/s, first call and warm;
+Sections, each in its own try (one that fails prints why and the others still run), in order of what matters
+most if the run is cut short, figures gathered into one table at the end:
+- parity: fp32 scores against path A one prompt per forward, with the device's default kernels (exits 1 if
+  it fails) and with every other kernel choice (reported);
+- kernels: every kernel choice (`engine.kernels.CHOICES`) on the same bf16 weights at 1 x 20 and 16 x 20,
+  warm, side by side (`bench_kernels.compare`): prompt tokens/s and score differences;
+- scoring: ScoreEngine (the fastest choice of the kernels section) and path A batched (a plain forward over
+  right-padded whole prompts) on 1 x 20 and 16 x 20: prompt tokens/s, first call and warm;
+- evidence: generated tokens/s with 32 and 64 sequences decoding concurrently, eager and replayed from CUDA
+  graphs, and whether the two wrote the same text;
 - profile: one warm call of each: GPU busy time against wall time, host syncs, computed tokens (the engine's
   packed rows and prefixes; path A's padded batches), microseconds of GPU time per computed token next to the
   GEMM floor (the layers' projection FLOPs per token at the rate a plain bf16 matmul reaches on this device),
   and the kernel-time split (GEMM / linear attention / conv / attention / copies / elementwise / other);
-- new shape: the first and second call of a workload of a shape not seen before (compile and autotune cost);
-- evidence: generated tokens/s with 32 and 64 sequences decoding concurrently.
+- new shape: the first and second call of a workload of a shape not seen before (compile and autotune cost).
 """
 
 from __future__ import annotations
@@ -30,9 +34,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_kernels import choices_here, compare, workload  # noqa: E402  (benchmarks/, the script's folder)
+
 from prism_ray.checkpoints import build_checkpoint  # noqa: E402
 from prism_ray.engine import EvidenceEngine, ScoreEngine, load_model  # noqa: E402
 from prism_ray.engine.batching import budget_batches  # noqa: E402
+from prism_ray.engine.loading import with_kernels  # noqa: E402
 from prism_ray.engine.score import sigmoid  # noqa: E402
 
 GPU_SIZES = {"one": (1, 20), "packed": (16, 20), "new shape": (3, 13), "evidence": ((32, 64), 128)}
@@ -45,18 +52,6 @@ KERNEL_KINDS = (  # first match wins, on the lower-cased kernel (or op) name
     ("copies", ("copy", "memcpy", "memset", "cat", "index", "gather", "scatter", "fill")),
     ("elementwise", ("elementwise", "vectorized", "reduce", "mul", "add", "silu", "sigmoid", "exp", "rsqrt", "pow", "mean")),
 )
-
-
-def texts(n: int, lo: int, hi: int, offset: int = 0) -> list[str]:
-    import pydoc_data.topics
-
-    topics = [t.split() for t in pydoc_data.topics.topics.values() if len(t.split()) >= hi]
-    return [" ".join(topics[(offset + i * 7) % len(topics)][: lo + (i * 37) % (hi - lo + 1)]) for i in range(n)]
-
-
-def workload(queries: int, docs: int) -> list[tuple[str, list[str]]]:
-    return [(" ".join(texts(1, 6, 24, offset=q)[0].split()[: 6 + q % 18]), texts(docs, 40, 160, offset=q * 3))
-            for q in range(queries)]
 
 
 def sync(device: torch.device) -> None:
@@ -94,11 +89,12 @@ def path_a_batched(loaded, groups, token_budget: int) -> list[float]:
 def parity(ckpt: Path, device: str) -> bool:
     """fp32 parity with path A run one prompt per forward (the card's reference exactly).
 
-    Two figures: the engine one row per forward (the algorithm: must be within 1e-5), and the engine at its
-    own token budget (rows packed into one forward). The second is held to 1e-5 or to path A's own
-    spread between one prompt per forward and right-padded batches, whichever is larger: the reference
-    kernels (the chunked Gated DeltaNet above all) reduce in a different order when the batch width changes,
-    and no engine can be closer to path A than path A is to itself.
+    With the device's default kernels, two figures: the engine one row per forward (the algorithm: must be
+    within 1e-5), and the engine at its own token budget (rows packed into one forward). The second is held
+    to 1e-5 or to path A's own spread between one prompt per forward and right-padded batches, whichever is
+    larger: the reference kernels (the chunked Gated DeltaNet above all) reduce in a different order when the
+    batch width changes, and no engine can be closer to path A than path A is to itself. Every other kernel
+    choice is then measured at its token budget and reported (Triton's float32 dots may round as tf32).
     """
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -111,9 +107,23 @@ def parity(ckpt: Path, device: str) -> bool:
         ours = [r.score for g in ScoreEngine(loaded, token_budget=budget).score(groups) for r in g]
         diff = max(abs(a - b) for a, b in zip(ours, ref))
         ok &= diff <= limit
-        print(f"fp32 parity with path A on {device}, engine {label}: max |score diff| = {diff:.2e} over {len(ours)} pairs "
+        print(f"fp32 parity with path A on {device}, default kernels ({_names(loaded.kernels)}), engine {label}: "
+              f"max |score diff| = {diff:.2e} over {len(ours)} pairs "
               f"({'ok' if diff <= limit else 'FAILED'}: limit {limit:.2e}; path A batched vs one by one: {floor:.2e})", flush=True)
+    record("parity", f"fp32 vs path A, default kernels ({_names(loaded.kernels)})", "ok" if ok else "FAILED")
+    for choice in choices_here(loaded.device):
+        try:
+            other = with_kernels(loaded, choice)
+            ours = [r.score for g in ScoreEngine(other).score(groups) for r in g]
+            record("parity", f"fp32 vs path A, {_names(choice)}", f"max |score diff| {max(abs(a - b) for a, b in zip(ours, ref)):.2e} "
+                   f"(path A batched vs one by one {floor:.2e})")
+        except Exception as exc:  # noqa: BLE001 - reported, the next choice still runs
+            record("parity", f"fp32 vs path A, {_names(choice)}", f"FAILED: {type(exc).__name__}: {exc}".splitlines()[0][:160])
     return ok
+
+
+def _names(choice: dict[str, str]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in choice.items() if k in ("attention", "gated_delta_rule"))
 
 
 TABLE: list[tuple[str, str, str]] = []  # (section, what, figure)
@@ -266,16 +276,43 @@ def new_shape(loaded, engine: ScoreEngine, sizes: dict) -> None:
     record("new shape", f"{queries} x {docs} first call vs second", f"{first:.3f} s vs {second:.3f} s (+{first - second:.3f} s)")
 
 
+def kernels(loaded, sizes: dict, token_budget: int | None) -> dict[str, str]:
+    """Every kernel choice at 1 x 20 and 16 x 20, warm; returns the fastest at 16 x 20 (the others' runs)."""
+    fastest: dict[str, str] = {}
+    for case in ("one", "packed"):
+        queries, docs = sizes[case]
+        rows = compare(loaded, workload(queries, docs), choices_here(loaded.device), repeats=3, token_budget=token_budget)
+        for row in rows:
+            if "error" in row:
+                record("kernels", f"{queries} x {docs} {row['choice']}", f"FAILED: {row['error']}")
+            else:
+                record("kernels", f"{queries} x {docs} {row['choice']}", f"{row['tokens_per_s']:,.0f} prompt tokens/s "
+                       f"({row['seconds'] * 1e3:.1f} ms; max |score diff| vs first {row['max_diff']:.2e})")
+        ran = [r for r in rows if "error" not in r]
+        if ran:
+            best = max(ran, key=lambda r: r["tokens_per_s"])["choice"]
+            fastest = dict(part.split("=") for part in best.split(", "))
+    return fastest
+
+
 def evidence(loaded, sizes: dict) -> None:
     concurrency, new = sizes["evidence"]
+    graphs = [False, True] if loaded.device.type == "cuda" else [False]
     for pairs in concurrency:
-        ev = EvidenceEngine(loaded, max_batch_size=pairs)
         work = [(q, d) for q, docs in workload(pairs, 1) for d in docs]
-        for run in ("first call", "warm"):
-            out, t = timed(lambda ev=ev, work=work: ev.generate(work, max_new_tokens=new), loaded.device)
-            generated = sum(r.generated_tokens for r in out)
-            record("evidence", f"{pairs} concurrent x {new} new tokens ({run})",
-                   f"{generated / t:,.0f} generated tokens/s ({generated} in {t:.2f} s)")
+        texts = {}
+        for graphed in graphs:
+            ev = EvidenceEngine(loaded, max_batch_size=pairs, cuda_graphs=graphed)
+            how = "CUDA graphs" if graphed else "eager"
+            for run in ("first call", "warm"):
+                out, t = timed(lambda ev=ev, work=work: ev.generate(work, max_new_tokens=new), loaded.device)
+                generated = sum(r.generated_tokens for r in out)
+                record("evidence", f"{pairs} concurrent x {new} new tokens, {how} ({run})",
+                       f"{generated / t:,.0f} generated tokens/s ({generated} in {t:.2f} s)")
+            texts[how] = [r.text for r in out]
+        if len(texts) == 2:
+            same = sum(a == b for a, b in zip(texts["eager"], texts["CUDA graphs"]))
+            record("evidence", f"{pairs} concurrent: graph replay text == eager text", f"{same}/{len(work)}")
 
 
 def main() -> int:
@@ -283,7 +320,7 @@ def main() -> int:
     ap.add_argument("--cpu", action="store_true", help="dry run: tiny preset, small sizes, on the CPU")
     ap.add_argument("--token-budget", type=int, default=None)
     ap.add_argument("--out", default="checkpoints")
-    ap.add_argument("--skip", default="", help="sections to skip, comma-separated: parity,scoring,profile,new shape,evidence")
+    ap.add_argument("--skip", default="", help="sections to skip, comma-separated: parity,kernels,scoring,evidence,profile,new shape")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     device = "cpu" if args.cpu else "cuda"
@@ -295,19 +332,25 @@ def main() -> int:
     if not (ckpt / "config.json").is_file():
         build_checkpoint(preset, ckpt)
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    print(f"device check v2: {name}, preset {preset}, torch {torch.__version__}", flush=True)
+    print(f"device check v3: {name}, preset {preset}, torch {torch.__version__}", flush=True)
     ok = True
     if "parity" not in skip:
         with section("parity"):
             ok = parity(ckpt, device)
-            record("parity", "fp32 against path A", "ok" if ok else "FAILED")
     sizes = CPU_SIZES if args.cpu else GPU_SIZES
     bf16 = load_model(ckpt, dtype="bfloat16", device=device)
+    record("setup", "bf16 default kernels", ", ".join(f"{k}={v}" for k, v in bf16.kernels.items()))
+    fastest: dict[str, str] = {}
+    if "kernels" not in skip:
+        with section("kernels"):
+            fastest = kernels(bf16, sizes, args.token_budget)
+    if fastest:
+        bf16 = with_kernels(bf16, fastest)
     engine = ScoreEngine(bf16, token_budget=args.token_budget)
-    record("setup", "bf16 kernels", ", ".join(f"{k}={v}" for k, v in bf16.kernels.items()))
+    record("setup", "kernels of the sections below", ", ".join(f"{k}={v}" for k, v in bf16.kernels.items()))
     record("setup", "ScoreEngine.warm_up()", f"{engine.warm_up():.2f} s (token budget {engine.token_budget})")
-    steps = {"scoring": lambda: scoring(bf16, engine, sizes), "profile": lambda: profile_calls(bf16, engine, sizes),
-             "new shape": lambda: new_shape(bf16, engine, sizes), "evidence": lambda: evidence(bf16, sizes)}
+    steps = {"scoring": lambda: scoring(bf16, engine, sizes), "evidence": lambda: evidence(bf16, sizes),
+             "profile": lambda: profile_calls(bf16, engine, sizes), "new shape": lambda: new_shape(bf16, engine, sizes)}
     for name, step in steps.items():
         if name not in skip:
             with section(name):

@@ -128,6 +128,8 @@ class EvidenceTierConfig(TierConfig):
 
     max_active_pairs: int = Field(default=16, gt=0, description="pairs decoding at once (slots per replica)")
     max_queued_pairs: int = Field(default=64, ge=0, description="pairs waiting for a slot per replica; past it, 503")
+    cuda_graphs: bool = Field(default=False, description="replay each decode step from a CUDA graph (one per batch-size "
+                                                         "bucket; CUDA only)")
     _renamed = {
         "max_batch_pairs": "max_batch_pairs is gone: the evidence tier schedules per decode step; use "
                            "max_active_pairs (pairs decoding at once, default 16) and max_queued_pairs (pairs "
@@ -159,8 +161,25 @@ class ModelConfig(_Strict):
     dtype: str = Field(default="auto", description='"auto", "float32" or "bfloat16"')
     device: str | None = Field(default=None, description='"cpu", "cuda", "cuda:1"; unset: CUDA when present')
     max_length: int = Field(default=DEFAULT_MAX_LENGTH, ge=64, description="tokens of a whole prompt")
+    kernels: dict[str, str] = Field(default_factory=dict, description='per-op kernel overrides of the device defaults, '
+                                    'e.g. {"attention": "padded", "gated_delta_rule": "fla"} (prism_ray.engine.kernels)')
     scorer: ScorerTierConfig = Field(default_factory=ScorerTierConfig)
     evidence: EvidenceTierConfig | None = Field(default_factory=EvidenceTierConfig)
+
+    @field_validator("kernels")
+    @classmethod
+    def _known_kernels(cls, v):
+        if v:
+            from prism_ray.engine.kernels import validate  # torch, only where a config names kernels
+
+            return validate(v)
+        return v
+
+    @model_validator(mode="after")
+    def _graphs_need_cuda(self):
+        if self.evidence is not None and self.evidence.cuda_graphs and (self.device or "").startswith("cpu"):
+            raise ValueError("evidence.cuda_graphs needs a CUDA device, and device is 'cpu'")
+        return self
 
     @field_validator("build_preset")
     @classmethod

@@ -55,6 +55,8 @@ class EngineSettings:
     torch_threads: int | None
     token_budget: int | None = None  # scorer: prompt tokens per forward, packed (None: the device default)
     max_active_pairs: int | None = None  # evidence: pairs decoding at once (slots)
+    kernels: tuple[tuple[str, str], ...] = ()  # (op, kernel) overrides of the device's defaults
+    cuda_graphs: bool = False  # evidence: decode steps replayed from CUDA graphs
 
 
 def tier_config(model: ModelConfig, tier: Tier) -> TierConfig:
@@ -71,6 +73,8 @@ def engine_settings(model: ModelConfig, tier: Tier) -> EngineSettings:
         torch_threads=cfg.torch_threads,
         token_budget=model.scorer.engine_token_budget if tier == "scorer" else None,
         max_active_pairs=model.evidence.max_active_pairs if tier == "evidence" else None,
+        kernels=tuple(sorted(model.kernels.items())),
+        cuda_graphs=bool(model.evidence.cuda_graphs) if tier == "evidence" else False,
     )
 
 
@@ -88,9 +92,9 @@ def build_engine(model: ModelConfig, tier: Tier):
     s = engine_settings(model, tier)
     if s.torch_threads:
         torch.set_num_threads(s.torch_threads)
-    loaded = load_model(s.checkpoint, dtype=s.dtype, device=s.device, max_length=s.max_length)
+    loaded = load_model(s.checkpoint, dtype=s.dtype, device=s.device, max_length=s.max_length, kernels=dict(s.kernels))
     engine = (ScoreEngine(loaded, token_budget=s.token_budget) if tier == "scorer"
-              else EvidenceEngine(loaded, max_batch_size=s.max_active_pairs))
+              else EvidenceEngine(loaded, max_batch_size=s.max_active_pairs, cuda_graphs=s.cuda_graphs))
     engine.settings = s
     engine.warm_up_s = engine.warm_up()
     log.info("%s engine for %s warmed up in %.2f s", tier, s.checkpoint, engine.warm_up_s)

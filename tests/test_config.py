@@ -46,6 +46,17 @@ def test_errors_name_the_field():
         AppConfig.model_validate({"models": [_model(build_preset="huge")]})
 
 
+def test_kernel_choices_and_cuda_graphs_are_checked_where_the_config_is_read():
+    ok = AppConfig.model_validate({"models": [_model(kernels={"attention": "padded"}, evidence={"cuda_graphs": True})]})
+    assert ok.models[0].kernels == {"attention": "padded"} and ok.models[0].evidence.cuda_graphs
+    with pytest.raises(ValidationError) as err:
+        AppConfig.model_validate({"models": [_model(kernels={"attention": "flash"})]})
+    assert err.value.errors()[0]["loc"] == ("models", 0, "kernels")
+    assert "kernels.attention must be one of ['rows', 'padded'], not 'flash'" in str(err.value)
+    with pytest.raises(ValidationError, match="evidence.cuda_graphs needs a CUDA device"):
+        AppConfig.model_validate({"models": [_model(device="cpu", evidence={"cuda_graphs": True})]})
+
+
 def test_find_model_by_name_hub_id_size_and_default():
     cfg = AppConfig.model_validate({"models": [
         _model("small", size="0.8B"), {"name": "big", "model": "infgrad/Prism-Qwen3.5-Reranker-9B"}]})

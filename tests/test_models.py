@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from prism_ray.engine import EvidenceEngine, load_model
+from prism_ray.engine.graphs import GraphedDecode, bucket
+from prism_ray.engine.loading import with_kernels
 from prism_ray.engine.models import Rows, SlotPool
 
 CPU = torch.device("cpu")
@@ -46,6 +48,35 @@ def test_packed_rows_from_a_context_equal_whole_sequences(loaded_models, any_ckp
 
 
 @torch.inference_mode()
+@pytest.mark.parametrize("attention", ["rows", "padded"])
+def test_each_prefill_kernel_packs_rows_of_several_contexts_as_whole_sequences(loaded_models, any_ckpt, attention):
+    """Rows of two contexts of different lengths and rows of none, interleaved in one forward (with and
+    without the last-token-only final layer): every row's last hidden state equals transformers' forward over
+    its whole sequence, whichever prefill attention kernel runs."""
+    loaded = with_kernels(loaded_models[str(any_ckpt)], {"attention": attention})
+    assert loaded.kernels["attention"] == attention
+    net, ids = loaded.net, _ids(400, seed=3)
+    _, (short, long) = net.forward_rows(torch.cat([ids[:64], ids[:192]]), Rows([64, 192], [None, None], CPU), keep_states=True)
+    spans = [(192, 260, long), (64, 65, short), (0, 50, None), (192, 193, long), (64, 200, short), (0, 3, None)]
+    packed = torch.cat([ids[lo:hi] for lo, hi, _ in spans])
+    rows = Rows([hi - lo for lo, hi, _ in spans], [c for _, _, c in spans], CPU)
+    for last_only in (True, False):
+        hidden, _ = net.forward_rows(packed, rows, last_only=last_only)
+        for row, (_, end, _) in zip(hidden, spans):
+            torch.testing.assert_close(row, _hf_last_hidden(loaded, ids[:end]), atol=1e-4, rtol=1e-4)
+
+
+def test_kernel_overrides_are_checked_by_name(loaded_models, tiny_ckpt):
+    loaded = loaded_models[str(tiny_ckpt)]
+    with pytest.raises(ValueError, match=r"kernels.attention must be one of \['rows', 'padded'\], not 'flash'"):
+        with_kernels(loaded, {"attention": "flash"})
+    with pytest.raises(ValueError, match="unknown op 'norm'"):
+        with_kernels(loaded, {"norm": "fused"})
+    with pytest.raises(ValueError, match="'fla' needs a CUDA device"):
+        with_kernels(loaded, {"gated_delta_rule": "fla"})
+
+
+@torch.inference_mode()
 @pytest.mark.parametrize("slots", [[0, 1], [2, 0]])  # consecutive slots (views) and not (an index)
 def test_decode_steps_from_the_pool_equal_whole_sequences(loaded_models, any_ckpt, slots):
     loaded = loaded_models[str(any_ckpt)]
@@ -62,6 +93,33 @@ def test_decode_steps_from_the_pool_equal_whole_sequences(loaded_models, any_ckp
         for got, seq in zip(logits, seqs):
             torch.testing.assert_close(got, _hf_next_logits(loaded, seq), atol=1e-4, rtol=1e-4)
         tokens = logits.argmax(-1)
+
+
+@torch.inference_mode()
+def test_fixed_shape_decode_of_the_cuda_graphs_equals_eager_decode_and_spares_other_slots(loaded_models, any_ckpt):
+    """The step `GraphedDecode` captures (a bucket-sized batch whose padding rows decode in the scratch slot,
+    keys read over the whole pool), run eagerly here: the same logits as `decode_step`, and a slot outside the
+    batch is left as it was."""
+    loaded = loaded_models[str(any_ckpt)]
+    net, ids = loaded.net, _ids(300, seed=2)
+    lengths = [300, 150, 70, 20]
+    _, states = net.forward_rows(torch.cat([ids[:n] for n in lengths]), Rows(lengths, [None] * 4, CPU), keep_states=True)
+    pools = [SlotPool(net, 4, 320, scratch=True), SlotPool(net, 4, 320)]
+    slots, idle = [2, 0, 3], 1  # three decoding (a bucket of 4: one padding row), one slot left alone
+    for pool in pools:
+        for slot, state in zip(slots + [idle], states):
+            pool.store(slot, state)
+    graphed = GraphedDecode(net, pools[0], capture=False)
+    idle_before = [t[idle].clone() for layer in pools[0].layers for t in vars(layer).values()]
+    positions, tokens = lengths[:3], torch.tensor([5, 7, 11])
+    for _ in range(3):
+        got = graphed.step(tokens, positions, slots)
+        want = net.decode_step(tokens, positions, pools[1], pools[1].select(slots))
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)  # a batch of 4 rounds as GEMMs of 4 rows do
+        tokens, positions = want.argmax(-1), [p + 1 for p in positions]
+    idle_after = [t[idle] for layer in pools[0].layers for t in vars(layer).values()]
+    assert all(torch.equal(a, b) for a, b in zip(idle_before, idle_after))
+    assert bucket(3) == 4 and bucket(64) == 64 and bucket(65) == 96 and bucket(300) == 320
 
 
 @torch.inference_mode()

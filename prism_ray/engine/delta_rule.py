@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from prism_ray.engine.transfer import ragged_arange, to_device
+
 CHUNK = 64
 
 
@@ -71,15 +73,13 @@ class ChunkLayout:
         for m in active[:-1]:
             offsets.append(offsets[-1] + m)
         offsets_t = torch.tensor(offsets + [0], dtype=torch.long)
-        parts = []
-        for i, n in enumerate(lengths):
-            t = torch.arange(n)
-            parts.append((offsets_t[t // CHUNK] + rank[i]) * CHUNK + t % CHUNK)
-        slots = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
-        return ChunkLayout(slots.to(device), torch.tensor(rank).to(device), active, offsets, sum(active))
+        t = ragged_arange([0] * len(lengths), lengths)  # each token's place in its own row
+        slots = (offsets_t[t // CHUNK] + torch.repeat_interleave(torch.tensor(rank, dtype=torch.long), torch.tensor(lengths))) * CHUNK + t % CHUNK
+        return ChunkLayout(to_device(slots, device), to_device(torch.tensor(rank), device), active, offsets, sum(active))
 
 
-def chunk_rows(q, k, v, g, beta, lengths: list[int], initial_state=None, output_final_state: bool = False):
+def chunk_rows(q, k, v, g, beta, lengths: list[int], initial_state=None, output_final_state: bool = False,
+               layout: ChunkLayout | None = None):
     """The gated delta rule over packed rows.
 
     q/k (T, Hk, Dk), v (T, Hv, Dv), g/beta (T, Hv): the rows' tokens one after another, row i holding
@@ -92,7 +92,7 @@ def chunk_rows(q, k, v, g, beta, lengths: list[int], initial_state=None, output_
     q, k = _share_key_heads(q, k, v.shape[-2])
     heads, k_dim, v_dim = v.shape[1], k.shape[-1], v.shape[-1]
     rows = len(lengths)
-    layout = ChunkLayout.of(lengths, device)
+    layout = layout or ChunkLayout.of(lengths, device)
     size, chunks = CHUNK, layout.chunks
 
     def to_chunks(x: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from prism_ray.engine.batching import packed_batches
+from prism_ray.engine.graphs import GraphedDecode
 from prism_ray.engine.loading import LoadedModel, load_model
 from prism_ray.engine.models import SequenceState, SlotPool, pack
 from prism_ray.engine.score import elapsed, sigmoid, validate_group
@@ -73,8 +74,11 @@ class Sequence:
 class EvidenceEngine:
     def __init__(self, model: str | Path | LoadedModel, dtype: str | torch.dtype = "auto",
                  device: str | None = None, max_length: int = DEFAULT_MAX_LENGTH, max_batch_size: int = 32,
-                 token_budget: int | None = None):
+                 token_budget: int | None = None, cuda_graphs: bool = False):
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype, device, max_length)
+        if cuda_graphs and self.loaded.device.type != "cuda":
+            raise ValueError(f"cuda_graphs needs a CUDA device, not {self.loaded.device.type}")
+        self.cuda_graphs = cuda_graphs  # decode steps replayed from CUDA graphs (`graphs.py`)
         self.max_batch_size = max_batch_size  # slots of a generate call: pairs decoding at once
         # Prompt tokens per prefill forward.
         self.token_budget = token_budget or DEFAULT_PREFILL_BUDGET.get(self.loaded.device.type, 8192)
@@ -159,20 +163,22 @@ class EvidenceEngine:
                 s.context = None
 
     # -- decode: every active slot, one token per step --------------------------------------------
-    def _decode(self, active: list[Sequence], pool: SlotPool) -> int:
+    def _decode(self, active: list[Sequence], pool: SlotPool, graphs: GraphedDecode | None = None) -> int:
         """Up to `sync_every` steps of every active sequence, then one transfer brings the new tokens to the
         host: a sequence that reached a stop token keeps only what precedes it (and its stop), one that
         reached its `max_new_tokens` keeps that many, and both are marked done. A GPU never waits on the host
         per token; a finished row costs at most `sync_every - 1` extra steps of a batch that runs anyway.
-        Returns the steps run."""
+        Returns the steps run. With `graphs`, each step is a graph replay."""
         net, device = self.loaded.net, self.loaded.device
-        sel = pool.select([s.slot for s in active])
+        slots = [s.slot for s in active]
+        sel = None if graphs else pool.select(slots)
         steps = min(self.sync_every, max(s.max_new_tokens - len(s.tokens) for s in active))
         last = to_device(torch.tensor([s.tokens[-1] for s in active]), device)
         positions = [s.pair.num_tokens + len(s.tokens) - 1 for s in active]
         window, sampled = [], _sampled(active)
         for _ in range(steps):
-            last = self._pick(net.decode_step(last, positions, pool, sel), sampled)
+            logits = graphs.step(last, positions, slots) if graphs else net.decode_step(last, positions, pool, sel)
+            last = self._pick(logits, sampled)
             window.append(last)
             positions = [p + 1 for p in positions]
         for s, new_tokens in zip(active, torch.stack(window, dim=1).tolist()):
@@ -226,7 +232,8 @@ class DecodeLoop:
 
     def __init__(self, engine: EvidenceEngine, slots: int, max_len: int):
         self.engine = engine
-        self.pool = SlotPool(engine.loaded.net, slots, max_len)
+        self.pool = SlotPool(engine.loaded.net, slots, max_len, scratch=engine.cuda_graphs)
+        self.graphs = GraphedDecode(engine.loaded.net, self.pool) if engine.cuda_graphs else None
         self.waiting: deque[Sequence] = deque()
         self.active: list[Sequence] = []
         self.admitting: list[Sequence] = []  # being prefilled in the current step
@@ -252,7 +259,7 @@ class DecodeLoop:
         ended += [s for s in started if s.done]
         steps = 0
         if self.active:
-            steps = self.engine._decode(self.active, self.pool)
+            steps = self.engine._decode(self.active, self.pool, self.graphs)
             ended += self._retire(lambda s: s.done)
         return ended, started, steps
 

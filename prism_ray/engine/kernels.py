@@ -1,24 +1,65 @@
 """Which kernels the engines' forward runs, chosen once when a model loads and logged.
 
-- projections: torch's `F.linear`, or on CPU in float32 oneDNN's where measured faster (`linear.py`);
-- the gated delta rule of Qwen3.5's linear-attention layers: the project's chunked scan over packed rows and
-  its recurrent step (`delta_rule.py`), on every device for now;
+- projections (`linear`): torch's `F.linear`, or on CPU in float32 oneDNN's where measured faster (`linear.py`);
+- prefill attention (`attention`): `rows`, one SDPA call per row (CPU), or `padded`, one masked SDPA call for
+  all rows of a forward (CUDA: a constant number of launches per layer) (`attention.py`);
+- the chunked gated delta rule of Qwen3.5's linear-attention layers (`gated_delta_rule`): `prism`, the
+  project's scan over packed rows (`delta_rule.py`), or `fla`, flash-linear-attention's variable-length Triton
+  kernels (CUDA with `prism-ray[gpu]`; `fla_ops.py`);
 - the short convolution: one grouped `F.conv1d` over the packed rows (prefill), a weighted sum (decode);
-- attention: torch's scaled_dot_product_attention, per row in prefill, masked in decode.
+- decode: masked SDPA over the slot pool and the project's recurrent step.
 
-flash-linear-attention's variable-length Triton kernels (`prism-ray[gpu]`) and CUDA graphs for decode are
-the GPU path still to come: nothing GPU-only runs before a device run has checked it against these.
+Defaults per device; `ModelConfig.kernels` (or `load_model(kernels=...)`) overrides any of them by name.
+Nothing GPU-only is a default before a device run has checked it against the CPU kernels
+(`benchmarks/device_check.sh` compares every choice).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
+from prism_ray.engine import attention, delta_rule, fla_ops
 from prism_ray.engine.linear import linear_for
 
 log = logging.getLogger("prism_ray")
+
+
+def prism_delta_rule(q, k, v, g, beta, rows, initial, output_final_state: bool):
+    """`delta_rule.chunk_rows` over packed rows, its chunk layout built once per call for all layers."""
+    layout = rows.cached("chunks", lambda: delta_rule.ChunkLayout.of(rows.lengths, rows.device))
+    return delta_rule.chunk_rows(q, k, v, g, beta, rows.lengths, initial, output_final_state, layout=layout)
+
+
+DELTA_RULE = {"prism": prism_delta_rule, "fla": fla_ops.delta_rule}
+CHOICES = {"attention": tuple(attention.PREFILL), "gated_delta_rule": tuple(DELTA_RULE)}
+DEFAULTS = {"cpu": {"attention": "rows", "gated_delta_rule": "prism"},
+            "cuda": {"attention": "padded", "gated_delta_rule": "prism"}}
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """What a model's forward calls: the projection function and the prefill kernels, and their names."""
+
+    names: dict[str, str]
+    linear: object  # (x, weight, bias) -> x @ weight.T + bias
+    attend: object  # `attention.PREFILL` entry
+    delta_rule: object  # `DELTA_RULE` entry
+
+
+def validate(overrides: Mapping[str, str] | None) -> dict[str, str]:
+    """The overrides, checked: each op one of `CHOICES`, each name one of its kernels (a ValueError naming
+    the op and the choices otherwise)."""
+    out = dict(overrides or {})
+    for op, name in out.items():
+        if op not in CHOICES:
+            raise ValueError(f"kernels: unknown op {op!r}; choose from {sorted(CHOICES)}")
+        if name not in CHOICES[op]:
+            raise ValueError(f"kernels.{op} must be one of {list(CHOICES[op])}, not {name!r}")
+    return out
 
 
 def _largest_projection(lm: torch.nn.Module) -> tuple[int, int]:
@@ -27,13 +68,18 @@ def _largest_projection(lm: torch.nn.Module) -> tuple[int, int]:
     return max(shapes, key=lambda s: s[0] * s[1]) if shapes else (1, 1)
 
 
-def choose_kernels(lm: torch.nn.Module, device: torch.device, dtype: torch.dtype):
-    """({op: kernel name}, the projection function) for this model on this device."""
+def choose_kernels(lm: torch.nn.Module, device: torch.device, dtype: torch.dtype,
+                   overrides: Mapping[str, str] | None = None) -> Kernels:
+    """The kernels for this model on this device: the device's defaults, then `overrides`."""
     linear_name, linear = linear_for(_largest_projection(lm), dtype, device)
+    names = {**DEFAULTS.get(device.type, DEFAULTS["cpu"]), **validate(overrides)}
+    if names["gated_delta_rule"] == "fla" and not (device.type == "cuda" and fla_ops.available()):
+        raise ValueError("kernels.gated_delta_rule = 'fla' needs a CUDA device and flash-linear-attention "
+                         "(pip install 'prism-ray[gpu]')")
     hybrid = "linear_attention" in (getattr(lm.config.get_text_config(), "layer_types", None) or ())
-    kernels = {"linear": linear_name, "attention": "sdpa"}
+    shown = {"linear": linear_name, "attention": names["attention"]}
     if hybrid:
-        kernels.update(gated_delta_rule="prism", causal_conv1d="torch")
+        shown.update(gated_delta_rule=names["gated_delta_rule"], causal_conv1d="torch")
     log.info("engine kernels on %s (%s): %s", device.type, str(dtype).replace("torch.", ""),
-             ", ".join(f"{op} = {name}" for op, name in kernels.items()))
-    return kernels, linear
+             ", ".join(f"{op} = {name}" for op, name in shown.items()))
+    return Kernels(shown, linear, attention.PREFILL[names["attention"]], DELTA_RULE[names["gated_delta_rule"]])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,8 +63,9 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
 
 
 def load_model(model: str | Path, dtype: str | torch.dtype = "auto", device: str | None = None,
-               max_length: int = DEFAULT_MAX_LENGTH) -> LoadedModel:
-    """Load a Prism checkpoint from a local directory or a hub id."""
+               max_length: int = DEFAULT_MAX_LENGTH, kernels: Mapping[str, str] | None = None) -> LoadedModel:
+    """Load a Prism checkpoint from a local directory or a hub id. `kernels` overrides the device's default
+    kernels by op (`kernels.CHOICES`, e.g. {"attention": "padded"})."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = str(model)
@@ -80,11 +82,23 @@ def load_model(model: str | Path, dtype: str | torch.dtype = "auto", device: str
     lm = lm.to(dev).eval()
     if dev.type == "cpu":
         tune_allocator()
-    kernels, linear = choose_kernels(lm, dev, torch_dtype)
+    chosen = choose_kernels(lm, dev, torch_dtype, kernels)
+    prompts = PrismPromptTokenizer(tok, max_length=max_length)
+    return LoadedModel(name, lm, prompts, dev, torch_dtype, _net(name, lm, chosen, prompts), chosen.names)
+
+
+def _net(name: str, lm: torch.nn.Module, kernels, prompts: PrismPromptTokenizer) -> models.Model:
     try:
-        net = models.build(lm, linear)
+        net = models.build(lm, kernels)
     except ValueError as exc:
         raise ModelLoadError(f"cannot run model {name!r}: {exc}") from exc
-    prompts = PrismPromptTokenizer(tok, max_length=max_length)
     net.set_score_tokens(prompts.yes_id, prompts.no_id)
-    return LoadedModel(name, lm, prompts, dev, torch_dtype, net, kernels)
+    return net
+
+
+def with_kernels(loaded: LoadedModel, kernels: Mapping[str, str]) -> LoadedModel:
+    """The same loaded weights run by other kernels (a new forward over the same tensors, nothing copied):
+    for benchmarks and checks that compare kernels in one process."""
+    chosen = choose_kernels(loaded.model, loaded.device, loaded.dtype, kernels)
+    return LoadedModel(loaded.name, loaded.model, loaded.prompts, loaded.device, loaded.dtype,
+                       _net(loaded.name, loaded.model, chosen, loaded.prompts), chosen.names)

@@ -1,4 +1,4 @@
-"""Host-to-device copies that do not stall the host.
+"""Host-to-device copies that do not stall the host, and the host-side index building that feeds them.
 
 A plain `.to("cuda")` of a tensor in pageable host memory synchronizes the stream: the host stops until
 every kernel already queued has run, so it cannot build (tokenize, pad, merge) the next batch while the GPU
@@ -16,3 +16,11 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda" or t.device.type != "cpu":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def ragged_arange(starts: list[int], lengths: list[int]) -> torch.Tensor:
+    """`cat(arange(s, s + n) for s, n in zip(starts, lengths))` on the host, without a tensor per row: the
+    index tensors of a call with hundreds of rows are built in a few operations."""
+    n = torch.tensor(lengths, dtype=torch.long)
+    shift = torch.tensor(starts, dtype=torch.long) - (torch.cumsum(n, 0) - n)
+    return torch.arange(int(n.sum())) + torch.repeat_interleave(shift, n)

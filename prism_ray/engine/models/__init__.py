@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from prism_ray.engine.models import qwen3, qwen3_5
-from prism_ray.engine.models.base import DecoderLayer, Linear, Model, Rows, SequenceState, SlotPool, pack
+from prism_ray.engine.models.base import DecoderLayer, Model, Rows, SequenceState, SlotPool, pack
 
 FAMILIES = {"qwen3_5_text": qwen3_5, "qwen3_5": qwen3_5, "qwen3": qwen3}
 
@@ -23,7 +23,7 @@ def _decoder(lm: torch.nn.Module) -> torch.nn.Module:
     return getattr(inner, "language_model", inner)
 
 
-def build(lm: torch.nn.Module, linear: Linear) -> Model:
+def build(lm: torch.nn.Module, kernels) -> Model:
     config = lm.config.get_text_config()
     module = FAMILIES.get(config.model_type)
     if module is None:
@@ -35,5 +35,7 @@ def build(lm: torch.nn.Module, linear: Linear) -> Model:
     for i in range(config.num_hidden_layers):
         prefix = f"layers.{i}."
         layer_weights.append({n[len(prefix):]: t for n, t in params.items() if n.startswith(prefix)})
-    layers = [DecoderLayer(w, fam, mixer, linear) for w, mixer in zip(layer_weights, module.mixers(config, layer_weights, fam, linear))]
-    return Model(fam, params["embed_tokens.weight"], layers, params["norm.weight"], lm.get_output_embeddings().weight.detach(), linear)
+    layers = [DecoderLayer(w, fam, mixer, kernels.linear)
+              for w, mixer in zip(layer_weights, module.mixers(config, layer_weights, fam, kernels))]
+    return Model(fam, params["embed_tokens.weight"], layers, params["norm.weight"], lm.get_output_embeddings().weight.detach(),
+                 kernels.linear)

@@ -24,9 +24,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from prism_ray.engine.transfer import to_device
+from prism_ray.engine.transfer import ragged_arange, to_device
 
 Linear = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+# (q, k, v, rows, layer index, last_only) -> attention output: a prefill kernel of `engine.attention`
+Attend = Callable[..., torch.Tensor]
 
 
 # -- states ------------------------------------------------------------------------------------------------
@@ -63,6 +65,9 @@ class Rows:
     last: torch.Tensor = field(init=False)  # (rows,) each row's last token in the stream
     _cache: dict = field(init=False, default_factory=dict)
 
+    groups: list[SequenceState] = field(init=False)  # the distinct contexts, in order of first use
+    group_of: list[int] = field(init=False)  # row i's context is groups[group_of[i]]; -1: none
+
     def __post_init__(self):
         if any(n < 1 for n in self.lengths):
             raise ValueError("every row needs at least one token")
@@ -70,18 +75,40 @@ class Rows:
         for n in self.lengths:
             self.cu.append(self.cu[-1] + n)
         starts = [0 if c is None else c.length for c in self.contexts]
-        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, self.lengths)])
+        positions = ragged_arange(starts, self.lengths)
         self.positions = to_device(positions, self.device)
         self.last = to_device(torch.tensor(self.cu[1:]) - 1, self.device)
+        seen: dict[int, int] = {}
+        self.groups, self.group_of = [], []
+        for c in self.contexts:
+            if c is not None and id(c) not in seen:
+                seen[id(c)] = len(self.groups)
+                self.groups.append(c)
+            self.group_of.append(-1 if c is None else seen[id(c)])
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def cached(self, key, build):
-        """Per-call values that several layers use (the conv gather index), built once."""
+        """Per-call values that several layers use (gather indices, masks), built once."""
         if key not in self._cache:
             self._cache[key] = build()
         return self._cache[key]
+
+    def per_row(self, values: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
+        """(rows, ...): each row's entry of `values` (one per context group), `empty` for a row without a
+        context. Rows that all share one context get a broadcast view, not a copy per row."""
+        if len(values) == 1 and -1 not in self.group_of:
+            return values[0].expand(len(self), *values[0].shape)
+
+        def index():
+            return to_device(torch.tensor([g if g >= 0 else len(self.groups) for g in self.group_of]), self.device)
+
+        return torch.stack([*values, empty]).index_select(0, self.cached("group_index", index))
+
+    def cu_seqlens(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The row offsets as variable-length kernels take them: (on the device, on the host), int64."""
+        return self.cached("cu_seqlens", lambda: (to_device(torch.tensor(self.cu), self.device), torch.tensor(self.cu)))
 
 
 def pack(rows: list[list[int]], contexts: list[SequenceState | None], device: torch.device) -> tuple[torch.Tensor, Rows]:
@@ -95,10 +122,13 @@ class SlotPool:
     conv and recurrent state per linear-attention layer, all indexed by slot and written in place. A slot
     that ends is freed for the next sequence; nothing else moves."""
 
-    def __init__(self, model: Model, slots: int, max_len: int):
+    def __init__(self, model: Model, slots: int, max_len: int, scratch: bool = False):
         self.slots, self.max_len = slots, max_len
         self._free = list(range(slots - 1, -1, -1))
-        self.layers = [layer.mixer.empty_pool(slots, max_len) for layer in model.layers]
+        # With `scratch`, one more slot that is never handed out: where the padding rows of a fixed-size decode
+        # batch (a CUDA graph's, `graphs.py`) write, so they never touch a sequence's state.
+        self.scratch = slots if scratch else None
+        self.layers = [layer.mixer.empty_pool(slots + int(scratch), max_len) for layer in model.layers]
         self.device = model.device
 
     def allocate(self) -> int:
@@ -141,6 +171,14 @@ class SlotSelection:
         lo = slots[0]
         self.range = slice(lo, lo + len(slots)) if slots == list(range(lo, lo + len(slots))) else None
         self.index = to_device(torch.tensor(slots), device)  # for writes at (slot, position)
+
+    @classmethod
+    def indexed(cls, index: torch.Tensor) -> SlotSelection:
+        """The slots held in a device tensor (always read by index): a CUDA graph's static input, whose
+        contents change between replays."""
+        sel = cls.__new__(cls)
+        sel.range, sel.index = None, index
+        return sel
 
     def read(self, t: torch.Tensor) -> torch.Tensor:
         return t[self.range] if self.range is not None else t.index_select(0, self.index)
@@ -203,8 +241,10 @@ class MLP:
 class Attention:
     """Full (softmax) attention with grouped K/V heads, per-head q/k norms and rope; Qwen3.5's output gate."""
 
-    def __init__(self, w: dict[str, torch.Tensor], family: Family, linear: Linear, heads: int, kv_heads: int, head_dim: int):
+    def __init__(self, w: dict[str, torch.Tensor], family: Family, linear: Linear, heads: int, kv_heads: int, head_dim: int,
+                 attend: Attend):
         p = "self_attn."
+        self.attend = attend  # the prefill kernel (`attention.PREFILL`)
         self.q, self.k, self.v, self.o = (w[f"{p}{n}_proj.weight"] for n in "qkvo")
         self.qb, self.kb, self.vb, self.ob = (w.get(f"{p}{n}_proj.bias") for n in "qkvo")
         self.q_norm, self.k_norm = w[f"{p}q_norm.weight"], w[f"{p}k_norm.weight"]
@@ -243,26 +283,19 @@ class Attention:
             q, gate = self._query(x[rows.last], cos[rows.last], sin[rows.last])
         else:
             q, gate = self._query(x, cos, sin)
-        out = torch.empty_like(q)
+        out = self.attend(q, k, v, rows, index, last_only)
+        return self._out(out, gate), (self._states(k, v, rows, index) if keep_states else None)
+
+    @staticmethod
+    def _states(k: torch.Tensor, v: torch.Tensor, rows: Rows, index: int) -> list[AttentionState]:
         states = []
         for i, ctx in enumerate(rows.contexts):
-            lo, hi = rows.cu[i], rows.cu[i + 1]
-            ki, vi = k[lo:hi].transpose(0, 1), v[lo:hi].transpose(0, 1)
+            ki, vi = k[rows.cu[i]:rows.cu[i + 1]].transpose(0, 1), v[rows.cu[i]:rows.cu[i + 1]].transpose(0, 1)
             if ctx is not None:
                 c = ctx.layers[index]
                 ki, vi = torch.cat([c.k, ki], dim=1), torch.cat([c.v, vi], dim=1)
-            if keep_states:
-                states.append(AttentionState(ki, vi))
-            past = ki.shape[1] - (hi - lo)
-            if last_only:
-                out[i] = _sdpa(q[i:i + 1].transpose(0, 1), ki, vi, None, False)[:, 0]
-                continue
-            qi = q[lo:hi].transpose(0, 1)
-            mask = None
-            if past:
-                mask = torch.arange(ki.shape[1], device=x.device)[None] <= (past + torch.arange(hi - lo, device=x.device))[:, None]
-            out[lo:hi] = _sdpa(qi, ki, vi, mask, not past).transpose(0, 1)
-        return self._out(out, gate), (states if keep_states else None)
+            states.append(AttentionState(ki, vi))
+        return states
 
     def decode(self, x: torch.Tensor, positions: torch.Tensor, sel: SlotSelection, pool, rope, width: int) -> torch.Tensor:
         """One token per selected slot, at `positions`; its K/V written into the pool. `width`: keys to read
@@ -279,12 +312,6 @@ class Attention:
 
     def empty_pool(self, slots: int, max_len: int):
         return AttentionPool(slots, self.kv_heads, max_len, self.head_dim, self.k.dtype, self.k.device)
-
-
-def _sdpa(q, k, v, mask, causal: bool) -> torch.Tensor:
-    """q (heads, n, d) against k/v (kv_heads, m, d)."""
-    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, is_causal=causal and mask is None,
-                                          enable_gqa=True)[0]
 
 
 class AttentionPool:
@@ -371,10 +398,15 @@ class Model:
         k-th selected slot. Positions are known on the host, so a step never waits for the device."""
         if max(positions) >= pool.max_len:
             raise ValueError(f"position {max(positions)} is past the slot pool's {pool.max_len} tokens")
-        x = F.embedding(tokens, self.embed)
         pos = to_device(torch.tensor(positions), self.device)
+        return self.decode_tensors(tokens, pos, pool, sel, max(positions) + 1)
+
+    def decode_tensors(self, tokens: torch.Tensor, pos: torch.Tensor, pool: SlotPool, sel: SlotSelection,
+                       width: int) -> torch.Tensor:
+        """`decode_step` over device tensors only (positions `pos`, keys read up to `width`): no host value
+        is read, so a CUDA graph can capture it (`graphs.py`)."""
+        x = F.embedding(tokens, self.embed)
         rope = rope_tables(self.family, pos, self.dtype)
-        width = max(positions) + 1
         for layer, layer_pool in zip(self.layers, pool.layers):
             x = x + layer.mixer.decode(layer._norm(x, layer.input_norm), pos, sel, layer_pool, rope, width)
             x = x + layer.mlp(layer._norm(x, layer.post_norm))

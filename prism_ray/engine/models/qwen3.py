@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from prism_ray.engine.models.base import Attention, Family, Linear
+from prism_ray.engine.models.base import Attention, Family
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -29,7 +29,7 @@ def family(config) -> Family:
                   eps=config.rms_norm_eps)
 
 
-def mixers(config, layer_weights: list[dict[str, torch.Tensor]], fam: Family, linear: Linear) -> list:
+def mixers(config, layer_weights: list[dict[str, torch.Tensor]], fam: Family, kernels) -> list:
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return [Attention(w, fam, linear, heads, kv_heads, head_dim) for w in layer_weights]
+    return [Attention(w, fam, kernels.linear, heads, kv_heads, head_dim, kernels.attend) for w in layer_weights]

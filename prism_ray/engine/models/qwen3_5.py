@@ -10,11 +10,18 @@ sequence's start, so a cached state that later tokens continue from ends at a mu
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from prism_ray.engine import delta_rule
 from prism_ray.engine.models.base import Attention, Family, Linear, LinearState, Rows, SlotSelection
+from prism_ray.engine.transfer import ragged_arange, to_device
+
+# (q, k, v, g, beta, rows, initial states (rows, Hv, Dk, Dv) or None, output_final_state) -> (out, final or None)
+DeltaRule = Callable[..., tuple[torch.Tensor, "torch.Tensor | None"]]
 
 
 def zero_centred_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -36,8 +43,9 @@ class GatedDeltaNet:
     """Projections, the short causal convolution (with its carried-over inputs), gating, the gated delta rule
     (`delta_rule`) and the gated RMS norm of the output."""
 
-    def __init__(self, w: dict[str, torch.Tensor], config, linear: Linear):
+    def __init__(self, w: dict[str, torch.Tensor], config, linear: Linear, delta_rule_kernel: DeltaRule):
         p = "linear_attn."
+        self.delta_rule = delta_rule_kernel  # the chunked prefill kernel (`kernels.DELTA_RULE`)
         self.qkv, self.z, self.b, self.a, self.out = (w[f"{p}{n}.weight"] for n in ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"))
         conv = w[f"{p}conv1d.weight"]  # (channels, 1, kernel)
         self.conv_weight = conv[:, 0].t().contiguous()  # (kernel, channels), for the decode step
@@ -73,33 +81,33 @@ class GatedDeltaNet:
     def _conv_rows(self, mixed: torch.Tensor, rows: Rows, index: int):
         """The causal depthwise convolution of every row, each continuing from its context's last inputs:
         the rows' inputs, each behind its carried-over (or zero) `kernel - 1` inputs, run as one stream, and
-        the outputs at the rows' own tokens kept. Returns (activated output (T, C), the stream, row offsets)."""
-        keep = self.kernel - 1
-        parts = []
-        for i, ctx in enumerate(rows.contexts):
-            carried = ctx.layers[index].conv if ctx is not None else mixed.new_zeros(keep, mixed.shape[1])
-            parts.extend((carried, mixed[rows.cu[i]:rows.cu[i + 1]]))
-        stream = torch.cat(parts)  # (T + rows * keep, C)
-
-        def gather_index():
-            starts = [rows.cu[i] + i * keep for i in range(len(rows))]
-            return torch.cat([torch.arange(s, s + n) for s, n in zip(starts, rows.lengths)]).to(mixed.device), starts
-
-        take, starts = rows.cached(("conv_take", keep), gather_index)
-        out = F.conv1d(stream.t()[None].to(self.conv_filter.dtype), self.conv_filter, self.conv_bias, groups=stream.shape[1])[0]
-        return F.silu(out.t()[take]).to(mixed.dtype), stream, starts
+        the outputs at the rows' own tokens kept. Returns (activated output (T, C), the stream, the layout)."""
+        keep, channels = self.kernel - 1, mixed.shape[1]
+        lay = rows.cached(("conv", keep), lambda: ConvLayout.of(rows, keep))
+        stream = mixed.new_empty(len(mixed) + len(rows) * keep, channels)
+        stream.index_copy_(0, lay.own, mixed)
+        if rows.groups:
+            carried = rows.per_row([c.layers[index].conv for c in rows.groups], mixed.new_zeros(keep, channels))
+            stream.index_copy_(0, lay.carried, carried.reshape(-1, channels))
+        else:
+            stream.index_fill_(0, lay.carried, 0)
+        out = F.conv1d(stream.t()[None].to(self.conv_filter.dtype), self.conv_filter, self.conv_bias, groups=channels)[0]
+        return F.silu(out.t().index_select(0, lay.take)).to(mixed.dtype), stream, lay
 
     def prefill(self, x: torch.Tensor, rows: Rows, index: int, rope, keep_states: bool, last_only: bool = False):
         mixed, z, b, a = self._project(x)
-        conv_out, stream, starts = self._conv_rows(mixed, rows, index)
+        conv_out, stream, lay = self._conv_rows(mixed, rows, index)
         q, k, v = self._split(conv_out)
         beta, g = self._gates(b, a)
-        initial = [c.layers[index].recurrent if c is not None else None for c in rows.contexts]
-        core, final = delta_rule.chunk_rows(q, k, v, g, beta, rows.lengths, initial, output_final_state=keep_states)
+        initial = None
+        if rows.groups:
+            initial = rows.per_row([c.layers[index].recurrent for c in rows.groups],
+                                   rows.groups[0].layers[index].recurrent.new_zeros(self.v_heads, self.k_dim, self.v_dim))
+        core, final = self.delta_rule(q, k, v, g, beta, rows, initial, keep_states)
         states = None
         if keep_states:
             keep = self.kernel - 1
-            states = [LinearState(stream[s + n: s + n + keep].clone(), final[i]) for i, (s, n) in enumerate(zip(starts, rows.lengths))]
+            states = [LinearState(stream[s + n: s + n + keep].clone(), final[i]) for i, (s, n) in enumerate(zip(lay.starts, rows.lengths))]
         return self._output(core, z), states
 
     def decode(self, x: torch.Tensor, positions: torch.Tensor, sel: SlotSelection, pool, rope, width: int) -> torch.Tensor:
@@ -121,6 +129,24 @@ class GatedDeltaNet:
         return LinearPool(slots, self.kernel - 1, self.qkv.shape[0], self.v_heads, self.k_dim, self.v_dim, self.qkv.dtype, self.qkv.device)
 
 
+@dataclass(frozen=True)
+class ConvLayout:
+    """Where packed rows lie in the convolution's stream: each row behind its `keep` carried-over inputs."""
+
+    own: torch.Tensor  # (T,) token t's place in the stream
+    carried: torch.Tensor  # (rows * keep,) the carried-over inputs' places, row by row
+    take: torch.Tensor  # (T,) the convolution's output at token t (the window that ends at it)
+    starts: list[int]  # row i's first place in the stream (its carried-over inputs, then its own)
+
+    @staticmethod
+    def of(rows: Rows, keep: int) -> ConvLayout:
+        starts = [rows.cu[i] + i * keep for i in range(len(rows))]
+        take = ragged_arange(starts, rows.lengths)
+        carried = ragged_arange(starts, [keep] * len(starts))
+        dev = rows.device
+        return ConvLayout(to_device(take + keep, dev), to_device(carried, dev), to_device(take, dev), starts)
+
+
 class LinearPool:
     def __init__(self, slots, keep, channels, v_heads, k_dim, v_dim, dtype, device):
         self.conv = torch.zeros(slots, keep, channels, dtype=dtype, device=device)
@@ -134,15 +160,15 @@ class LinearPool:
         self.recurrent[slot] = state.recurrent
 
 
-def mixers(config, layer_weights: list[dict[str, torch.Tensor]], fam: Family, linear: Linear) -> list:
+def mixers(config, layer_weights: list[dict[str, torch.Tensor]], fam: Family, kernels) -> list:
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     out = []
     for kind, w in zip(config.layer_types, layer_weights):
         if kind == "linear_attention":
-            out.append(GatedDeltaNet(w, config, linear))
+            out.append(GatedDeltaNet(w, config, kernels.linear, kernels.delta_rule))
         elif kind == "full_attention":
-            out.append(Attention(w, fam, linear, heads, kv_heads, head_dim))
+            out.append(Attention(w, fam, kernels.linear, heads, kv_heads, head_dim, kernels.attend))
         else:
             raise ValueError(f"layer type {kind!r} is not supported")
     return out
