@@ -14,7 +14,7 @@ and causally to its own.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -48,31 +48,41 @@ def rows(q, k, v, packed, index: int, last_only: bool) -> torch.Tensor:
     return out
 
 
-@dataclass(frozen=True)
+@dataclass
 class PadLayout:
     """Where packed rows lie in a (rows, width) padded grid, and the masks over [context | own] keys."""
 
     flat: torch.Tensor  # (T,) token t's place in the flat (rows * width) grid
     width: int  # the longest row
     context_width: int  # the longest context
-    full_mask: torch.Tensor  # (rows, 1, width, context_width + width): every own token's keys
-    last_mask: torch.Tensor  # (rows, 1, 1, context_width + width): each row's last token's keys
+    context_lengths: torch.Tensor  # (rows,) on the device
+    lengths: torch.Tensor  # (rows,) on the device
+    _masks: dict = field(default_factory=dict)
 
     @staticmethod
     def of(packed) -> PadLayout:
         lengths = packed.lengths
         width = max(lengths)
         contexts = [0 if c is None else c.length for c in packed.contexts]
-        cwidth = max(contexts)
-        flat = ragged_arange([i * width for i in range(len(lengths))], lengths)
-        own = torch.arange(width)
-        keys_ctx = torch.arange(cwidth)[None, :] < torch.tensor(contexts)[:, None]  # (rows, cwidth)
-        causal = own[None, :] <= own[:, None]  # (width q, width k)
-        full = torch.cat([keys_ctx[:, None, :].expand(-1, width, -1), causal[None].expand(len(lengths), -1, -1)], dim=2)
-        last = torch.cat([keys_ctx, own[None, :] < torch.tensor(lengths)[:, None]], dim=1)
         dev = packed.device
-        return PadLayout(to_device(flat, dev), width, cwidth, to_device(full[:, None].contiguous(), dev),
-                         to_device(last[:, None, None].contiguous(), dev))
+        return PadLayout(to_device(ragged_arange([i * width for i in range(len(lengths))], lengths), dev), width,
+                         max(contexts), to_device(torch.tensor(contexts), dev), to_device(torch.tensor(lengths), dev))
+
+    def mask(self, last_only: bool) -> torch.Tensor:
+        """(rows, 1, queries, context_width + width), built on the device from the lengths (once per call):
+        with `last_only` each row's last token's keys, else every own token's (causal)."""
+        if last_only not in self._masks:
+            dev = self.lengths.device
+            ctx = torch.arange(self.context_width, device=dev)[None] < self.context_lengths[:, None]  # (rows, C)
+            own = torch.arange(self.width, device=dev)
+            rows = len(self.lengths)
+            if last_only:
+                mask = torch.cat([ctx, own[None] < self.lengths[:, None]], dim=1)[:, None, None]
+            else:
+                causal = (own[None] <= own[:, None])[None].expand(rows, -1, -1)
+                mask = torch.cat([ctx[:, None].expand(-1, self.width, -1), causal], dim=2)[:, None]
+            self._masks[last_only] = mask
+        return self._masks[last_only]
 
 
 def _to_grid(x: torch.Tensor, lay: PadLayout, count: int) -> torch.Tensor:
@@ -98,10 +108,7 @@ def padded(q, k, v, packed, index: int, last_only: bool) -> torch.Tensor:
     ctx_k, ctx_v = _context_grid(packed, index, lay, "k", k), _context_grid(packed, index, lay, "v", v)
     if ctx_k is not None:
         keys, values = torch.cat([ctx_k, keys], dim=2), torch.cat([ctx_v, values], dim=2)
-    if ctx_k is None:
-        mask = (lay.last_mask if last_only else lay.full_mask)[..., lay.context_width:]
-    else:
-        mask = lay.last_mask if last_only else lay.full_mask
+    mask = lay.mask(last_only)
     query = q[:, :, None] if last_only else _to_grid(q, lay, count)  # (rows, heads, n, d)
     if query.device.type == "cuda":  # the memory-efficient kernel takes a mask but not grouped heads
         group = query.shape[1] // keys.shape[1]

@@ -8,14 +8,15 @@ at any token (`chunk_align` 1). Sliding-window layers (which no Prism checkpoint
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from prism_ray.engine.models.base import Attention, Family
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    y = x.float()
-    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * y.to(x.dtype)
+    """w * (x * rsqrt(mean(x^2) + eps)) in float32, cast back before the scale (torch's fused rms_norm where the
+    device has one)."""
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
 
 
 def family(config) -> Family:

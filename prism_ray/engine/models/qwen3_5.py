@@ -25,9 +25,8 @@ DeltaRule = Callable[..., tuple[torch.Tensor, "torch.Tensor | None"]]
 
 
 def zero_centred_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    y = x.float()
-    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * (1.0 + weight.float())).type_as(x)
+    """x * rsqrt(mean(x^2) + eps) * (1 + w) in float32 (torch's fused rms_norm where the device has one)."""
+    return F.rms_norm(x.float(), (x.shape[-1],), 1.0 + weight.float(), eps).type_as(x)
 
 
 def family(config) -> Family:
@@ -72,8 +71,7 @@ class GatedDeltaNet:
     def _output(self, core: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """The gated RMS norm (norm, then weight in the input dtype, then silu(z)), and out_proj."""
         n, dtype = len(core), core.dtype
-        y = core.float()
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        y = F.rms_norm(core.float(), (core.shape[-1],), None, self.eps)
         y = self.norm_weight * y.to(dtype)
         y = (y * F.silu(z.view(n, self.v_heads, self.v_dim).float())).to(dtype)
         return self.linear(y.reshape(n, -1), self.out, None)
