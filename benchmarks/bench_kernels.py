@@ -4,10 +4,11 @@
     python benchmarks/bench_kernels.py --preset 0.8b --dtype auto --queries 4 --docs 20
 
 Each choice (`prism_ray.engine.kernels.CHOICES`: prefill attention `rows` / `padded`, the gated delta rule
-`prism` / `fla`) runs ScoreEngine on the same (query, documents) groups over the same weights
-(`loading.with_kernels`), the contenders taking turns within each round; printed: prompt tokens/s (best of
-the rounds) and each choice's max |score difference| from the first. `device_check.py` runs the same
-comparison on a GPU.
+`prism` / `fla`), and each ScoreEngine `prefix_min_docs` policy given (`--prefix-min-docs 1,1000000`: a query's
+prefix as a forward of its own, or run inside its rows), runs ScoreEngine on the same (query, documents) groups
+over the same weights (`loading.with_kernels`), the contenders taking turns within each round; printed: prompt
+tokens/s (best of the rounds) and each one's max |score difference| from the first. `device_check.py` runs the
+same comparison on a GPU.
 """
 
 from __future__ import annotations
@@ -54,30 +55,41 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def compare(loaded, groups, choices: list[dict[str, str]], repeats: int, token_budget: int | None = None) -> list[dict]:
-    """One row per choice: its name, prompt tokens/s (best of `repeats` rounds after one untimed call), the
-    max |score difference| from the first choice, or the error that stopped it."""
-    engines, rows = [], []
+def contenders(loaded, choices: list[dict[str, str]], token_budget: int | None = None,
+               prefix_min_docs: tuple[int, ...] = (1,)) -> list[tuple[str, object]]:
+    """(name, engine factory) for each kernel choice, and for each `prefix_min_docs` policy."""
+    out = []
     for choice in choices:
-        name = ", ".join(f"{k}={v}" for k, v in choice.items())
+        for docs in prefix_min_docs:
+            name = ", ".join(f"{k}={v}" for k, v in choice.items()) + (f", prefix_min_docs={docs}" if len(prefix_min_docs) > 1 else "")
+            out.append((name, lambda choice=choice, docs=docs: ScoreEngine(with_kernels(loaded, choice), token_budget=token_budget,
+                                                                            prefix_min_docs=docs)))
+    return out
+
+
+def compare(loaded, groups, engines: list[tuple[str, object]], repeats: int) -> list[dict]:
+    """One row per contender (name, engine factory): prompt tokens/s (best of `repeats` rounds after one
+    untimed call), the max |score difference| from the first, or the error that stopped it."""
+    built, rows = [], []
+    for name, make in engines:
         try:
-            engine = ScoreEngine(with_kernels(loaded, choice), token_budget=token_budget)
+            engine = make()
             engine.score(groups)  # compile, autotune, first primitives
-            engines.append((name, engine))
+            built.append((name, engine))
         except Exception as exc:  # noqa: BLE001 - a choice that cannot run here is reported, not fatal
             rows.append({"choice": name, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:160]})
-    tokens = sum(engines[0][1].prompts.encode(q, d).num_tokens for q, ds in groups for d in ds) if engines else 0
-    best = {name: float("inf") for name, _ in engines}
+    tokens = sum(built[0][1].prompts.encode(q, d).num_tokens for q, ds in groups for d in ds) if built else 0
+    best = {name: float("inf") for name, _ in built}
     scores = {}
     for _ in range(repeats):
-        for name, engine in engines:
+        for name, engine in built:
             _sync(loaded.device)
             t0 = time.perf_counter()
             scores[name] = [r.score for g in engine.score(groups) for r in g]
             _sync(loaded.device)
             best[name] = min(best[name], time.perf_counter() - t0)
-    first = scores[engines[0][0]] if engines else []
-    for name, _ in engines:
+    first = scores[built[0][0]] if built else []
+    for name, _ in built:
         diff = max(abs(a - b) for a, b in zip(scores[name], first))
         rows.append({"choice": name, "tokens_per_s": tokens / best[name], "seconds": best[name], "max_diff": diff})
     return rows
@@ -93,6 +105,7 @@ def main() -> int:
     ap.add_argument("--docs", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--token-budget", type=int, default=None)
+    ap.add_argument("--prefix-min-docs", default="1", help="comma-separated ScoreEngine prefix_min_docs policies to compare")
     args = ap.parse_args()
     ckpt = Path(args.checkpoint) if args.checkpoint else preset_checkpoint(args.preset)
     loaded = load_model(ckpt, dtype=args.dtype, device=args.device)
@@ -100,7 +113,8 @@ def main() -> int:
     print(f"{ckpt} on {loaded.device} ({loaded.dtype}), {args.queries} x {args.docs}, threads {torch.get_num_threads()}, "
           f"best of {args.repeats}", flush=True)
     print("| kernels | prompt tokens/s | seconds | max abs score diff vs first |\n|---|---|---|---|")
-    for row in compare(loaded, groups, choices_here(loaded.device), args.repeats, args.token_budget):
+    policies = tuple(int(x) for x in args.prefix_min_docs.split(","))
+    for row in compare(loaded, groups, contenders(loaded, choices_here(loaded.device), args.token_budget, policies), args.repeats):
         if "error" in row:
             print(f"| {row['choice']} | failed: {row['error']} | | |")
         else:

@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_kernels import choices_here, compare, workload  # noqa: E402  (benchmarks/, the script's folder)
+from bench_kernels import choices_here, compare, contenders, workload  # noqa: E402  (benchmarks/, the script's folder)
 
 from prism_ray.checkpoints import build_checkpoint  # noqa: E402
 from prism_ray.engine import EvidenceEngine, ScoreEngine, load_model  # noqa: E402
@@ -159,12 +159,14 @@ def calls(loaded, engine: ScoreEngine, groups):
             "path A batched": lambda: path_a_batched(loaded, groups, engine.token_budget)}
 
 
-def scoring(loaded, engine: ScoreEngine, sizes: dict) -> None:
+def scoring(loaded, engines: dict[str, ScoreEngine], sizes: dict) -> None:
     dev = loaded.device
     for case in ("one", "packed"):
         queries, docs = sizes[case]
+        engine = engines[case]
         groups = workload(queries, docs)
         tokens = sum(engine.prompts.encode(q, d).num_tokens for q, ds in groups for d in ds)
+        record("scoring", f"{queries} x {docs} ScoreEngine setting", f"{_names(engine.loaded.kernels)}, prefix_min_docs={engine.prefix_min_docs}")
         times = {}
         for run in ("first call", "warm"):
             for name, call in calls(loaded, engine, groups).items():
@@ -192,7 +194,7 @@ def host_syncs(fn, device: torch.device) -> int | None:
 def computed_tokens(loaded, engine: ScoreEngine, groups) -> dict[str, int]:
     """Tokens each contender runs through the layers: the engine's packed rows (prefixes included), path A's
     right-padded batches (pads included)."""
-    net, seen = loaded.net, []
+    net, seen = engine.loaded.net, []
     real = net.forward_rows
     net.forward_rows = lambda ids, rows, **kw: seen.append(sum(rows.lengths)) or real(ids, rows, **kw)
     try:
@@ -228,7 +230,7 @@ def gemm_floor_us_per_token(loaded) -> tuple[float, float]:
     return 1e6 * per_token / rate, rate / 1e12
 
 
-def profile_calls(loaded, engine: ScoreEngine, sizes: dict) -> None:
+def profile_calls(loaded, engines: dict[str, ScoreEngine], sizes: dict) -> None:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -238,9 +240,12 @@ def profile_calls(loaded, engine: ScoreEngine, sizes: dict) -> None:
     record("profile", "GEMM floor", f"{floor:.2f} us per token (plain matmul of the layer shapes: {tflops:.3g} TFLOP/s)")
     for case in ("one", "packed"):
         queries, docs = sizes[case]
+        engine = engines[case]
         groups = workload(queries, docs)
         computed = computed_tokens(loaded, engine, groups)
         for name, call in calls(loaded, engine, groups).items():
+            if name == "path A batched" and case == "one":
+                continue  # profiled in the first H200 run (README); device time goes to the engine
             call()  # warm
             syncs = host_syncs(call, dev)
             with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
@@ -276,12 +281,18 @@ def new_shape(loaded, engine: ScoreEngine, sizes: dict) -> None:
     record("new shape", f"{queries} x {docs} first call vs second", f"{first:.3f} s vs {second:.3f} s (+{first - second:.3f} s)")
 
 
-def kernels(loaded, sizes: dict, token_budget: int | None) -> dict[str, str]:
-    """Every kernel choice at 1 x 20 and 16 x 20, warm; returns the fastest at 16 x 20 (the others' runs)."""
-    fastest: dict[str, str] = {}
+def kernels(loaded, sizes: dict, token_budget: int | None) -> dict[str, ScoreEngine]:
+    """Every kernel choice (on CUDA the padded prefill attention only: the first H200 run measured the
+    per-row one slower at both sizes) and both query-prefix policies, at 1 x 20 and 16 x 20, warm; returns
+    the fastest engine of each case."""
+    choices = choices_here(loaded.device)
+    if loaded.device.type == "cuda":
+        choices = [c for c in choices if c["attention"] == "padded"]
+    fastest: dict[str, ScoreEngine] = {}
     for case in ("one", "packed"):
         queries, docs = sizes[case]
-        rows = compare(loaded, workload(queries, docs), choices_here(loaded.device), repeats=3, token_budget=token_budget)
+        made = dict(contenders(loaded, choices, token_budget, prefix_min_docs=(1, 1 << 30)))
+        rows = compare(loaded, workload(queries, docs), list(made.items()), repeats=3)
         for row in rows:
             if "error" in row:
                 record("kernels", f"{queries} x {docs} {row['choice']}", f"FAILED: {row['error']}")
@@ -290,12 +301,53 @@ def kernels(loaded, sizes: dict, token_budget: int | None) -> dict[str, str]:
                        f"({row['seconds'] * 1e3:.1f} ms; max |score diff| vs first {row['max_diff']:.2e})")
         ran = [r for r in rows if "error" not in r]
         if ran:
-            best = max(ran, key=lambda r: r["tokens_per_s"])["choice"]
-            fastest = dict(part.split("=") for part in best.split(", "))
+            fastest[case] = made[max(ran, key=lambda r: r["tokens_per_s"])["choice"]]()
     return fastest
 
 
+def graph_equality(ckpt: Path, bf16) -> None:
+    """Decode steps replayed from CUDA graphs against eager ones, on the same prefilled slots (7 rows: a
+    bucket of 8 with one padding row): max |logit difference| and argmax agreement over 16 steps, in float32
+    and bf16; then whole greedy answers in float32 (EvidenceEngine with and without graphs)."""
+    from prism_ray.engine.graphs import GraphedDecode
+    from prism_ray.engine.models import SlotPool, pack
+
+    fp32 = load_model(ckpt, dtype="float32", device=str(bf16.device))
+    pairs = [(q, d) for q, docs in workload(7, 1) for d in docs]
+    for loaded in (fp32, bf16):
+        net, dev = loaded.net, loaded.device
+        rows = [loaded.prompts.encode(q, d).ids for q, d in pairs]
+        hidden, states = net.forward_rows(*pack(rows, [None] * len(rows), dev), keep_states=True)
+        pools = [SlotPool(net, len(rows), max(map(len, rows)) + 32, scratch=True), SlotPool(net, len(rows), max(map(len, rows)) + 32)]
+        slots = list(range(len(rows)))
+        for pool in pools:
+            for slot, state in zip(slots, states):
+                pool.store(slot, state)
+        graphed = GraphedDecode(net, pools[0])
+        tokens, positions = net.logits(hidden).argmax(-1), [len(r) for r in rows]
+        worst, agree = 0.0, 0
+        for _ in range(16):
+            got = graphed.step(tokens, positions, slots).float()
+            want = net.decode_step(tokens, positions, pools[1], pools[1].select(slots)).float()
+            worst = max(worst, (got - want).abs().max().item())
+            agree += int((got.argmax(-1) == want.argmax(-1)).sum())
+            tokens, positions = want.argmax(-1), [p + 1 for p in positions]
+        record("graphs", f"{loaded.dtype} graph replay vs eager step, 7 rows x 16 steps",
+               f"max |logit diff| {worst:.2e}, argmax agree {agree}/{16 * len(rows)}, graphs captured {graphed.captures}")
+    if fp32.device.type != "cuda":
+        return  # the dry run: EvidenceEngine's graphs are CUDA-only
+    texts = {}
+    for graphed in (False, True):
+        out = EvidenceEngine(fp32, max_batch_size=len(pairs), cuda_graphs=graphed).generate(pairs, max_new_tokens=48)
+        texts[graphed] = [r.text for r in out]
+    same = sum(a == b for a, b in zip(texts[False], texts[True]))
+    record("graphs", "float32 greedy answers, graphs == eager", f"{same}/{len(pairs)} (48 new tokens each)")
+
+
 def evidence(loaded, sizes: dict) -> None:
+    """Generated tokens/s at each concurrency, eager and replayed from CUDA graphs, and where a graphed run's
+    time goes: the first loop step (every pair's prefill, then one decode window) against the decode steps
+    after it, with the GPU's busy share of those."""
     concurrency, new = sizes["evidence"]
     graphs = [False, True] if loaded.device.type == "cuda" else [False]
     for pairs in concurrency:
@@ -310,17 +362,45 @@ def evidence(loaded, sizes: dict) -> None:
                 record("evidence", f"{pairs} concurrent x {new} new tokens, {how} ({run})",
                        f"{generated / t:,.0f} generated tokens/s ({generated} in {t:.2f} s)")
             texts[how] = [r.text for r in out]
+            _decode_split(ev, work, new, f"{pairs} concurrent, {how}")
         if len(texts) == 2:
             same = sum(a == b for a, b in zip(texts["eager"], texts["CUDA graphs"]))
-            record("evidence", f"{pairs} concurrent: graph replay text == eager text", f"{same}/{len(work)}")
+            record("evidence", f"{pairs} concurrent: graph replay text == eager text (bf16)", f"{same}/{len(work)}")
+
+
+def _decode_split(ev: EvidenceEngine, work, new: int, what: str) -> None:
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from prism_ray.engine.evidence import DecodeLoop
+
+    dev = ev.loaded.device
+    loop = DecodeLoop(ev, len(work), max(ev.prompts.encode(q, d).num_tokens for q, d in work) + new + ev.sync_every)
+    for i, (q, d) in enumerate(work):
+        loop.add(ev.sequence(q, d, max_new_tokens=new, index=i))
+    _, first = timed(loop.step, dev)
+    steps, windows = 0, 0
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        while loop.pending and windows < 4:
+            steps += loop.step()[2]
+            windows += 1
+        sync(dev)
+        wall = time.perf_counter() - t0
+    busy = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA) / 1e6 if dev.type == "cuda" else wall
+    record("evidence", f"{what}: first step (prefill + window) / decode step",
+           f"{first * 1e3:.0f} ms / {wall / max(steps, 1) * 1e3:.2f} ms per step, GPU busy {busy / wall:.0%} of those steps")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu", action="store_true", help="dry run: tiny preset, small sizes, on the CPU")
     ap.add_argument("--token-budget", type=int, default=None)
+    ap.add_argument("--evidence-pairs", default=None, help="concurrent sequences of the evidence section, comma-separated "
+                                                            "(default 32,64 on a GPU)")
     ap.add_argument("--out", default="checkpoints")
-    ap.add_argument("--skip", default="", help="sections to skip, comma-separated: parity,kernels,scoring,evidence,profile,new shape")
+    ap.add_argument("--skip", default="", help="sections to skip, comma-separated: parity,graphs,kernels,scoring,evidence,profile,new shape")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     device = "cpu" if args.cpu else "cuda"
@@ -337,20 +417,23 @@ def main() -> int:
     if "parity" not in skip:
         with section("parity"):
             ok = parity(ckpt, device)
-    sizes = CPU_SIZES if args.cpu else GPU_SIZES
+    sizes = dict(CPU_SIZES if args.cpu else GPU_SIZES)
+    if args.evidence_pairs:
+        sizes["evidence"] = (tuple(int(x) for x in args.evidence_pairs.split(",")), sizes["evidence"][1])
     bf16 = load_model(ckpt, dtype="bfloat16", device=device)
     record("setup", "bf16 default kernels", ", ".join(f"{k}={v}" for k, v in bf16.kernels.items()))
-    fastest: dict[str, str] = {}
+    if "graphs" not in skip:
+        with section("graphs"):
+            graph_equality(ckpt, bf16)
+    engines: dict[str, ScoreEngine] = {}
     if "kernels" not in skip:
         with section("kernels"):
-            fastest = kernels(bf16, sizes, args.token_budget)
-    if fastest:
-        bf16 = with_kernels(bf16, fastest)
-    engine = ScoreEngine(bf16, token_budget=args.token_budget)
-    record("setup", "kernels of the sections below", ", ".join(f"{k}={v}" for k, v in bf16.kernels.items()))
-    record("setup", "ScoreEngine.warm_up()", f"{engine.warm_up():.2f} s (token budget {engine.token_budget})")
-    steps = {"scoring": lambda: scoring(bf16, engine, sizes), "evidence": lambda: evidence(bf16, sizes),
-             "profile": lambda: profile_calls(bf16, engine, sizes), "new shape": lambda: new_shape(bf16, engine, sizes)}
+            engines = kernels(bf16, sizes, args.token_budget)
+    for case in ("one", "packed"):
+        engines.setdefault(case, ScoreEngine(bf16, token_budget=args.token_budget))
+    record("setup", "ScoreEngine.warm_up()", f"{engines['packed'].warm_up():.2f} s (token budget {engines['packed'].token_budget})")
+    steps = {"scoring": lambda: scoring(bf16, engines, sizes), "evidence": lambda: evidence(bf16, sizes),
+             "profile": lambda: profile_calls(bf16, engines, sizes), "new shape": lambda: new_shape(bf16, engines["packed"], sizes)}
     for name, step in steps.items():
         if name not in skip:
             with section(name):

@@ -168,6 +168,26 @@ def test_packed_queries_equal_path_a_and_one_query_at_a_time(engines, any_ckpt):
             assert abs(r.score - ref["score"]) <= TOL, (query, doc)
 
 
+def test_queries_with_few_documents_run_their_prefix_in_the_rows_with_the_same_scores(engines, any_ckpt, monkeypatch):
+    """Below `prefix_min_docs`, a query's prefix is not a forward of its own: its rows continue from the shared
+    head and run the query's tokens themselves. One forward fewer, the same scores (path A's)."""
+    engine = engines[str(any_ckpt)]
+    inline = ScoreEngine(engine.loaded, prefix_min_docs=4)
+    groups = [("what keeps a query short?", english_texts(3, 20, 60)), ("a query with more documents", english_texts(5, 20, 60))]
+    head = engine.loaded.prefixes.head()[1]  # once per process, before counting
+    forwards = []
+    real = engine.loaded.net.forward_rows
+    monkeypatch.setattr(engine.loaded.net, "forward_rows", lambda ids, rows, **kw: forwards.append(rows.contexts) or real(ids, rows, **kw))
+    got = inline.score(groups)
+    assert len(forwards) == 2  # the second query's prefix, then every row
+    assert sum(c is head for c in forwards[1]) == 3  # the first query's rows, from the shared head
+    want = engine.score(groups)
+    for (query, docs), res, ref in zip(groups, got, want):
+        for doc, r, w in zip(docs, res, ref):
+            assert abs(r.score - w.score) <= TOL and r.num_tokens == w.num_tokens
+            assert abs(r.score - reference.path_a(str(any_ckpt), reference.prompt_ids(str(any_ckpt), query, doc))["score"]) <= TOL
+
+
 def test_packing_really_mixes_queries_in_one_forward(engines, tiny_ckpt, monkeypatch):
     engine = ScoreEngine(engines[str(tiny_ckpt)].loaded, token_budget=100_000)
     seen = []

@@ -9,8 +9,8 @@
 - the short convolution: one grouped `F.conv1d` over the packed rows (prefill), a weighted sum (decode);
 - decode: masked SDPA over the slot pool and the project's recurrent step.
 
-Defaults per device; `ModelConfig.kernels` (or `load_model(kernels=...)`) overrides any of them by name.
-Nothing GPU-only is a default before a device run has checked it against the CPU kernels
+Defaults per device and dtype (`defaults`); `ModelConfig.kernels` (or `load_model(kernels=...)`) overrides any
+of them by name. Nothing GPU-only is a default before a device run has checked it against the CPU kernels
 (`benchmarks/device_check.sh` compares every choice).
 """
 
@@ -38,6 +38,16 @@ DELTA_RULE = {"prism": prism_delta_rule, "fla": fla_ops.delta_rule}
 CHOICES = {"attention": tuple(attention.PREFILL), "gated_delta_rule": tuple(DELTA_RULE)}
 DEFAULTS = {"cpu": {"attention": "rows", "gated_delta_rule": "prism"},
             "cuda": {"attention": "padded", "gated_delta_rule": "prism"}}
+
+
+def defaults(device: torch.device, dtype: torch.dtype) -> dict[str, str]:
+    """The device's kernels. On CUDA in bf16/fp16, fla's gated delta rule where it is installed (faster than the
+    project's scan in the H200 run of `device_check.sh`, README); its Triton dots round as tf32, so float32
+    (the parity dtype) keeps the project's exact scan."""
+    names = dict(DEFAULTS.get(device.type, DEFAULTS["cpu"]))
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and fla_ops.available():
+        names["gated_delta_rule"] = "fla"
+    return names
 
 
 @dataclass(frozen=True)
@@ -72,7 +82,7 @@ def choose_kernels(lm: torch.nn.Module, device: torch.device, dtype: torch.dtype
                    overrides: Mapping[str, str] | None = None) -> Kernels:
     """The kernels for this model on this device: the device's defaults, then `overrides`."""
     linear_name, linear = linear_for(_largest_projection(lm), dtype, device)
-    names = {**DEFAULTS.get(device.type, DEFAULTS["cpu"]), **validate(overrides)}
+    names = {**defaults(device, dtype), **validate(overrides)}
     if names["gated_delta_rule"] == "fla" and not (device.type == "cuda" and fla_ops.available()):
         raise ValueError("kernels.gated_delta_rule = 'fla' needs a CUDA device and flash-linear-attention "
                          "(pip install 'prism-ray[gpu]')")

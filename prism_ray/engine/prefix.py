@@ -47,10 +47,11 @@ class PrefixCache:
                 self._head = (ids, state)
             return self._head
 
-    def states(self, prefixes: list[list[int]]) -> list[SequenceState | None]:
+    def states(self, prefixes: list[list[int]], run: list[bool] | None = None) -> list[SequenceState | None]:
         """The state after `cached_length(len(p))` tokens of each prefix, in order (None where that is no
         token). Prefixes that start with the shared head continue from its state; the others' own tokens run
-        packed in one forward."""
+        packed in one forward. Where `run[i]` is False, prefix i's own tokens are not run here: its state is
+        the shared head's (or None), and the rows that continue from it run those tokens themselves."""
         head_ids, head_state = self.head()
         out: list[SequenceState | None] = [None] * len(prefixes)
         todo, tails, contexts = [], [], []
@@ -58,7 +59,7 @@ class PrefixCache:
             cached = self.cached_length(len(p))
             from_head = bool(head_ids) and cached >= len(head_ids) and p[: len(head_ids)] == head_ids
             start = len(head_ids) if from_head else 0
-            if cached == start:
+            if cached == start or (run is not None and not run[i]):
                 out[i] = head_state if from_head else None
                 continue
             todo.append(i)

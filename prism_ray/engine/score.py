@@ -28,6 +28,10 @@ from prism_ray.results import ScoreResult
 
 # Prompt tokens per forward (real tokens: rows are packed, not padded). GPUs want far larger batches.
 DEFAULT_TOKEN_BUDGET = {"cpu": 1024, "cuda": 16384}
+# Documents a query must have in a call for its prefix (past the shared head) to run as a forward of its own,
+# its state then read by every row. With fewer, each row runs those prompt tokens itself, from the shared
+# head's state: more tokens computed, one forward fewer. A CPU is bound by computation: always a forward.
+DEFAULT_PREFIX_MIN_DOCS = {"cpu": 1, "cuda": 1}
 
 
 def validate_group(query, documents) -> None:
@@ -48,9 +52,10 @@ class ScoreEngine:
 
     def __init__(self, model: str | Path | LoadedModel, dtype: str | torch.dtype = "auto",
                  device: str | None = None, max_length: int = DEFAULT_MAX_LENGTH,
-                 token_budget: int | None = None):
+                 token_budget: int | None = None, prefix_min_docs: int | None = None):
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype, device, max_length)
         self.token_budget = token_budget or DEFAULT_TOKEN_BUDGET.get(self.loaded.device.type, 8192)
+        self.prefix_min_docs = prefix_min_docs or DEFAULT_PREFIX_MIN_DOCS.get(self.loaded.device.type, 1)
 
     @property
     def prompts(self):
@@ -105,11 +110,14 @@ class ScoreEngine:
         return self._score(groups, one_piece=True)
 
     def _score(self, groups, one_piece: bool) -> list[list]:
-        fresh = [prefix for prefix, pairs in groups if not all(isinstance(p, Partial) for p in pairs)]
-        unique: dict[tuple[int, ...], int] = {}
-        for prefix in fresh:
-            unique.setdefault(tuple(prefix), len(unique))
-        states = list(self.loaded.prefixes.states([list(p) for p in unique]))
+        fresh: dict[tuple[int, ...], int] = {}  # each distinct prefix: its pairs that start here
+        for prefix, pairs in groups:
+            n = sum(not isinstance(p, Partial) for p in pairs)
+            if n:
+                fresh[tuple(prefix)] = fresh.get(tuple(prefix), 0) + n
+        unique = {prefix: k for k, prefix in enumerate(fresh)}
+        run = [n >= self.prefix_min_docs for n in fresh.values()]
+        states = list(self.loaded.prefixes.states([list(p) for p in unique], run))
         shared = len(states)  # the query prefixes' states; those of partial rows come after them
         rows: list[tuple[int, int, int, list[int]]] = []  # (group, pair, state, tail)
         for g, (prefix, pairs) in enumerate(groups):
