@@ -46,7 +46,7 @@ def choices_here(device: torch.device) -> list[dict[str, str]]:
     """Every combination of kernels this device can run."""
     options = dict(CHOICES)
     if not (device.type == "cuda" and fla_ops.available()):
-        options["gated_delta_rule"] = tuple(n for n in options["gated_delta_rule"] if n != "fla")
+        options = {op: tuple(n for n in names if n != "fla") for op, names in options.items()}
     return [dict(zip(options, combo)) for combo in itertools.product(*options.values())]
 
 

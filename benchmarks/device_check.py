@@ -7,9 +7,12 @@ Sections, each in its own try (one that fails prints why and the others still ru
 most if the run is cut short, figures gathered into one table at the end:
 - parity: fp32 scores against path A one prompt per forward, with the device's default kernels (exits 1 if
   it fails) and with every other kernel choice (reported);
-- kernels: every kernel choice (`engine.kernels.CHOICES`) on the same bf16 weights at 1 x 20 and 16 x 20,
-  warm, side by side (`bench_kernels.compare`): prompt tokens/s and score differences;
-- scoring: ScoreEngine (the fastest choice of the kernels section) and path A batched (a plain forward over
+- checks: float32 kernel checks that cost little device time: fla's convolution against torch's, and decode
+  steps replayed from CUDA graphs against eager ones (logits, argmax, whole greedy answers);
+- kernels: the kernel choices (`engine.kernels.CHOICES`) and both query-prefix policies (`prefix_min_docs`)
+  on the same bf16 weights at 1 x 20 and 16 x 20, warm, side by side (`bench_kernels.compare`): prompt
+  tokens/s and score differences;
+- scoring: ScoreEngine (each size's fastest of the kernels section) and path A batched (a plain forward over
   right-padded whole prompts) on 1 x 20 and 16 x 20: prompt tokens/s, first call and warm;
 - evidence: generated tokens/s with 32 and 64 sequences decoding concurrently, eager and replayed from CUDA
   graphs, and whether the two wrote the same text;
@@ -286,8 +289,8 @@ def kernels(loaded, sizes: dict, token_budget: int | None) -> dict[str, ScoreEng
     per-row one slower at both sizes) and both query-prefix policies, at 1 x 20 and 16 x 20, warm; returns
     the fastest engine of each case."""
     choices = choices_here(loaded.device)
-    if loaded.device.type == "cuda":
-        choices = [c for c in choices if c["attention"] == "padded"]
+    if loaded.device.type == "cuda":  # fla's conv only beside fla's delta rule: fewer contenders, less device time
+        choices = [c for c in choices if c["attention"] == "padded" and (c["gated_delta_rule"] == "fla" or c["causal_conv1d"] == "torch")]
     fastest: dict[str, ScoreEngine] = {}
     for case in ("one", "packed"):
         queries, docs = sizes[case]
@@ -305,14 +308,26 @@ def kernels(loaded, sizes: dict, token_budget: int | None) -> dict[str, ScoreEng
     return fastest
 
 
-def graph_equality(ckpt: Path, bf16) -> None:
+def checks(ckpt: Path, bf16) -> None:
+    """Kernel checks in float32 that cost little device time: fla's convolution against torch's (the rest of
+    the forward the project's exact kernels), then decode replayed from CUDA graphs against eager decode."""
+    fp32 = load_model(ckpt, dtype="float32", device=str(bf16.device))
+    groups = workload(3, 5)
+    if fp32.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        base = [r.score for g in ScoreEngine(fp32).score(groups) for r in g]
+        conv = [r.score for g in ScoreEngine(with_kernels(fp32, {"causal_conv1d": "fla", "gated_delta_rule": "prism"})).score(groups) for r in g]
+        record("checks", "float32 scores, causal_conv1d fla vs torch", f"max |score diff| {max(abs(a - b) for a, b in zip(base, conv)):.2e}")
+    graph_equality(fp32, bf16)
+
+
+def graph_equality(fp32, bf16) -> None:
     """Decode steps replayed from CUDA graphs against eager ones, on the same prefilled slots (7 rows: a
     bucket of 8 with one padding row): max |logit difference| and argmax agreement over 16 steps, in float32
     and bf16; then whole greedy answers in float32 (EvidenceEngine with and without graphs)."""
     from prism_ray.engine.graphs import GraphedDecode
     from prism_ray.engine.models import SlotPool, pack
 
-    fp32 = load_model(ckpt, dtype="float32", device=str(bf16.device))
     pairs = [(q, d) for q, docs in workload(7, 1) for d in docs]
     for loaded in (fp32, bf16):
         net, dev = loaded.net, loaded.device
@@ -332,7 +347,7 @@ def graph_equality(ckpt: Path, bf16) -> None:
             worst = max(worst, (got - want).abs().max().item())
             agree += int((got.argmax(-1) == want.argmax(-1)).sum())
             tokens, positions = want.argmax(-1), [p + 1 for p in positions]
-        record("graphs", f"{loaded.dtype} graph replay vs eager step, 7 rows x 16 steps",
+        record("checks", f"{loaded.dtype} graph replay vs eager step, 7 rows x 16 steps",
                f"max |logit diff| {worst:.2e}, argmax agree {agree}/{16 * len(rows)}, graphs captured {graphed.captures}")
     if fp32.device.type != "cuda":
         return  # the dry run: EvidenceEngine's graphs are CUDA-only
@@ -341,7 +356,7 @@ def graph_equality(ckpt: Path, bf16) -> None:
         out = EvidenceEngine(fp32, max_batch_size=len(pairs), cuda_graphs=graphed).generate(pairs, max_new_tokens=48)
         texts[graphed] = [r.text for r in out]
     same = sum(a == b for a, b in zip(texts[False], texts[True]))
-    record("graphs", "float32 greedy answers, graphs == eager", f"{same}/{len(pairs)} (48 new tokens each)")
+    record("checks", "float32 greedy answers, graphs == eager", f"{same}/{len(pairs)} (48 new tokens each)")
 
 
 def evidence(loaded, sizes: dict) -> None:
@@ -400,7 +415,7 @@ def main() -> int:
     ap.add_argument("--evidence-pairs", default=None, help="concurrent sequences of the evidence section, comma-separated "
                                                             "(default 32,64 on a GPU)")
     ap.add_argument("--out", default="checkpoints")
-    ap.add_argument("--skip", default="", help="sections to skip, comma-separated: parity,graphs,kernels,scoring,evidence,profile,new shape")
+    ap.add_argument("--skip", default="", help="sections to skip, comma-separated: parity,checks,kernels,scoring,evidence,profile,new shape")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     device = "cpu" if args.cpu else "cuda"
@@ -422,9 +437,9 @@ def main() -> int:
         sizes["evidence"] = (tuple(int(x) for x in args.evidence_pairs.split(",")), sizes["evidence"][1])
     bf16 = load_model(ckpt, dtype="bfloat16", device=device)
     record("setup", "bf16 default kernels", ", ".join(f"{k}={v}" for k, v in bf16.kernels.items()))
-    if "graphs" not in skip:
-        with section("graphs"):
-            graph_equality(ckpt, bf16)
+    if "checks" not in skip:
+        with section("checks"):
+            checks(ckpt, bf16)
     engines: dict[str, ScoreEngine] = {}
     if "kernels" not in skip:
         with section("kernels"):

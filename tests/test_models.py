@@ -72,8 +72,9 @@ def test_kernel_overrides_are_checked_by_name(loaded_models, tiny_ckpt):
         with_kernels(loaded, {"attention": "flash"})
     with pytest.raises(ValueError, match="unknown op 'norm'"):
         with_kernels(loaded, {"norm": "fused"})
-    with pytest.raises(ValueError, match="'fla' needs a CUDA device"):
-        with_kernels(loaded, {"gated_delta_rule": "fla"})
+    for op in ("gated_delta_rule", "causal_conv1d"):
+        with pytest.raises(ValueError, match=f"kernels.{op} = 'fla' needs a CUDA device"):
+            with_kernels(loaded, {op: "fla"})
 
 
 @torch.inference_mode()

@@ -6,7 +6,9 @@
 - the chunked gated delta rule of Qwen3.5's linear-attention layers (`gated_delta_rule`): `prism`, the
   project's scan over packed rows (`delta_rule.py`), or `fla`, flash-linear-attention's variable-length Triton
   kernels (CUDA with `prism-ray[gpu]`; `fla_ops.py`);
-- the short convolution: one grouped `F.conv1d` over the packed rows (prefill), a weighted sum (decode);
+- the short convolution of prefill (`causal_conv1d`): `torch`, one grouped `F.conv1d` over the packed rows
+  behind their carried-over inputs, or `fla`, fla's variable-length Triton kernel (CUDA; rows whose states
+  are kept still run `torch`, which leaves them in its stream); decode: a weighted sum;
 - decode: masked SDPA over the slot pool and the project's recurrent step.
 
 Defaults per device and dtype (`defaults`); `ModelConfig.kernels` (or `load_model(kernels=...)`) overrides any
@@ -35,9 +37,10 @@ def prism_delta_rule(q, k, v, g, beta, rows, initial, output_final_state: bool):
 
 
 DELTA_RULE = {"prism": prism_delta_rule, "fla": fla_ops.delta_rule}
-CHOICES = {"attention": tuple(attention.PREFILL), "gated_delta_rule": tuple(DELTA_RULE)}
-DEFAULTS = {"cpu": {"attention": "rows", "gated_delta_rule": "prism"},
-            "cuda": {"attention": "padded", "gated_delta_rule": "prism"}}
+CONV = {"torch": None, "fla": fla_ops.conv}  # None: the model's own F.conv1d over the packed stream
+CHOICES = {"attention": tuple(attention.PREFILL), "gated_delta_rule": tuple(DELTA_RULE), "causal_conv1d": tuple(CONV)}
+DEFAULTS = {"cpu": {"attention": "rows", "gated_delta_rule": "prism", "causal_conv1d": "torch"},
+            "cuda": {"attention": "padded", "gated_delta_rule": "prism", "causal_conv1d": "torch"}}
 
 
 def defaults(device: torch.device, dtype: torch.dtype) -> dict[str, str]:
@@ -58,6 +61,7 @@ class Kernels:
     linear: object  # (x, weight, bias) -> x @ weight.T + bias
     attend: object  # `attention.PREFILL` entry
     delta_rule: object  # `DELTA_RULE` entry
+    conv: object  # `CONV` entry: None for the model's own
 
 
 def validate(overrides: Mapping[str, str] | None) -> dict[str, str]:
@@ -83,13 +87,14 @@ def choose_kernels(lm: torch.nn.Module, device: torch.device, dtype: torch.dtype
     """The kernels for this model on this device: the device's defaults, then `overrides`."""
     linear_name, linear = linear_for(_largest_projection(lm), dtype, device)
     names = {**defaults(device, dtype), **validate(overrides)}
-    if names["gated_delta_rule"] == "fla" and not (device.type == "cuda" and fla_ops.available()):
-        raise ValueError("kernels.gated_delta_rule = 'fla' needs a CUDA device and flash-linear-attention "
-                         "(pip install 'prism-ray[gpu]')")
+    for op in ("gated_delta_rule", "causal_conv1d"):
+        if names[op] == "fla" and not (device.type == "cuda" and fla_ops.available()):
+            raise ValueError(f"kernels.{op} = 'fla' needs a CUDA device and flash-linear-attention (pip install 'prism-ray[gpu]')")
     hybrid = "linear_attention" in (getattr(lm.config.get_text_config(), "layer_types", None) or ())
     shown = {"linear": linear_name, "attention": names["attention"]}
     if hybrid:
-        shown.update(gated_delta_rule=names["gated_delta_rule"], causal_conv1d="torch")
+        shown.update(gated_delta_rule=names["gated_delta_rule"], causal_conv1d=names["causal_conv1d"])
     log.info("engine kernels on %s (%s): %s", device.type, str(dtype).replace("torch.", ""),
              ", ".join(f"{op} = {name}" for op, name in shown.items()))
-    return Kernels(shown, linear, attention.PREFILL[names["attention"]], DELTA_RULE[names["gated_delta_rule"]])
+    return Kernels(shown, linear, attention.PREFILL[names["attention"]], DELTA_RULE[names["gated_delta_rule"]],
+                   CONV[names["causal_conv1d"]])

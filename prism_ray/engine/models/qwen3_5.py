@@ -42,9 +42,10 @@ class GatedDeltaNet:
     """Projections, the short causal convolution (with its carried-over inputs), gating, the gated delta rule
     (`delta_rule`) and the gated RMS norm of the output."""
 
-    def __init__(self, w: dict[str, torch.Tensor], config, linear: Linear, delta_rule_kernel: DeltaRule):
+    def __init__(self, w: dict[str, torch.Tensor], config, linear: Linear, delta_rule_kernel: DeltaRule, conv_kernel=None):
         p = "linear_attn."
         self.delta_rule = delta_rule_kernel  # the chunked prefill kernel (`kernels.DELTA_RULE`)
+        self.conv_kernel = conv_kernel  # a prefill convolution kernel (`kernels.CONV`), None: `_conv_rows`
         self.qkv, self.z, self.b, self.a, self.out = (w[f"{p}{n}.weight"] for n in ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"))
         conv = w[f"{p}conv1d.weight"]  # (channels, 1, kernel)
         self.conv_weight = conv[:, 0].t().contiguous()  # (kernel, channels), for the decode step
@@ -84,17 +85,27 @@ class GatedDeltaNet:
         lay = rows.cached(("conv", keep), lambda: ConvLayout.of(rows, keep))
         stream = mixed.new_empty(len(mixed) + len(rows) * keep, channels)
         stream.index_copy_(0, lay.own, mixed)
-        if rows.groups:
-            carried = rows.per_row([c.layers[index].conv for c in rows.groups], mixed.new_zeros(keep, channels))
+        carried = self._carried(mixed, rows, index)
+        if carried is not None:
             stream.index_copy_(0, lay.carried, carried.reshape(-1, channels))
         else:
             stream.index_fill_(0, lay.carried, 0)
         out = F.conv1d(stream.t()[None].to(self.conv_filter.dtype), self.conv_filter, self.conv_bias, groups=channels)[0]
         return F.silu(out.t().index_select(0, lay.take)).to(mixed.dtype), stream, lay
 
+    def _carried(self, mixed: torch.Tensor, rows: Rows, index: int) -> torch.Tensor | None:
+        """(rows, kernel - 1, C): each row's context's last conv inputs (zeros without a context); None when no
+        row has a context."""
+        if not rows.groups:
+            return None
+        return rows.per_row([c.layers[index].conv for c in rows.groups], mixed.new_zeros(self.kernel - 1, mixed.shape[1]))
+
     def prefill(self, x: torch.Tensor, rows: Rows, index: int, rope, keep_states: bool, last_only: bool = False):
         mixed, z, b, a = self._project(x)
-        conv_out, stream, lay = self._conv_rows(mixed, rows, index)
+        if self.conv_kernel is not None and not keep_states:
+            conv_out = self.conv_kernel(mixed, self.conv_filter[:, 0], self.conv_bias, rows, self._carried(mixed, rows, index))
+        else:
+            conv_out, stream, lay = self._conv_rows(mixed, rows, index)
         q, k, v = self._split(conv_out)
         beta, g = self._gates(b, a)
         initial = None
@@ -164,7 +175,7 @@ def mixers(config, layer_weights: list[dict[str, torch.Tensor]], fam: Family, ke
     out = []
     for kind, w in zip(config.layer_types, layer_weights):
         if kind == "linear_attention":
-            out.append(GatedDeltaNet(w, config, kernels.linear, kernels.delta_rule))
+            out.append(GatedDeltaNet(w, config, kernels.linear, kernels.delta_rule, kernels.conv))
         elif kind == "full_attention":
             out.append(Attention(w, fam, kernels.linear, heads, kv_heads, head_dim, kernels.attend))
         else:
