@@ -128,8 +128,8 @@ class EvidenceTierConfig(TierConfig):
 
     max_active_pairs: int = Field(default=16, gt=0, description="pairs decoding at once (slots per replica)")
     max_queued_pairs: int = Field(default=64, ge=0, description="pairs waiting for a slot per replica; past it, 503")
-    cuda_graphs: bool = Field(default=False, description="replay each decode step from a CUDA graph (one per batch-size "
-                                                         "bucket; CUDA only)")
+    cuda_graphs: bool | None = Field(default=None, description="replay each decode step from a CUDA graph (one per "
+                                                               "batch-size bucket); unset: on for CUDA devices")
     _renamed = {
         "max_batch_pairs": "max_batch_pairs is gone: the evidence tier schedules per decode step; use "
                            "max_active_pairs (pairs decoding at once, default 16) and max_queued_pairs (pairs "

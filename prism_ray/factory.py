@@ -56,7 +56,7 @@ class EngineSettings:
     token_budget: int | None = None  # scorer: prompt tokens per forward, packed (None: the device default)
     max_active_pairs: int | None = None  # evidence: pairs decoding at once (slots)
     kernels: tuple[tuple[str, str], ...] = ()  # (op, kernel) overrides of the device's defaults
-    cuda_graphs: bool = False  # evidence: decode steps replayed from CUDA graphs
+    cuda_graphs: bool | None = None  # evidence: decode steps replayed from CUDA graphs (None: on CUDA)
 
 
 def tier_config(model: ModelConfig, tier: Tier) -> TierConfig:
@@ -74,7 +74,7 @@ def engine_settings(model: ModelConfig, tier: Tier) -> EngineSettings:
         token_budget=model.scorer.engine_token_budget if tier == "scorer" else None,
         max_active_pairs=model.evidence.max_active_pairs if tier == "evidence" else None,
         kernels=tuple(sorted(model.kernels.items())),
-        cuda_graphs=bool(model.evidence.cuda_graphs) if tier == "evidence" else False,
+        cuda_graphs=model.evidence.cuda_graphs if tier == "evidence" else None,
     )
 
 

@@ -159,3 +159,22 @@ def test_shared_head_runs_once_per_process_and_generation_leaves_prefix_states_a
     for layer, tensors in zip(head.layers, saved):
         for t, s in zip(vars(layer).values(), tensors):
             assert torch.equal(t, s)
+
+
+def test_device_defaults_take_fla_on_cuda_in_bf16_only_where_it_is_installed(monkeypatch):
+    from prism_ray.engine import fla_ops, kernels
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(fla_ops, "available", lambda: True)
+    assert kernels.defaults(cuda, torch.bfloat16) == {"attention": "padded", "gated_delta_rule": "fla", "causal_conv1d": "fla"}
+    assert kernels.defaults(cuda, torch.float32) == {"attention": "padded", "gated_delta_rule": "prism", "causal_conv1d": "torch"}
+    assert kernels.defaults(cpu, torch.bfloat16) == {"attention": "rows", "gated_delta_rule": "prism", "causal_conv1d": "torch"}
+    monkeypatch.setattr(fla_ops, "available", lambda: False)
+    assert kernels.defaults(cuda, torch.bfloat16)["gated_delta_rule"] == "prism"
+
+
+def test_cuda_graphs_default_off_the_gpu_and_refused_there(loaded_models, tiny_ckpt):
+    loaded = loaded_models[str(tiny_ckpt)]
+    assert EvidenceEngine(loaded).cuda_graphs is False
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device, not cpu"):
+        EvidenceEngine(loaded, cuda_graphs=True)

@@ -74,11 +74,14 @@ class Sequence:
 class EvidenceEngine:
     def __init__(self, model: str | Path | LoadedModel, dtype: str | torch.dtype = "auto",
                  device: str | None = None, max_length: int = DEFAULT_MAX_LENGTH, max_batch_size: int = 32,
-                 token_budget: int | None = None, cuda_graphs: bool = False):
+                 token_budget: int | None = None, cuda_graphs: bool | None = None):
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype, device, max_length)
-        if cuda_graphs and self.loaded.device.type != "cuda":
+        on_cuda = self.loaded.device.type == "cuda"
+        if cuda_graphs and not on_cuda:
             raise ValueError(f"cuda_graphs needs a CUDA device, not {self.loaded.device.type}")
-        self.cuda_graphs = cuda_graphs  # decode steps replayed from CUDA graphs (`graphs.py`)
+        # Decode steps replayed from CUDA graphs (`graphs.py`); None: on CUDA, where the H200 run of
+        # device_check.sh found replay equal to eager decoding (README).
+        self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
         self.max_batch_size = max_batch_size  # slots of a generate call: pairs decoding at once
         # Prompt tokens per prefill forward.
         self.token_budget = token_budget or DEFAULT_PREFILL_BUDGET.get(self.loaded.device.type, 8192)

@@ -44,12 +44,12 @@ DEFAULTS = {"cpu": {"attention": "rows", "gated_delta_rule": "prism", "causal_co
 
 
 def defaults(device: torch.device, dtype: torch.dtype) -> dict[str, str]:
-    """The device's kernels. On CUDA in bf16/fp16, fla's gated delta rule where it is installed (faster than the
-    project's scan in the H200 run of `device_check.sh`, README); its Triton dots round as tf32, so float32
-    (the parity dtype) keeps the project's exact scan."""
+    """The device's kernels. On CUDA in bf16/fp16, fla's gated delta rule and convolution where fla is installed
+    (faster than the project's kernels in the H200 runs of `device_check.sh`, README); fla's Triton dots round
+    as tf32, so float32 (the parity dtype) keeps the project's exact kernels."""
     names = dict(DEFAULTS.get(device.type, DEFAULTS["cpu"]))
     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and fla_ops.available():
-        names["gated_delta_rule"] = "fla"
+        names.update(gated_delta_rule="fla", causal_conv1d="fla")
     return names
 
 
