@@ -9,11 +9,16 @@ module (`qwen3_5.py`, `qwen3.py`).
 Two entry points, as gpt-fast's prefill and decode_one_token:
 
 - `Model.forward_rows`: the rows of a call as one flat token stream (no padding), each row continuing from
-  its own context state where that state lies (attention reads the context's K/V, a linear-attention row
-  starts from the context's recurrent and conv state; nothing is copied per row). With `last_only`, the last
-  layer runs only where a row's last token needs it. With `keep_states`, each row's state is returned.
+  its own context state (attention reads the context's K/V, a linear-attention row starts from the context's
+  recurrent and conv state). Rows are grouped by context (`Rows.groups`): rows that all share one context
+  read it through a broadcast view; otherwise each distinct context is stacked once per layer and read by
+  index, which copies it per row only where a kernel wants a per-row layout (`Rows.per_row`). With
+  `last_only`, the last layer runs only where a row's last token needs it. With `keep_states`, each row's
+  state is returned. The kernels (prefill attention, the gated delta rule, the convolution) are chosen at
+  load (`kernels.py`).
 - `Model.decode_step`: one token for each of some slots of a `SlotPool`, whose K/V and linear-attention
-  states are written in place.
+  states are written in place; `Model.decode_tensors` is the same step over device tensors only, what a CUDA
+  graph captures (`graphs.py`).
 """
 
 from __future__ import annotations
