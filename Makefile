@@ -35,6 +35,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_engines.py --preset 0.8b
 	$(PY) benchmarks/bench_engines.py --preset 0.8b --dtype auto
 	$(PY) benchmarks/bench_engines.py --preset 0.8b --evidence
+	$(PY) benchmarks/bench_kernels.py --preset 0.8b
 	$(PY) benchmarks/bench_packing.py --preset 0.8b
 	$(PY) benchmarks/bench_serve.py
 	$(PY) benchmarks/bench_evidence_serve.py
