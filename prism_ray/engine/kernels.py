@@ -8,8 +8,10 @@
   kernels (CUDA with `prism-ray[gpu]`; `fla_ops.py`);
 - the short convolution of prefill (`causal_conv1d`): `torch`, one grouped `F.conv1d` over the packed rows
   behind their carried-over inputs, or `fla`, fla's variable-length Triton kernel (CUDA; rows whose states
-  are kept still run `torch`, which leaves them in its stream); decode: a weighted sum;
-- decode: masked SDPA over the slot pool and the project's recurrent step.
+  are kept still run `torch`, which leaves them in its stream);
+- decode: masked SDPA over the slot pool, the project's recurrent step and a weighted sum for the
+  convolution, the same on every device; on CUDA each step is replayed from a CUDA graph (`graphs.py`, an
+  `EvidenceEngine` setting rather than a kernel).
 
 Defaults per device and dtype (`defaults`); `ModelConfig.kernels` (or `load_model(kernels=...)`) overrides any
 of them by name. Nothing GPU-only is a default before a device run has checked it against the CPU kernels
