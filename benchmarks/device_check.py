@@ -1,6 +1,7 @@
 """The GPU check (v3), in one go and without Ray: fp32 parity with path A on the device, then bf16 figures.
 
-    bash benchmarks/device_check.sh          # on a CUDA machine (the 0.8b preset); at most 8 minutes on an H200
+    bash benchmarks/device_check.sh          # on a CUDA machine (the 0.8b preset); stopped at 480 s by the .sh
+    bash benchmarks/device_check.sh --skip parity --evidence-pairs 64   # 256 s on an H200 (parity alone: ~200 s)
     bash benchmarks/device_check.sh --cpu    # the same steps on the tiny preset and small sizes: a dry run
 
 Sections, each in its own try (one that fails prints why and the others still run), in order of what matters
