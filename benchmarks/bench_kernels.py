@@ -3,7 +3,7 @@
     python benchmarks/bench_kernels.py --preset 0.8b                        # every choice this device has
     python benchmarks/bench_kernels.py --preset 0.8b --dtype auto --queries 4 --docs 20
 
-Each choice (`prism_ray.engine.kernels.CHOICES`: prefill attention `rows` / `padded`, the gated delta rule
+Each choice (`prism_ray.engine.kernels.CHOICES`: prefill attention `sdpa` (per row) / `padded`, the gated delta rule
 `prism` / `fla`), and each ScoreEngine `prefix_min_docs` policy given (`--prefix-min-docs 1,1000000`: a query's
 prefix as a forward of its own, or run inside its rows), runs ScoreEngine on the same (query, documents) groups
 over the same weights (`loading.with_kernels`), the contenders taking turns within each round; printed: prompt

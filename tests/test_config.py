@@ -52,7 +52,7 @@ def test_kernel_choices_and_cuda_graphs_are_checked_where_the_config_is_read():
     with pytest.raises(ValidationError) as err:
         AppConfig.model_validate({"models": [_model(kernels={"attention": "flash"})]})
     assert err.value.errors()[0]["loc"] == ("models", 0, "kernels")
-    assert "kernels.attention must be one of ['rows', 'padded'], not 'flash'" in str(err.value)
+    assert "kernels.attention must be one of ['sdpa', 'padded'], not 'flash'" in str(err.value)
     with pytest.raises(ValidationError, match="evidence.cuda_graphs needs a CUDA device"):
         AppConfig.model_validate({"models": [_model(device="cpu", evidence={"cuda_graphs": True})]})
 

@@ -48,7 +48,7 @@ def test_packed_rows_from_a_context_equal_whole_sequences(loaded_models, any_ckp
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("attention", ["rows", "padded"])
+@pytest.mark.parametrize("attention", ["sdpa", "padded"])
 def test_each_prefill_kernel_packs_rows_of_several_contexts_as_whole_sequences(loaded_models, any_ckpt, attention):
     """Rows of two contexts of different lengths and rows of none, interleaved in one forward (with and
     without the last-token-only final layer): every row's last hidden state equals transformers' forward over
@@ -68,7 +68,7 @@ def test_each_prefill_kernel_packs_rows_of_several_contexts_as_whole_sequences(l
 
 def test_kernel_overrides_are_checked_by_name(loaded_models, tiny_ckpt):
     loaded = loaded_models[str(tiny_ckpt)]
-    with pytest.raises(ValueError, match=r"kernels.attention must be one of \['rows', 'padded'\], not 'flash'"):
+    with pytest.raises(ValueError, match=r"kernels.attention must be one of \['sdpa', 'padded'\], not 'flash'"):
         with_kernels(loaded, {"attention": "flash"})
     with pytest.raises(ValueError, match="unknown op 'norm'"):
         with_kernels(loaded, {"norm": "fused"})
@@ -168,7 +168,7 @@ def test_device_defaults_take_fla_on_cuda_in_bf16_only_where_it_is_installed(mon
     monkeypatch.setattr(fla_ops, "available", lambda: True)
     assert kernels.defaults(cuda, torch.bfloat16) == {"attention": "padded", "gated_delta_rule": "fla", "causal_conv1d": "fla"}
     assert kernels.defaults(cuda, torch.float32) == {"attention": "padded", "gated_delta_rule": "prism", "causal_conv1d": "torch"}
-    assert kernels.defaults(cpu, torch.bfloat16) == {"attention": "rows", "gated_delta_rule": "prism", "causal_conv1d": "torch"}
+    assert kernels.defaults(cpu, torch.bfloat16) == {"attention": "sdpa", "gated_delta_rule": "prism", "causal_conv1d": "torch"}
     monkeypatch.setattr(fla_ops, "available", lambda: False)
     assert kernels.defaults(cuda, torch.bfloat16)["gated_delta_rule"] == "prism"
 

@@ -5,7 +5,7 @@ with `last_only`, and its keys and values `k`, `v` (T, kv_heads, d), normed and 
 attention output in `q`'s shape. Row i's tokens attend to its context's K/V (`rows.contexts[i]`, layer `index`)
 and causally to its own.
 
-- `rows`: one SDPA call per row (the context's K/V concatenated in front of the row's own). No padding, but a
+- `sdpa` (`rows`): one SDPA call per row (the context's K/V concatenated in front of the row's own). No padding, but a
   host round of launches per row: right for a CPU, where launches are cheap and padded work is not.
 - `padded`: one SDPA call for all rows, right-padded to the longest row, behind the contexts' K/V padded to
   the longest context, with a mask. A constant number of launches per layer whatever the row count: what a
@@ -119,4 +119,4 @@ def padded(q, k, v, packed, index: int, last_only: bool) -> torch.Tensor:
     return out.transpose(1, 2).reshape(count * lay.width, *q.shape[1:])[lay.flat]
 
 
-PREFILL = {"rows": rows, "padded": padded}
+PREFILL = {"sdpa": rows, "padded": padded}

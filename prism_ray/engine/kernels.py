@@ -1,7 +1,7 @@
 """Which kernels the engines' forward runs, chosen once when a model loads and logged.
 
 - projections (`linear`): torch's `F.linear`, or on CPU in float32 oneDNN's where measured faster (`linear.py`);
-- prefill attention (`attention`): `rows`, one SDPA call per row (CPU), or `padded`, one masked SDPA call for
+- prefill attention (`attention`): `sdpa`, one SDPA call per row (CPU), or `padded`, one masked SDPA call for
   all rows of a forward (CUDA: a constant number of launches per layer) (`attention.py`);
 - the chunked gated delta rule of Qwen3.5's linear-attention layers (`gated_delta_rule`): `prism`, the
   project's scan over packed rows (`delta_rule.py`), or `fla`, flash-linear-attention's variable-length Triton
@@ -41,7 +41,7 @@ def prism_delta_rule(q, k, v, g, beta, rows, initial, output_final_state: bool):
 DELTA_RULE = {"prism": prism_delta_rule, "fla": fla_ops.delta_rule}
 CONV = {"torch": None, "fla": fla_ops.conv}  # None: the model's own F.conv1d over the packed stream
 CHOICES = {"attention": tuple(attention.PREFILL), "gated_delta_rule": tuple(DELTA_RULE), "causal_conv1d": tuple(CONV)}
-DEFAULTS = {"cpu": {"attention": "rows", "gated_delta_rule": "prism", "causal_conv1d": "torch"},
+DEFAULTS = {"cpu": {"attention": "sdpa", "gated_delta_rule": "prism", "causal_conv1d": "torch"},
             "cuda": {"attention": "padded", "gated_delta_rule": "prism", "causal_conv1d": "torch"}}
 
 
