@@ -1,10 +1,11 @@
 """ScoreEngine: Prism relevance scores with one forward pass per document and a shared prefix.
 
 Per query, the prefix (system prompt + instruction + query, ~200 tokens) runs once (`prefix.PrefixCache`:
-the head every query shares once per process, then the query's own tokens). The rows of a call, every
-document of every query, each holding its document + suffix tokens (plus the few prefix tokens past the
-last 64-token chunk boundary), then run packed as one token stream without padding, each continuing from
-its query's prefix state where that state lies (`models.base.Model.forward_rows`). A row longer than the
+the head every query shares once per process, then the query's own tokens; a query with fewer than
+`prefix_min_docs` documents in the call leaves its own tokens to its rows, which then continue from the shared
+head). The rows of a call, every document of every query, each holding its document + suffix tokens (plus the
+prefix tokens past the cached state), then run packed as one token stream without padding, each continuing
+from its query's prefix state (`models.base.Model.forward_rows`). A row longer than the
 token budget runs its head in pieces first, so no forward holds more than the budget. The final layer runs
 only where each row's last token needs it, and only `(w_yes - w_no) · h_last` is computed, never the full
 vocabulary.
