@@ -47,8 +47,8 @@ DEFAULTS = {"cpu": {"attention": "sdpa", "gated_delta_rule": "prism", "causal_co
 
 def defaults(device: torch.device, dtype: torch.dtype) -> dict[str, str]:
     """The device's kernels. On CUDA in bf16/fp16, fla's gated delta rule and convolution where fla is installed
-    (faster than the project's kernels in the H200 runs of `device_check.sh`, README); fla's Triton dots round
-    as tf32, so float32 (the parity dtype) keeps the project's exact kernels."""
+    (faster than the project's kernels in the H200 runs of `device_check.sh`, README). float32, the parity
+    dtype, keeps the project's kernels, which the CPU tests check against path A."""
     names = dict(DEFAULTS.get(device.type, DEFAULTS["cpu"]))
     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and fla_ops.available():
         names.update(gated_delta_rule="fla", causal_conv1d="fla")
