@@ -203,11 +203,11 @@ def test_a_failed_step_fails_its_pairs_and_the_loop_goes_on(engine, monkeypatch)
     original = engine._decode
     calls = []
 
-    def once_broken(active, pool):
+    def once_broken(active, pool, *graphs):
         calls.append(len(active))
         if len(calls) == 1:
             raise RuntimeError("a kernel failed")
-        return original(active, pool)
+        return original(active, pool, *graphs)
 
     monkeypatch.setattr(engine, "_decode", once_broken)
     scheduler = Scheduler(engine, max_active_pairs=2)
@@ -225,9 +225,9 @@ def test_health_check_fails_while_one_step_is_stuck(engine, monkeypatch):
     release = threading.Event()
     original = engine._decode
 
-    def stuck(active, pool):
+    def stuck(active, pool, *graphs):
         release.wait(60)
-        return original(active, pool)
+        return original(active, pool, *graphs)
 
     monkeypatch.setattr(engine, "_decode", stuck)
     scheduler = Scheduler(engine, max_active_pairs=1)
