@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import sys
 import time
 import traceback
@@ -41,11 +42,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_kernels import choices_here, compare, contenders, workload  # noqa: E402  (benchmarks/, the script's folder)
 
 from prism_ray.checkpoints import build_checkpoint  # noqa: E402
-from prism_ray.engine import EvidenceEngine, ScoreEngine, load_model  # noqa: E402
+from prism_ray.engine import EvidenceEngine, ScoreEngine, fla_ops, load_model  # noqa: E402
 from prism_ray.engine.batching import budget_batches  # noqa: E402
 from prism_ray.engine.loading import with_kernels  # noqa: E402
 from prism_ray.engine.score import sigmoid  # noqa: E402
 
+WARM_CALLS = 5
+TOP_KERNELS = 8
 GPU_SIZES = {"one": (1, 20), "packed": (16, 20), "new shape": (3, 13), "evidence": ((32, 64), 128)}
 CPU_SIZES = {"one": (1, 4), "packed": (4, 4), "new shape": (2, 3), "evidence": ((2, 3), 8)}
 KERNEL_KINDS = (  # first match wins, on the lower-cased kernel (or op) name
@@ -127,7 +130,7 @@ def parity(ckpt: Path, device: str) -> bool:
 
 
 def _names(choice: dict[str, str]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in choice.items() if k in ("attention", "gated_delta_rule"))
+    return ", ".join(f"{k}={v}" for k, v in choice.items() if k in ("attention", "gated_delta_rule", "pointwise"))
 
 
 TABLE: list[tuple[str, str, str]] = []  # (section, what, figure)
@@ -172,12 +175,19 @@ def scoring(loaded, engines: dict[str, ScoreEngine], sizes: dict) -> None:
         tokens = sum(engine.prompts.encode(q, d).num_tokens for q, ds in groups for d in ds)
         record("scoring", f"{queries} x {docs} ScoreEngine setting", f"{_names(engine.loaded.kernels)}, prefix_min_docs={engine.prefix_min_docs}")
         times = {}
-        for run in ("first call", "warm"):
+        for name, call in calls(loaded, engine, groups).items():
+            _, times[name, "first call"] = timed(call, dev)
+        for _ in range(WARM_CALLS):  # the contenders take turns, so a slow moment of the machine hits both
             for name, call in calls(loaded, engine, groups).items():
-                _, times[name, run] = timed(call, dev)
-                record("scoring", f"{queries} x {docs} {name} ({run})", f"{tokens / times[name, run]:,.0f} prompt tokens/s")
+                times.setdefault((name, "warm"), []).append(timed(call, dev)[1])
+        for name in ("ScoreEngine", "path A batched"):
+            times[name, "warm"] = statistics.median(times[name, "warm"])
+        for run in ("first call", f"warm, median of {WARM_CALLS}"):
+            key = run.split(",")[0]
+            for name in ("ScoreEngine", "path A batched"):
+                record("scoring", f"{queries} x {docs} {name} ({run})", f"{tokens / times[name, key]:,.0f} prompt tokens/s")
             record("scoring", f"{queries} x {docs} ScoreEngine / path A ({run})",
-                   f"{times['path A batched', run] / times['ScoreEngine', run]:.2f}x")
+                   f"{times['path A batched', key] / times['ScoreEngine', key]:.2f}x")
 
 
 def host_syncs(fn, device: torch.device) -> int | None:
@@ -235,7 +245,6 @@ def gemm_floor_us_per_token(loaded) -> tuple[float, float]:
 
 
 def profile_calls(loaded, engines: dict[str, ScoreEngine], sizes: dict) -> None:
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     dev = loaded.device
@@ -254,19 +263,8 @@ def profile_calls(loaded, engines: dict[str, ScoreEngine], sizes: dict) -> None:
             syncs = host_syncs(call, dev)
             with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
                 _, wall = timed(call, dev)
-            events = [e for e in prof.key_averages()]
-            if cuda:
-                busy = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA) / 1e6
-                split = {}
-                for e in events:
-                    if e.device_type == DeviceType.CUDA:
-                        split[kernel_kind(e.key)] = split.get(kernel_kind(e.key), 0.0) + e.self_device_time_total
-            else:  # the dry run: CPU ops' self time stands in for kernels
-                busy = wall
-                split = {}
-                for e in events:
-                    if e.key.startswith("aten::"):
-                        split[kernel_kind(e.key)] = split.get(kernel_kind(e.key), 0.0) + e.self_cpu_time_total
+            busy, split, top = kernel_times(prof, cuda)
+            busy = busy if cuda else wall
             what = f"{queries} x {docs} {name}"
             record("profile", f"{what} busy / wall", f"{busy:.3f} s / {wall:.3f} s ({busy / wall:.0%})"
                    + (f", host syncs {syncs}" if syncs is not None else ""))
@@ -275,6 +273,26 @@ def profile_calls(loaded, engines: dict[str, ScoreEngine], sizes: dict) -> None:
             total = sum(split.values()) or 1.0
             record("profile", f"{what} kernel split", ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in
                                                                   sorted(split.items(), key=lambda kv: -kv[1])))
+            record("profile", f"{what} top kernels", top)
+
+
+def kernel_times(prof, cuda: bool) -> tuple[float, dict[str, float], str]:
+    """From a profile: GPU busy seconds, kernel time by kind (`KERNEL_KINDS`), and the `TOP_KERNELS` kernels
+    that took the most time (share, calls, name cut short). Off CUDA, aten ops' CPU self time stands in."""
+    from torch.autograd import DeviceType
+
+    if cuda:
+        busy = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA) / 1e6
+        times = [(e.key, e.self_device_time_total, e.count) for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    else:
+        busy = 0.0
+        times = [(e.key, e.self_cpu_time_total, e.count) for e in prof.key_averages() if e.key.startswith("aten::")]
+    split: dict[str, float] = {}
+    for key, t, _ in times:
+        split[kernel_kind(key)] = split.get(kernel_kind(key), 0.0) + t
+    total = sum(t for _, t, _ in times) or 1.0
+    top = sorted(times, key=lambda x: -x[1])[:TOP_KERNELS]
+    return busy, split, "; ".join(f"{100 * t / total:.0f}% x{n} {key[:70]}" for key, t, n in top)
 
 
 def new_shape(loaded, engine: ScoreEngine, sizes: dict) -> None:
@@ -286,12 +304,13 @@ def new_shape(loaded, engine: ScoreEngine, sizes: dict) -> None:
 
 
 def kernels(loaded, sizes: dict, token_budget: int | None) -> dict[str, ScoreEngine]:
-    """Every kernel choice (on CUDA the padded prefill attention only: the first H200 run measured the
-    per-row one slower at both sizes) and both query-prefix policies, at 1 x 20 and 16 x 20, warm; returns
-    the fastest engine of each case."""
+    """Every kernel choice and both query-prefix policies, at 1 x 20 and 16 x 20, warm; returns the fastest
+    engine of each case. On CUDA only the pointwise choices over the padded attention and fla's kernels where
+    fla is installed: the H200 runs of v3 measured the per-row attention and the project's scan slower there."""
     choices = choices_here(loaded.device)
-    if loaded.device.type == "cuda":  # fla's conv only beside fla's delta rule: fewer contenders, less device time
-        choices = [c for c in choices if c["attention"] == "padded" and (c["gated_delta_rule"] == "fla" or c["causal_conv1d"] == "torch")]
+    if loaded.device.type == "cuda":
+        linear = "fla" if fla_ops.available() else None
+        choices = [c for c in choices if c["attention"] == "padded" and (linear is None or linear == c["gated_delta_rule"] == c["causal_conv1d"])]
     fastest: dict[str, ScoreEngine] = {}
     for case in ("one", "packed"):
         queries, docs = sizes[case]
@@ -319,24 +338,29 @@ def checks(ckpt: Path, bf16) -> None:
         base = [r.score for g in ScoreEngine(fp32).score(groups) for r in g]
         conv = [r.score for g in ScoreEngine(with_kernels(fp32, {"causal_conv1d": "fla", "gated_delta_rule": "prism"})).score(groups) for r in g]
         record("checks", "float32 scores, causal_conv1d fla vs torch", f"max |score diff| {max(abs(a - b) for a, b in zip(base, conv)):.2e}")
+    ref = path_a_batched(fp32, groups, token_budget=1 << 20)
+    for pw in ("eager", "compiled"):
+        ours = [r.score for g in ScoreEngine(with_kernels(fp32, {"pointwise": pw})).score(groups) for r in g]
+        record("checks", f"float32 scores vs path A batched, pointwise={pw}", f"max |score diff| {max(abs(a - b) for a, b in zip(ours, ref)):.2e}")
     graph_equality(fp32, bf16)
 
 
 def graph_equality(fp32, bf16) -> None:
-    """Decode steps replayed from CUDA graphs against eager ones, on the same prefilled slots (7 rows: a
-    bucket of 8 with one padding row): max |logit difference| and argmax agreement over 16 steps, in float32
-    and bf16; then whole greedy answers in float32 (EvidenceEngine with and without graphs)."""
+    """Decode steps replayed from CUDA graphs against eager ones, on the same prefilled slots (7 rows of an
+    8-slot pool: a bucket of 8 with one free slot): max |logit difference| and argmax agreement over 16 steps,
+    in float32, bf16 and bf16 with compiled pointwise chains; then whole greedy answers in float32
+    (EvidenceEngine with and without graphs)."""
     from prism_ray.engine.graphs import GraphedDecode
     from prism_ray.engine.models import SlotPool, pack
 
     pairs = [(q, d) for q, docs in workload(7, 1) for d in docs]
-    for loaded in (fp32, bf16):
+    for loaded in (fp32, bf16, with_kernels(bf16, {"pointwise": "compiled"})):
         net, dev = loaded.net, loaded.device
         rows = [loaded.prompts.encode(q, d).ids for q, d in pairs]
         hidden, states = net.forward_rows(*pack(rows, [None] * len(rows), dev), keep_states=True)
-        pools = [SlotPool(net, len(rows), max(map(len, rows)) + 32, scratch=True), SlotPool(net, len(rows), max(map(len, rows)) + 32)]
-        slots = list(range(len(rows)))
+        pools = [SlotPool(net, len(rows) + 1, max(map(len, rows)) + 32) for _ in range(2)]
         for pool in pools:
+            slots = [pool.allocate() for _ in rows]
             for slot, state in zip(slots, states):
                 pool.store(slot, state)
         graphed = GraphedDecode(net, pools[0])
@@ -348,7 +372,7 @@ def graph_equality(fp32, bf16) -> None:
             worst = max(worst, (got - want).abs().max().item())
             agree += int((got.argmax(-1) == want.argmax(-1)).sum())
             tokens, positions = want.argmax(-1), [p + 1 for p in positions]
-        record("checks", f"{loaded.dtype} graph replay vs eager step, 7 rows x 16 steps",
+        record("checks", f"{loaded.dtype}, pointwise={loaded.kernels['pointwise']}: graph replay vs eager step, 7 rows x 16 steps",
                f"max |logit diff| {worst:.2e}, argmax agree {agree}/{16 * len(rows)}, graphs captured {graphed.captures}")
     if fp32.device.type != "cuda":
         return  # the dry run: EvidenceEngine's graphs are CUDA-only
@@ -361,17 +385,18 @@ def graph_equality(fp32, bf16) -> None:
 
 
 def evidence(loaded, sizes: dict) -> None:
-    """Generated tokens/s at each concurrency, eager and replayed from CUDA graphs, and where a graphed run's
-    time goes: the first loop step (every pair's prefill, then one decode window) against the decode steps
-    after it, with the GPU's busy share of those."""
+    """Generated tokens/s at each concurrency, replayed from CUDA graphs (eager on a CPU) with the pointwise
+    chains eager and compiled, and where each run's time goes: the first loop step (every pair's prefill, then
+    one decode window) against the decode steps after it, with the GPU's busy share and top kernels of those.
+    (Eager decoding on the GPU was measured by v3: 2,531 generated tokens/s at 64.)"""
     concurrency, new = sizes["evidence"]
-    graphs = [False, True] if loaded.device.type == "cuda" else [False]
+    graphed = loaded.device.type == "cuda"
+    runs = {f"{'CUDA graphs' if graphed else 'eager'}, pointwise={pw}": with_kernels(loaded, {"pointwise": pw}) for pw in ("eager", "compiled")}
     for pairs in concurrency:
         work = [(q, d) for q, docs in workload(pairs, 1) for d in docs]
         texts = {}
-        for graphed in graphs:
-            ev = EvidenceEngine(loaded, max_batch_size=pairs, cuda_graphs=graphed)
-            how = "CUDA graphs" if graphed else "eager"
+        for how, model in runs.items():
+            ev = EvidenceEngine(model, max_batch_size=pairs, cuda_graphs=graphed)
             for run in ("first call", "warm"):
                 out, t = timed(lambda ev=ev, work=work: ev.generate(work, max_new_tokens=new), loaded.device)
                 generated = sum(r.generated_tokens for r in out)
@@ -379,13 +404,11 @@ def evidence(loaded, sizes: dict) -> None:
                        f"{generated / t:,.0f} generated tokens/s ({generated} in {t:.2f} s)")
             texts[how] = [r.text for r in out]
             _decode_split(ev, work, new, f"{pairs} concurrent, {how}")
-        if len(texts) == 2:
-            same = sum(a == b for a, b in zip(texts["eager"], texts["CUDA graphs"]))
-            record("evidence", f"{pairs} concurrent: graph replay text == eager text (bf16)", f"{same}/{len(work)}")
+        (a, ta), (b, tb) = texts.items()
+        record("evidence", f"{pairs} concurrent: same text, {a} and {b} ({loaded.dtype})", f"{sum(x == y for x, y in zip(ta, tb))}/{len(work)}")
 
 
 def _decode_split(ev: EvidenceEngine, work, new: int, what: str) -> None:
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     from prism_ray.engine.evidence import DecodeLoop
@@ -404,9 +427,13 @@ def _decode_split(ev: EvidenceEngine, work, new: int, what: str) -> None:
             windows += 1
         sync(dev)
         wall = time.perf_counter() - t0
-    busy = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA) / 1e6 if dev.type == "cuda" else wall
+    busy, split, top = kernel_times(prof, dev.type == "cuda")
+    busy = busy if dev.type == "cuda" else wall
     record("evidence", f"{what}: first step (prefill + window) / decode step",
            f"{first * 1e3:.0f} ms / {wall / max(steps, 1) * 1e3:.2f} ms per step, GPU busy {busy / wall:.0%} of those steps")
+    total = sum(split.values()) or 1.0
+    record("evidence", f"{what}: decode kernel split", ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in sorted(split.items(), key=lambda kv: -kv[1])))
+    record("evidence", f"{what}: decode top kernels", top)
 
 
 def main() -> int:

@@ -48,9 +48,10 @@ def test_kernels_are_chosen_at_load_and_said(tiny_ckpt, qwen3_ckpt, caplog):
 
     with caplog.at_level("INFO", logger="prism_ray"):
         hybrid = load_model(tiny_ckpt, dtype="float32")
-    assert hybrid.kernels == {"linear": "torch", "attention": "sdpa", "gated_delta_rule": "prism", "causal_conv1d": "torch"}
+    assert hybrid.kernels == {"linear": "torch", "attention": "sdpa", "gated_delta_rule": "prism", "causal_conv1d": "torch",
+                              "pointwise": "eager"}
     assert "engine kernels on cpu (float32): linear = torch, attention = sdpa, gated_delta_rule = prism" in caplog.text
-    assert load_model(qwen3_ckpt, dtype="float32").kernels == {"linear": "torch", "attention": "sdpa"}
+    assert load_model(qwen3_ckpt, dtype="float32").kernels == {"linear": "torch", "attention": "sdpa", "pointwise": "eager"}
 
 
 def test_malloc_thresholds_are_raised_once_unless_turned_off():

@@ -97,30 +97,34 @@ def test_decode_steps_from_the_pool_equal_whole_sequences(loaded_models, any_ckp
 
 
 @torch.inference_mode()
-def test_fixed_shape_decode_of_the_cuda_graphs_equals_eager_decode_and_spares_other_slots(loaded_models, any_ckpt):
-    """The step `GraphedDecode` captures (a bucket-sized batch whose padding rows decode in the scratch slot,
-    keys read over the whole pool), run eagerly here: the same logits as `decode_step`, and a slot outside the
-    batch is left as it was."""
+def test_fixed_shape_decode_of_the_cuda_graphs_equals_eager_decode_and_refuses_a_held_slot_outside_it(loaded_models, any_ckpt):
+    """The step `GraphedDecode` captures (the pool's first bucket-many slots in place, keys read over the whole
+    pool), run eagerly here: the same logits as `decode_step` for slots out of order and with a free slot in
+    the range, and a step that would run over a slot holding a sequence outside it is refused."""
     loaded = loaded_models[str(any_ckpt)]
     net, ids = loaded.net, _ids(300, seed=2)
     lengths = [300, 150, 70, 20]
     _, states = net.forward_rows(torch.cat([ids[:n] for n in lengths]), Rows(lengths, [None] * 4, CPU), keep_states=True)
-    pools = [SlotPool(net, 4, 320, scratch=True), SlotPool(net, 4, 320)]
-    slots, idle = [2, 0, 3], 1  # three decoding (a bucket of 4: one padding row), one slot left alone
+    pools = [SlotPool(net, 5, 320), SlotPool(net, 5, 320)]
     for pool in pools:
-        for slot, state in zip(slots + [idle], states):
+        held = [pool.allocate() for _ in range(4)]
+        for slot, state in zip(held, states):
             pool.store(slot, state)
+        pool.release(1)  # slot 1 free: inside the bucket of 4, it decodes a dummy token that nothing reads
+    slots = [2, 0, 3]
     graphed = GraphedDecode(net, pools[0], capture=False)
-    idle_before = [t[idle].clone() for layer in pools[0].layers for t in vars(layer).values()]
-    positions, tokens = lengths[:3], torch.tensor([5, 7, 11])
+    positions, tokens = [lengths[s] for s in slots], torch.tensor([5, 7, 11])
     for _ in range(3):
         got = graphed.step(tokens, positions, slots)
         want = net.decode_step(tokens, positions, pools[1], pools[1].select(slots))
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)  # a batch of 4 rounds as GEMMs of 4 rows do
         tokens, positions = want.argmax(-1), [p + 1 for p in positions]
-    idle_after = [t[idle] for layer in pools[0].layers for t in vars(layer).values()]
-    assert all(torch.equal(a, b) for a, b in zip(idle_before, idle_after))
-    assert bucket(3) == 4 and bucket(64) == 64 and bucket(65) == 96 and bucket(300) == 320
+    in_order = graphed.step(tokens[[1, 0, 2]], [positions[1], positions[0], positions[2]], [0, 2, 3])
+    torch.testing.assert_close(in_order, net.decode_step(tokens, positions, pools[1], pools[1].select(slots))[[1, 0, 2]],
+                               atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"slots \[3\] hold sequences"):
+        graphed.step(tokens[:2], positions[:2], [2, 0])
+    assert bucket(3) == 4 and bucket(64) == 64 and bucket(65) == 96 and bucket(300) == 320 and bucket(3, most=3) == 3
 
 
 @torch.inference_mode()
@@ -166,9 +170,12 @@ def test_device_defaults_take_fla_on_cuda_in_bf16_only_where_it_is_installed(mon
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.setattr(fla_ops, "available", lambda: True)
-    assert kernels.defaults(cuda, torch.bfloat16) == {"attention": "padded", "gated_delta_rule": "fla", "causal_conv1d": "fla"}
-    assert kernels.defaults(cuda, torch.float32) == {"attention": "padded", "gated_delta_rule": "prism", "causal_conv1d": "torch"}
-    assert kernels.defaults(cpu, torch.bfloat16) == {"attention": "sdpa", "gated_delta_rule": "prism", "causal_conv1d": "torch"}
+    assert kernels.defaults(cuda, torch.bfloat16) == {"attention": "padded", "gated_delta_rule": "fla", "causal_conv1d": "fla",
+                                                      "pointwise": "eager"}
+    assert kernels.defaults(cuda, torch.float32) == {"attention": "padded", "gated_delta_rule": "prism", "causal_conv1d": "torch",
+                                                     "pointwise": "eager"}
+    assert kernels.defaults(cpu, torch.bfloat16) == {"attention": "sdpa", "gated_delta_rule": "prism", "causal_conv1d": "torch",
+                                                     "pointwise": "eager"}
     monkeypatch.setattr(fla_ops, "available", lambda: False)
     assert kernels.defaults(cuda, torch.bfloat16)["gated_delta_rule"] == "prism"
 

@@ -93,9 +93,11 @@ class EvidenceEngine:
         return self.loaded.prompts
 
     def warm_up(self) -> float:
-        """A two-pair, two-token generation (prefill and decode), for the reason of `ScoreEngine.warm_up`."""
-        return elapsed(lambda: self.generate([("warm-up query", "a warm-up document"), ("warm-up query", "another")],
-                                            max_new_tokens=2, seed=0))
+        """Two-token generations of one, two and three pairs (prefill and decode at three batch sizes: the
+        variants a compiled pointwise chain has, and a CUDA graph for each of their buckets), for the reason of
+        `ScoreEngine.warm_up`."""
+        docs = ["a warm-up document", "another", "and a third one"]
+        return elapsed(lambda: [self.generate([("warm-up query", d) for d in docs[:n]], max_new_tokens=2, seed=0) for n in (1, 2, 3)])
 
     def sequence(self, query: str, document: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  temperature: float = 0.0, seed: int | None = None, index: int = 0,
@@ -235,7 +237,7 @@ class DecodeLoop:
 
     def __init__(self, engine: EvidenceEngine, slots: int, max_len: int):
         self.engine = engine
-        self.pool = SlotPool(engine.loaded.net, slots, max_len, scratch=engine.cuda_graphs)
+        self.pool = SlotPool(engine.loaded.net, slots, max_len)
         self.graphs = GraphedDecode(engine.loaded.net, self.pool) if engine.cuda_graphs else None
         self.waiting: deque[Sequence] = deque()
         self.active: list[Sequence] = []

@@ -4,9 +4,12 @@ An eager decode step of a 24-layer model is about a thousand small kernel launch
 more than the GPU spends on it at decode batch sizes, so the GPU waits on Python. A CUDA graph records one
 step's launches once and replays them with a single call. A graph replays fixed shapes and addresses, so:
 
-- the batch is padded to a bucket size (`BUCKETS`); padding rows decode in the pool's scratch slot
-  (`SlotPool(scratch=True)`), which no sequence owns;
-- tokens, positions and slots live in static device buffers, written before each replay;
+- the graph of bucket b (`BUCKETS`) decodes the pool's first b slots, read and written in place as views
+  (no gather of K/V or recurrent states, no scatter back): the step's slots must lie below b, and every other
+  slot below b must be free (the pool hands out its lowest free slot, so active slots stay a compact range).
+  A free slot in the range decodes a dummy token at position 0 into its own state, which nothing reads: a
+  sequence stored there later overwrites it;
+- tokens and positions live in static device buffers, written (by slot) before each replay;
 - attention reads every position of the pool (`pool.max_len`), masked by each row's own position, instead of
   up to the longest active sequence;
 - when the pool grows (its buffers move), the graphs are captured again.
@@ -27,25 +30,26 @@ from prism_ray.engine.transfer import to_device
 BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
 
 
-def bucket(n: int) -> int:
-    """The graph batch size that holds `n` rows: the smallest bucket, or the next multiple of 64 past them."""
-    return next((b for b in BUCKETS if b >= n), -(-n // 64) * 64)
+def bucket(n: int, most: int | None = None) -> int:
+    """The graph batch size that holds `n` rows: the smallest bucket, or the next multiple of 64 past them;
+    at most `most` (a pool's slot count)."""
+    b = next((b for b in BUCKETS if b >= n), -(-n // 64) * 64)
+    return b if most is None else min(b, most)
 
 
 @dataclass
 class _Entry:
-    tokens: torch.Tensor  # (b,) static input
-    meta: torch.Tensor  # (2, b) static input: positions, slots
+    tokens: torch.Tensor  # (b,) static input: slot i's token
+    positions: torch.Tensor  # (b,) static input: slot i's position
+    selection: SlotSelection  # slots 0..b-1
     graph: torch.cuda.CUDAGraph | None
-    logits: torch.Tensor | None  # the graph's static output
+    logits: torch.Tensor | None  # the graph's static output, row i for slot i
 
 
 class GraphedDecode:
     """`Model.decode_step` for the slots of `pool`, one captured graph per bucket, replayed."""
 
     def __init__(self, net: Model, pool: SlotPool, capture: bool | None = None):
-        if pool.scratch is None:
-            raise ValueError("GraphedDecode needs a SlotPool with a scratch slot (SlotPool(..., scratch=True))")
         self.net, self.pool = net, pool
         self.capture = pool.device.type == "cuda" if capture is None else capture
         self._entries: dict[int, _Entry] = {}
@@ -58,38 +62,50 @@ class GraphedDecode:
 
     def step(self, tokens: torch.Tensor, positions: list[int], slots: list[int]) -> torch.Tensor:
         """Logits (len(slots), vocab) after feeding `tokens[k]` (on the device) at `positions[k]` to slot
-        `slots[k]`. The result is the graph's output buffer: read it before the next step."""
+        `slots[k]`. With slots 0..n-1 in order the result is a view of the graph's output buffer: read it
+        before the next step."""
         if max(positions) >= self.pool.max_len:
             raise ValueError(f"position {max(positions)} is past the slot pool's {self.pool.max_len} tokens")
         if self._pool_buffers() != self._buffers:  # the pool grew: the graphs point at its old buffers
             self._entries.clear()
             self._buffers = self._pool_buffers()
-        n, b = len(slots), bucket(len(slots))
+        n, b = len(slots), bucket(max(slots) + 1, self.pool.slots)
+        held = set(range(b)) - set(slots) - set(self.pool.free_slots)
+        if held:
+            raise ValueError(f"slots {sorted(held)} hold sequences but are not in this step: a graph decodes every slot below {b}")
         entry = self._entries.get(b) or self._build(b)
-        pad = b - n
-        meta = torch.tensor([list(positions) + [0] * pad, list(slots) + [self.pool.scratch] * pad])
-        entry.meta.copy_(to_device(meta, self.pool.device), non_blocking=True)
-        entry.tokens[:n].copy_(tokens)
-        if entry.graph is None:
-            return self._run(entry)[:n]
-        entry.graph.replay()
-        return entry.logits[:n]
+        positions_by_slot = [0] * b
+        for slot, p in zip(slots, positions):
+            positions_by_slot[slot] = p
+        in_order = slots == list(range(n))
+        meta = to_device(torch.tensor([positions_by_slot, list(slots) + [0] * (b - n)]), self.pool.device)
+        entry.positions.copy_(meta[0])
+        index = None if in_order else meta[1, :n]
+        if in_order:
+            entry.tokens[:n].copy_(tokens)
+        else:
+            entry.tokens.index_copy_(0, index, tokens)
+        logits = self._run(entry) if entry.graph is None else (entry.graph.replay() or entry.logits)
+        return logits[:n] if in_order else logits.index_select(0, index)
 
     def _run(self, entry: _Entry) -> torch.Tensor:
-        return self.net.decode_tensors(entry.tokens, entry.meta[0], self.pool, SlotSelection.indexed(entry.meta[1]),
-                                       self.pool.max_len)
+        return self.net.decode_tensors(entry.tokens, entry.positions, self.pool, entry.selection, self.pool.max_len)
 
     def _build(self, b: int) -> _Entry:
         device = self.pool.device
-        meta = torch.zeros(2, b, dtype=torch.long, device=device)
-        meta[1] = self.pool.scratch  # warm-up and capture write only the scratch slot
-        entry = _Entry(torch.zeros(b, dtype=torch.long, device=device), meta, None, None)
+        zeros = torch.zeros(b, dtype=torch.long, device=device)
+        entry = _Entry(zeros, zeros.clone(), SlotSelection.leading(torch.arange(b, device=device)), None, None)
         if self.capture:
+            # Two eager runs first: lazy initialisation (cuBLAS handles, workspaces, compiles) outside the
+            # capture. They write slots below b, some of which hold sequences: what they write is put back.
+            written = [(view, view.clone()) for layer in self.pool.layers for view in layer.step_writes(b)]
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                for _ in range(2):  # lazy initialisation (cuBLAS handles, workspaces) outside the capture
+                for _ in range(2):
                     self._run(entry)
+                for view, before in written:
+                    view.copy_(before)
             torch.cuda.current_stream().wait_stream(side)
             entry.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(entry.graph, pool=self._mempool):

@@ -9,6 +9,8 @@
 - the short convolution of prefill (`causal_conv1d`): `torch`, one grouped `F.conv1d` over the packed rows
   behind their carried-over inputs, or `fla`, fla's variable-length Triton kernel (CUDA; rows whose states
   are kept still run `torch`, which leaves them in its stream);
+- the pointwise chains between the matmuls (`pointwise`): `eager`, op by op, or `compiled`, each chain one
+  torch.compile'd kernel where Inductor can (`pointwise.py`);
 - decode: masked SDPA over the slot pool, the project's recurrent step and a weighted sum for the
   convolution, the same on every device; on CUDA each step is replayed from a CUDA graph (`graphs.py`, an
   `EvidenceEngine` setting rather than a kernel).
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from prism_ray.engine import attention, delta_rule, fla_ops
+from prism_ray.engine import attention, delta_rule, fla_ops, pointwise
 from prism_ray.engine.linear import linear_for
 
 log = logging.getLogger("prism_ray")
@@ -40,9 +42,10 @@ def prism_delta_rule(q, k, v, g, beta, rows, initial, output_final_state: bool):
 
 DELTA_RULE = {"prism": prism_delta_rule, "fla": fla_ops.delta_rule}
 CONV = {"torch": None, "fla": fla_ops.conv}  # None: the model's own F.conv1d over the packed stream
-CHOICES = {"attention": tuple(attention.PREFILL), "gated_delta_rule": tuple(DELTA_RULE), "causal_conv1d": tuple(CONV)}
-DEFAULTS = {"cpu": {"attention": "sdpa", "gated_delta_rule": "prism", "causal_conv1d": "torch"},
-            "cuda": {"attention": "padded", "gated_delta_rule": "prism", "causal_conv1d": "torch"}}
+CHOICES = {"attention": tuple(attention.PREFILL), "gated_delta_rule": tuple(DELTA_RULE), "causal_conv1d": tuple(CONV),
+           "pointwise": tuple(pointwise.RUN)}
+DEFAULTS = {"cpu": {"attention": "sdpa", "gated_delta_rule": "prism", "causal_conv1d": "torch", "pointwise": "eager"},
+            "cuda": {"attention": "padded", "gated_delta_rule": "prism", "causal_conv1d": "torch", "pointwise": "eager"}}
 
 
 def defaults(device: torch.device, dtype: torch.dtype) -> dict[str, str]:
@@ -64,6 +67,7 @@ class Kernels:
     attend: object  # `attention.PREFILL` entry
     delta_rule: object  # `DELTA_RULE` entry
     conv: object  # `CONV` entry: None for the model's own
+    run: object  # `pointwise.RUN` entry: how the pointwise chains run
 
 
 def validate(overrides: Mapping[str, str] | None) -> dict[str, str]:
@@ -96,7 +100,8 @@ def choose_kernels(lm: torch.nn.Module, device: torch.device, dtype: torch.dtype
     shown = {"linear": linear_name, "attention": names["attention"]}
     if hybrid:
         shown.update(gated_delta_rule=names["gated_delta_rule"], causal_conv1d=names["causal_conv1d"])
+    shown["pointwise"] = names["pointwise"]
     log.info("engine kernels on %s (%s): %s", device.type, str(dtype).replace("torch.", ""),
              ", ".join(f"{op} = {name}" for op, name in shown.items()))
     return Kernels(shown, linear, attention.PREFILL[names["attention"]], DELTA_RULE[names["gated_delta_rule"]],
-                   CONV[names["causal_conv1d"]])
+                   CONV[names["causal_conv1d"]], pointwise.RUN[names["pointwise"]])

@@ -65,10 +65,12 @@ class ScoreEngine:
         return self.loaded.prompts
 
     def warm_up(self) -> float:
-        """One small scoring call, so that one-time costs (Triton's compile of the Gated DeltaNet kernels on a
-        GPU, which made a fresh H200 replica's first request take ~15 s; oneDNN's first primitives on a CPU)
-        fall before a replica takes traffic. Returns the seconds it took."""
-        return elapsed(lambda: self.score([("warm-up query", ["a warm-up document", "another one"])]))
+        """Two small scoring calls of different shapes (one row, then three), so that one-time costs (Triton's compile of the Gated
+        DeltaNet kernels on a GPU, which made a fresh H200 replica's first request take ~15 s; the compiled
+        pointwise chains, which specialise on the first shape and turn dynamic on the second; oneDNN's first
+        primitives on a CPU) fall before a replica takes traffic. Returns the seconds they took."""
+        return elapsed(lambda: (self.score([("warm-up query", ["a warm-up document"])]),
+                                self.score([("a second warm-up query", ["a longer warm-up document than the first"] * 3)])))
 
     @torch.inference_mode()
     def score(self, groups: Sequence[tuple[str, Sequence[str]]],

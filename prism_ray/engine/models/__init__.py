@@ -35,7 +35,7 @@ def build(lm: torch.nn.Module, kernels) -> Model:
     for i in range(config.num_hidden_layers):
         prefix = f"layers.{i}."
         layer_weights.append({n[len(prefix):]: t for n, t in params.items() if n.startswith(prefix)})
-    layers = [DecoderLayer(w, fam, mixer, kernels.linear)
+    layers = [DecoderLayer(w, fam, mixer, kernels.linear, kernels.run)
               for w, mixer in zip(layer_weights, module.mixers(config, layer_weights, fam, kernels))]
     return Model(fam, params["embed_tokens.weight"], layers, params["norm.weight"], lm.get_output_embeddings().weight.detach(),
-                 kernels.linear)
+                 kernels.linear, kernels.run)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from prism_ray.engine import pointwise
 from prism_ray.engine.transfer import ragged_arange, to_device
 
 Linear = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -127,13 +128,10 @@ class SlotPool:
     conv and recurrent state per linear-attention layer, all indexed by slot and written in place. A slot
     that ends is freed for the next sequence; nothing else moves."""
 
-    def __init__(self, model: Model, slots: int, max_len: int, scratch: bool = False):
+    def __init__(self, model: Model, slots: int, max_len: int):
         self.slots, self.max_len = slots, max_len
         self._free = list(range(slots - 1, -1, -1))
-        # With `scratch`, one more slot that is never handed out: where the padding rows of a fixed-size decode
-        # batch (a CUDA graph's, `graphs.py`) write, so they never touch a sequence's state.
-        self.scratch = slots if scratch else None
-        self.layers = [layer.mixer.empty_pool(slots + int(scratch), max_len) for layer in model.layers]
+        self.layers = [layer.mixer.empty_pool(slots, max_len) for layer in model.layers]
         self.device = model.device
 
     def allocate(self) -> int:
@@ -148,6 +146,10 @@ class SlotPool:
     @property
     def free(self) -> int:
         return len(self._free)
+
+    @property
+    def free_slots(self) -> list[int]:
+        return list(self._free)
 
     def store(self, slot: int, state: SequenceState) -> None:
         """Write a sequence's state (a prefill's output) into `slot`."""
@@ -178,11 +180,11 @@ class SlotSelection:
         self.index = to_device(torch.tensor(slots), device)  # for writes at (slot, position)
 
     @classmethod
-    def indexed(cls, index: torch.Tensor) -> SlotSelection:
-        """The slots held in a device tensor (always read by index): a CUDA graph's static input, whose
-        contents change between replays."""
+    def leading(cls, index: torch.Tensor) -> SlotSelection:
+        """Slots 0..b-1 with `index` = their arange on the device, made once: a CUDA graph's selection, which
+        must not copy from the host while it is captured."""
         sel = cls.__new__(cls)
-        sel.range, sel.index = None, index
+        sel.range, sel.index = slice(0, len(index)), index
         return sel
 
     def read(self, t: torch.Tensor) -> torch.Tensor:
@@ -224,30 +226,21 @@ def rope_tables(family: Family, positions: torch.Tensor, dtype: torch.dtype) -> 
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (T, heads, head_dim); the first rotary_dim dims rotated (rotate-half layout), the rest passed."""
-    dim = cos.shape[-1]
-    rot, rest = x[..., :dim], x[..., dim:]
-    half = dim // 2
-    rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
-    out = rot * cos[:, None] + rotated * sin[:, None]
-    return torch.cat([out, rest], dim=-1) if rest.shape[-1] else out
-
-
 class MLP:
-    def __init__(self, w: dict[str, torch.Tensor], linear: Linear):
+    def __init__(self, w: dict[str, torch.Tensor], linear: Linear, run=pointwise.eager):
         self.gate, self.up, self.down, self.linear = w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"], w["mlp.down_proj.weight"], linear
+        self.act = run(pointwise.silu_mul)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lin = self.linear
-        return lin(F.silu(lin(x, self.gate, None)) * lin(x, self.up, None), self.down, None)
+        return lin(self.act(lin(x, self.gate, None), lin(x, self.up, None)), self.down, None)
 
 
 class Attention:
     """Full (softmax) attention with grouped K/V heads, per-head q/k norms and rope; Qwen3.5's output gate."""
 
     def __init__(self, w: dict[str, torch.Tensor], family: Family, linear: Linear, heads: int, kv_heads: int, head_dim: int,
-                 attend: Attend):
+                 attend: Attend, run=pointwise.eager):
         p = "self_attn."
         self.attend = attend  # the prefill kernel (`attention.PREFILL`)
         self.q, self.k, self.v, self.o = (w[f"{p}{n}_proj.weight"] for n in "qkvo")
@@ -255,28 +248,22 @@ class Attention:
         self.q_norm, self.k_norm = w[f"{p}q_norm.weight"], w[f"{p}k_norm.weight"]
         self.family, self.linear = family, linear
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self._q, self._k, self._gate = run(pointwise.query_heads), run(pointwise.key_heads), run(pointwise.sigmoid_gate)
 
     def _query(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(T, heads, head_dim) normed, rotated queries, and the output gate (T, heads * head_dim) or None."""
-        f, d = self.family, self.head_dim
-        q = self.linear(x, self.q, self.qb)
-        gate = None
-        if f.gated_attention:
-            q, gate = q.view(len(x), self.heads, 2 * d).chunk(2, dim=-1)
-            gate = gate.reshape(len(x), -1)
-        q = f.norm(q.reshape(len(x), self.heads, d), self.q_norm, f.eps)
-        return apply_rope(q, cos, sin), gate
+        f = self.family
+        return self._q(self.linear(x, self.q, self.qb), self.q_norm, cos, sin, f.norm, f.eps, self.heads, f.gated_attention)
 
     def _key_value(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
-        f, d = self.family, self.head_dim
-        k = f.norm(self.linear(x, self.k, self.kb).view(len(x), self.kv_heads, d), self.k_norm, f.eps)
-        v = self.linear(x, self.v, self.vb).view(len(x), self.kv_heads, d)
-        return apply_rope(k, cos, sin), v
+        f = self.family
+        k = self._k(self.linear(x, self.k, self.kb), self.k_norm, cos, sin, f.norm, f.eps, self.kv_heads)
+        return k, self.linear(x, self.v, self.vb).view(len(x), self.kv_heads, self.head_dim)
 
     def _out(self, attn: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         attn = attn.reshape(len(attn), -1)
         if gate is not None:
-            attn = attn * torch.sigmoid(gate)
+            attn = self._gate(attn, gate)
         return self.linear(attn, self.o, self.ob)
 
     def prefill(self, x: torch.Tensor, rows: Rows, index: int, rope, keep_states: bool, last_only: bool = False):
@@ -312,8 +299,11 @@ class Attention:
         pool.v[sel.index, :, positions] = v
         keys, values = sel.read(pool.k[:, :, :width]), sel.read(pool.v[:, :, :width])
         mask = (torch.arange(width, device=x.device)[None] <= positions[:, None])[:, None, None]
-        out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask, enable_gqa=True)
-        return self._out(out[:, :, 0], gate)
+        # The query heads that share a K/V head go in as that head's query rows: (A, kv_heads, group, d)
+        # against (A, kv_heads, width, d), so no kernel needs grouped heads or copies K/V per query head.
+        grouped = q.view(len(q), self.kv_heads, self.heads // self.kv_heads, self.head_dim)
+        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask)
+        return self._out(out.reshape(len(q), self.heads, self.head_dim), gate)
 
     def empty_pool(self, slots: int, max_len: int):
         return AttentionPool(slots, self.kv_heads, max_len, self.head_dim, self.k.dtype, self.k.device)
@@ -332,6 +322,10 @@ class AttentionPool:
         self.k[slot, :, :n] = state.k
         self.v[slot, :, :n] = state.v
 
+    def step_writes(self, b: int) -> list[torch.Tensor]:
+        """What a decode step of slots 0..b-1 at position 0 writes (views)."""
+        return [self.k[:b, :, 0], self.v[:b, :, 0]]
+
 
 def _longer(t: torch.Tensor, max_len: int) -> torch.Tensor:
     """(slots, kv_heads, n, head_dim) K or V copied into a buffer of `max_len` positions."""
@@ -342,26 +336,30 @@ def _longer(t: torch.Tensor, max_len: int) -> torch.Tensor:
 
 # -- the stack ---------------------------------------------------------------------------------------------
 class DecoderLayer:
-    def __init__(self, w: dict[str, torch.Tensor], family: Family, mixer, linear: Linear):
+    def __init__(self, w: dict[str, torch.Tensor], family: Family, mixer, linear: Linear, run=pointwise.eager):
         self.input_norm, self.post_norm = w["input_layernorm.weight"], w["post_attention_layernorm.weight"]
-        self.mixer, self.mlp, self.family = mixer, MLP(w, linear), family
-
-    def _norm(self, x, w):
-        return self.family.norm(x, w, self.family.eps)
+        self.mixer, self.mlp, self.family = mixer, MLP(w, linear, run), family
 
 
 class Model:
     """A decoder-only backbone with its two heads: the LM head (generation) and the score vector
-    w_yes - w_no (scoring needs two logits, never the vocabulary)."""
+    w_yes - w_no (scoring needs two logits, never the vocabulary). `run` runs the pointwise chains
+    (`pointwise.RUN`); each residual add is fused with the norm after it."""
 
     def __init__(self, family: Family, embed: torch.Tensor, layers: list[DecoderLayer], norm: torch.Tensor,
-                 lm_head: torch.Tensor, linear: Linear):
+                 lm_head: torch.Tensor, linear: Linear, run=pointwise.eager):
         self.family, self.embed, self.layers, self.norm, self.lm_head, self.linear = family, embed, layers, norm, lm_head, linear
         self.device, self.dtype = embed.device, embed.dtype
         self.score_vector: torch.Tensor | None = None
+        self._norm, self._add = run(family.norm), run(pointwise.add_norm)
+        # the norm after layer i's MLP: the next layer's input norm, or the final norm
+        self._after = [layer.input_norm for layer in layers[1:]] + [norm]
 
     def set_score_tokens(self, yes_id: int, no_id: int) -> None:
         self.score_vector = (self.lm_head[yes_id] - self.lm_head[no_id]).float()
+
+    def _add_norm(self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor):
+        return self._add(x, delta, weight, self.family.norm, self.family.eps)
 
     def forward_rows(self, ids: torch.Tensor, rows: Rows, keep_states: bool = False,
                      last_only: bool = True) -> tuple[torch.Tensor, list[SequenceState] | None]:
@@ -370,22 +368,20 @@ class Model:
         x = F.embedding(ids, self.embed)
         rope = rope_tables(self.family, rows.positions, self.dtype)
         per_layer = []
+        h = self._norm(x, self.layers[0].input_norm, self.family.eps)
         for index, layer in enumerate(self.layers):
             final = index == len(self.layers) - 1
-            h = layer._norm(x, layer.input_norm)
             if final and last_only and not keep_states and isinstance(layer.mixer, Attention):
                 mixed, _ = layer.mixer.prefill(h, rows, index, rope, False, last_only=True)
-                x = x[rows.last] + mixed
+                x = x[rows.last]
             else:
                 mixed, states = layer.mixer.prefill(h, rows, index, rope, keep_states)
-                x = x + mixed
                 per_layer.append(states)
                 if final and last_only:
-                    x = x[rows.last]
-            x = x + layer.mlp(layer._norm(x, layer.post_norm))
-        if not last_only:
-            x = x[rows.last]
-        hidden = self.family.norm(x, self.norm, self.family.eps)
+                    x, mixed = x[rows.last], mixed[rows.last]
+            x, h = self._add_norm(x, mixed, layer.post_norm)
+            x, h = self._add_norm(x, layer.mlp(h), self._after[index])
+        hidden = h if last_only else h[rows.last]
         if not keep_states:
             return hidden, None
         starts = [0 if c is None else c.length for c in rows.contexts]
@@ -412,7 +408,8 @@ class Model:
         is read, so a CUDA graph can capture it (`graphs.py`)."""
         x = F.embedding(tokens, self.embed)
         rope = rope_tables(self.family, pos, self.dtype)
-        for layer, layer_pool in zip(self.layers, pool.layers):
-            x = x + layer.mixer.decode(layer._norm(x, layer.input_norm), pos, sel, layer_pool, rope, width)
-            x = x + layer.mlp(layer._norm(x, layer.post_norm))
-        return self.logits(self.family.norm(x, self.norm, self.family.eps))
+        h = self._norm(x, self.layers[0].input_norm, self.family.eps)
+        for index, (layer, layer_pool) in enumerate(zip(self.layers, pool.layers)):
+            x, h = self._add_norm(x, layer.mixer.decode(h, pos, sel, layer_pool, rope, width), layer.post_norm)
+            x, h = self._add_norm(x, layer.mlp(h), self._after[index])
+        return self.logits(h)

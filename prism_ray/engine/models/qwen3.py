@@ -33,4 +33,4 @@ def family(config) -> Family:
 def mixers(config, layer_weights: list[dict[str, torch.Tensor]], fam: Family, kernels) -> list:
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return [Attention(w, fam, kernels.linear, heads, kv_heads, head_dim, kernels.attend) for w in layer_weights]
+    return [Attention(w, fam, kernels.linear, heads, kv_heads, head_dim, kernels.attend, kernels.run) for w in layer_weights]

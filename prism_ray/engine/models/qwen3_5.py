@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from prism_ray.engine import delta_rule
+from prism_ray.engine import delta_rule, pointwise
 from prism_ray.engine.models.base import Attention, Family, Linear, LinearState, Rows, SlotSelection
 from prism_ray.engine.transfer import ragged_arange, to_device
 
@@ -42,7 +42,8 @@ class GatedDeltaNet:
     """Projections, the short causal convolution (with its carried-over inputs), gating, the gated delta rule
     (`delta_rule`) and the gated RMS norm of the output."""
 
-    def __init__(self, w: dict[str, torch.Tensor], config, linear: Linear, delta_rule_kernel: DeltaRule, conv_kernel=None):
+    def __init__(self, w: dict[str, torch.Tensor], config, linear: Linear, delta_rule_kernel: DeltaRule, conv_kernel=None,
+                 run=pointwise.eager):
         p = "linear_attn."
         self.delta_rule = delta_rule_kernel  # the chunked prefill kernel (`kernels.DELTA_RULE`)
         self.conv_kernel = conv_kernel  # a prefill convolution kernel (`kernels.CONV`), None: `_conv_rows`
@@ -56,6 +57,7 @@ class GatedDeltaNet:
         self.k_heads, self.v_heads = config.linear_num_key_heads, config.linear_num_value_heads
         self.k_dim, self.v_dim = config.linear_key_head_dim, config.linear_value_head_dim
         self.eps, self.linear = config.rms_norm_eps, linear
+        self._gates_of, self._gated_rms, self._conv_step = run(pointwise.delta_gates), run(pointwise.gated_rms), run(pointwise.conv_step)
 
     def _project(self, x: torch.Tensor):
         lin = self.linear
@@ -67,15 +69,11 @@ class GatedDeltaNet:
         return q.reshape(n, self.k_heads, self.k_dim), k.reshape(n, self.k_heads, self.k_dim), v.reshape(n, self.v_heads, self.v_dim)
 
     def _gates(self, b: torch.Tensor, a: torch.Tensor):
-        return b.sigmoid(), -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
+        return self._gates_of(b, a, self.A_log, self.dt_bias)
 
     def _output(self, core: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """The gated RMS norm (norm, then weight in the input dtype, then silu(z)), and out_proj."""
-        n, dtype = len(core), core.dtype
-        y = F.rms_norm(core.float(), (core.shape[-1],), None, self.eps)
-        y = self.norm_weight * y.to(dtype)
-        y = (y * F.silu(z.view(n, self.v_heads, self.v_dim).float())).to(dtype)
-        return self.linear(y.reshape(n, -1), self.out, None)
+        return self.linear(self._gated_rms(core, z, self.norm_weight, self.eps), self.out, None)
 
     def _conv_rows(self, mixed: torch.Tensor, rows: Rows, index: int):
         """The causal depthwise convolution of every row, each continuing from its context's last inputs:
@@ -124,10 +122,7 @@ class GatedDeltaNet:
         conv = sel.read(pool.conv)  # (A, kernel - 1, C)
         window = torch.cat([conv, mixed[:, None]], dim=1)
         sel.write(pool.conv, window[:, 1:])
-        out = (window.to(self.conv_weight.dtype) * self.conv_weight).sum(1)
-        if self.conv_bias is not None:
-            out = out + self.conv_bias
-        q, k, v = self._split(F.silu(out).to(mixed.dtype))
+        q, k, v = self._split(self._conv_step(window, self.conv_weight, self.conv_bias, mixed.dtype))
         beta, g = self._gates(b, a)
         state = sel.read(pool.recurrent)
         core = delta_rule.recurrent_step(q, k, v, g, beta, state)
@@ -168,6 +163,10 @@ class LinearPool:
         self.conv[slot] = state.conv
         self.recurrent[slot] = state.recurrent
 
+    def step_writes(self, b: int) -> list[torch.Tensor]:
+        """What a decode step of slots 0..b-1 writes (views)."""
+        return [self.conv[:b], self.recurrent[:b]]
+
 
 def mixers(config, layer_weights: list[dict[str, torch.Tensor]], fam: Family, kernels) -> list:
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -175,9 +174,9 @@ def mixers(config, layer_weights: list[dict[str, torch.Tensor]], fam: Family, ke
     out = []
     for kind, w in zip(config.layer_types, layer_weights):
         if kind == "linear_attention":
-            out.append(GatedDeltaNet(w, config, kernels.linear, kernels.delta_rule, kernels.conv))
+            out.append(GatedDeltaNet(w, config, kernels.linear, kernels.delta_rule, kernels.conv, kernels.run))
         elif kind == "full_attention":
-            out.append(Attention(w, fam, kernels.linear, heads, kv_heads, head_dim, kernels.attend))
+            out.append(Attention(w, fam, kernels.linear, heads, kv_heads, head_dim, kernels.attend, kernels.run))
         else:
             raise ValueError(f"layer type {kind!r} is not supported")
     return out
