@@ -1,4 +1,4 @@
-"""The GPU check (v3), in one go and without Ray: fp32 parity with path A on the device, then bf16 figures.
+"""The GPU check (v4), in one go and without Ray: fp32 parity with path A on the device, then bf16 figures.
 
     bash benchmarks/device_check.sh          # on a CUDA machine (the 0.8b preset); stopped at 480 s by the .sh
     bash benchmarks/device_check.sh --skip parity --evidence-pairs 64   # 256 s on an H200 (parity alone: ~200 s)
@@ -455,7 +455,7 @@ def main() -> int:
     if not (ckpt / "config.json").is_file():
         build_checkpoint(preset, ckpt)
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    print(f"device check v3: {name}, preset {preset}, torch {torch.__version__}", flush=True)
+    print(f"device check v4: {name}, preset {preset}, torch {torch.__version__}", flush=True)
     ok = True
     if "parity" not in skip:
         with section("parity"):
