@@ -47,7 +47,7 @@ from prism_ray.engine.batching import budget_batches  # noqa: E402
 from prism_ray.engine.loading import with_kernels  # noqa: E402
 from prism_ray.engine.score import sigmoid  # noqa: E402
 
-WARM_CALLS = 5
+WARM_CALLS = 7
 TOP_KERNELS = 8
 GPU_SIZES = {"one": (1, 20), "packed": (16, 20), "new shape": (3, 13), "evidence": ((32, 64), 128)}
 CPU_SIZES = {"one": (1, 4), "packed": (4, 4), "new shape": (2, 3), "evidence": ((2, 3), 8)}
@@ -167,27 +167,33 @@ def calls(loaded, engine: ScoreEngine, groups):
 
 
 def scoring(loaded, engines: dict[str, ScoreEngine], sizes: dict) -> None:
+    """Each case's engine (the kernels section's fastest, or the defaults), the same engine with the other
+    pointwise choice (eager / compiled), and path A batched, on 1 x 20 and 16 x 20: the first call, then the median of
+    `WARM_CALLS` warm calls taken in turns."""
     dev = loaded.device
     for case in ("one", "packed"):
         queries, docs = sizes[case]
-        engine = engines[case]
         groups = workload(queries, docs)
-        tokens = sum(engine.prompts.encode(q, d).num_tokens for q, ds in groups for d in ds)
-        record("scoring", f"{queries} x {docs} ScoreEngine setting", f"{_names(engine.loaded.kernels)}, prefix_min_docs={engine.prefix_min_docs}")
-        times = {}
-        for name, call in calls(loaded, engine, groups).items():
-            _, times[name, "first call"] = timed(call, dev)
-        for _ in range(WARM_CALLS):  # the contenders take turns, so a slow moment of the machine hits both
-            for name, call in calls(loaded, engine, groups).items():
-                times.setdefault((name, "warm"), []).append(timed(call, dev)[1])
-        for name in ("ScoreEngine", "path A batched"):
-            times[name, "warm"] = statistics.median(times[name, "warm"])
-        for run in ("first call", f"warm, median of {WARM_CALLS}"):
-            key = run.split(",")[0]
-            for name in ("ScoreEngine", "path A batched"):
-                record("scoring", f"{queries} x {docs} {name} ({run})", f"{tokens / times[name, key]:,.0f} prompt tokens/s")
-            record("scoring", f"{queries} x {docs} ScoreEngine / path A ({run})",
-                   f"{times['path A batched', key] / times['ScoreEngine', key]:.2f}x")
+        base = engines[case]
+        other = "eager" if base.loaded.kernels.get("pointwise") == "compiled" else "compiled"
+        contenders = {f"ScoreEngine ({base.loaded.kernels.get('pointwise')})": base,
+                      f"ScoreEngine ({other})": ScoreEngine(with_kernels(base.loaded, {"pointwise": other}),
+                                                            token_budget=base.token_budget, prefix_min_docs=base.prefix_min_docs)}
+        tokens = sum(engines[case].prompts.encode(q, d).num_tokens for q, ds in groups for d in ds)
+        runs = {name: (lambda e=e: e.score(groups)) for name, e in contenders.items()}
+        runs["path A batched"] = lambda: path_a_batched(loaded, groups, engines[case].token_budget)
+        for name, e in contenders.items():
+            record("scoring", f"{queries} x {docs} {name} setting", f"{_names(e.loaded.kernels)}, prefix_min_docs={e.prefix_min_docs}")
+        first = {name: timed(call, dev)[1] for name, call in runs.items()}
+        warm: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(WARM_CALLS):  # the contenders take turns, so a slow moment of the machine hits all
+            for name, call in runs.items():
+                warm[name].append(timed(call, dev)[1])
+        for label, times in (("first call", first), (f"warm, median of {WARM_CALLS}", {n: statistics.median(t) for n, t in warm.items()})):
+            for name, t in times.items():
+                record("scoring", f"{queries} x {docs} {name} ({label})", f"{tokens / t:,.0f} prompt tokens/s ({t * 1e3:.1f} ms)")
+            for name in contenders:
+                record("scoring", f"{queries} x {docs} {name} / path A ({label})", f"{times['path A batched'] / times[name]:.2f}x")
 
 
 def host_syncs(fn, device: torch.device) -> int | None:
@@ -411,10 +417,8 @@ def evidence(loaded, sizes: dict) -> None:
 def _decode_split(ev: EvidenceEngine, work, new: int, what: str) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    from prism_ray.engine.evidence import DecodeLoop
-
     dev = ev.loaded.device
-    loop = DecodeLoop(ev, len(work), max(ev.prompts.encode(q, d).num_tokens for q, d in work) + new + ev.sync_every)
+    loop = ev._take_loop(len(work), max(ev.prompts.encode(q, d).num_tokens for q, d in work) + new + ev.sync_every)
     for i, (q, d) in enumerate(work):
         loop.add(ev.sequence(q, d, max_new_tokens=new, index=i))
     _, first = timed(loop.step, dev)

@@ -171,13 +171,14 @@ def test_device_defaults_take_fla_on_cuda_in_bf16_only_where_it_is_installed(mon
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.setattr(fla_ops, "available", lambda: True)
     assert kernels.defaults(cuda, torch.bfloat16) == {"attention": "padded", "gated_delta_rule": "fla", "causal_conv1d": "fla",
-                                                      "pointwise": "eager"}
+                                                      "pointwise": "compiled"}
     assert kernels.defaults(cuda, torch.float32) == {"attention": "padded", "gated_delta_rule": "prism", "causal_conv1d": "torch",
                                                      "pointwise": "eager"}
     assert kernels.defaults(cpu, torch.bfloat16) == {"attention": "sdpa", "gated_delta_rule": "prism", "causal_conv1d": "torch",
                                                      "pointwise": "eager"}
     monkeypatch.setattr(fla_ops, "available", lambda: False)
     assert kernels.defaults(cuda, torch.bfloat16)["gated_delta_rule"] == "prism"
+    assert kernels.defaults(cuda, torch.bfloat16)["pointwise"] == "compiled"
 
 
 def test_cuda_graphs_default_off_the_gpu_and_refused_there(loaded_models, tiny_ckpt):

@@ -19,6 +19,7 @@ one loop for as long as a server lives, fed by `submit` from other threads.
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -87,6 +88,10 @@ class EvidenceEngine:
         self.token_budget = token_budget or DEFAULT_PREFILL_BUDGET.get(self.loaded.device.type, 8192)
         self.sync_every = DEFAULT_SYNC_EVERY.get(self.loaded.device.type, 8)  # decode steps between host syncs
         self._stop = set(self.loaded.prompts.eos_ids)
+        # With CUDA graphs, `generate` calls reuse one decode loop (its pool, and the graphs captured over it)
+        # instead of capturing anew each call; elsewhere a loop lives for one call, so no pool stays allocated.
+        self._idle_loop: DecodeLoop | None = None
+        self._loop_lock = threading.Lock()
 
     @property
     def prompts(self):
@@ -139,7 +144,7 @@ class EvidenceEngine:
         if not seqs:
             return []
         longest = max(s.pair.num_tokens for s in seqs)
-        loop = DecodeLoop(self, min(self.max_batch_size, len(seqs)), longest + max_new_tokens + self.sync_every)
+        loop = self._take_loop(min(self.max_batch_size, len(seqs)), longest + max_new_tokens + self.sync_every)
         for s in seqs:
             loop.add(s)
         while loop.pending:
@@ -147,7 +152,25 @@ class EvidenceEngine:
             if should_stop is not None:
                 for s in loop.active:
                     s.cancelled = s.cancelled or should_stop(s.index)
+        self._keep_loop(loop)
         return [self.result(s) for s in seqs]
+
+    def _take_loop(self, slots: int, max_len: int) -> DecodeLoop:
+        """A decode loop of at least `slots` slots for sequences of up to `max_len` tokens: the kept one (CUDA
+        graphs) when it is idle and large enough, else a new one."""
+        with self._loop_lock:
+            loop, self._idle_loop = self._idle_loop, None
+        if loop is None or loop.pool.slots < slots:
+            return DecodeLoop(self, slots, max_len)
+        loop.pool.grow(max_len)
+        return loop
+
+    def _keep_loop(self, loop: DecodeLoop) -> None:
+        """Keep a loop that ran to its end for the next call (CUDA graphs only; a call that raised leaves its
+        loop behind)."""
+        if self.cuda_graphs and not loop.pending:
+            with self._loop_lock:
+                self._idle_loop = loop
 
     # -- prefill: packed rows, each from its query's prefix state ----------------------------------
     def _prefill(self, seqs: list[Sequence]) -> None:
