@@ -180,8 +180,8 @@ def scoring(loaded, engines: dict[str, ScoreEngine], sizes: dict) -> None:
                       f"ScoreEngine ({other})": ScoreEngine(with_kernels(base.loaded, {"pointwise": other}),
                                                             token_budget=base.token_budget, prefix_min_docs=base.prefix_min_docs)}
         tokens = sum(engines[case].prompts.encode(q, d).num_tokens for q, ds in groups for d in ds)
-        runs = {name: (lambda e=e: e.score(groups)) for name, e in contenders.items()}
-        runs["path A batched"] = lambda: path_a_batched(loaded, groups, engines[case].token_budget)
+        runs = {name: (lambda e=e, groups=groups: e.score(groups)) for name, e in contenders.items()}
+        runs["path A batched"] = lambda groups=groups, budget=base.token_budget: path_a_batched(loaded, groups, budget)
         for name, e in contenders.items():
             record("scoring", f"{queries} x {docs} {name} setting", f"{_names(e.loaded.kernels)}, prefix_min_docs={e.prefix_min_docs}")
         first = {name: timed(call, dev)[1] for name, call in runs.items()}

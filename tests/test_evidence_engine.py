@@ -124,3 +124,22 @@ def test_pairs_joining_and_leaving_mid_decode_keep_path_a_text(evidence_engines,
         else:
             assert r.text == ref["text"], (q, d)
             assert abs(r.score - ref["score"]) <= 1e-5
+
+
+def test_graphed_generate_reuses_its_decode_loop_and_writes_the_eager_text(evidence_engines, tiny_ckpt):
+    """With CUDA graphs, `generate` keeps its decode loop (pool and captured graphs) for the next call. On a CPU
+    the graphs' fixed-shape step runs eagerly (`GraphedDecode(capture=False)`), so forcing the setting on here
+    runs the GPU's decode path (the pool's leading slots in place, free slots inside the bucket, slots freed
+    and taken again mid-call) and the reuse: the texts are those of the plain engine."""
+    plain = evidence_engines[str(tiny_ckpt)]
+    graphed = EvidenceEngine(plain.loaded, max_batch_size=4)
+    graphed.cuda_graphs = True  # refused at construction on a CPU; the fixed-shape step runs eagerly here
+    pairs = [(QUERY, d) for d in english_texts(5, 5, 120)]
+    loops = []
+    # 3 pairs; then 2 (the kept 3-slot loop, grown for longer answers); then 5 through 4 slots (a new loop)
+    for batch, new in ((pairs[:3], 12), (pairs[3:], 20), (pairs, 9)):
+        got = [r.text for r in graphed.generate(batch, max_new_tokens=new)]
+        assert got == [r.text for r in plain.generate(batch, max_new_tokens=new)]
+        loops.append(graphed._idle_loop)
+    assert loops[0] is loops[1] and loops[2] is not loops[1] and loops[2].pool.slots == 4
+    assert plain._idle_loop is None  # without graphs nothing is kept between calls

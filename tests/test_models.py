@@ -66,6 +66,34 @@ def test_each_prefill_kernel_packs_rows_of_several_contexts_as_whole_sequences(l
             torch.testing.assert_close(row, _hf_last_hidden(loaded, ids[:end]), atol=1e-4, rtol=1e-4)
 
 
+@torch.inference_mode()
+def test_compiled_pointwise_chains_match_transformers_in_prefill_and_decode(loaded_models, tiny_ckpt):
+    """The `pointwise: compiled` choice (each chain through torch.compile) on the hybrid backbone, every chain
+    in play: packed rows from a context and from none, two shapes (compiled static, then dynamic), and decode
+    steps from the pool, each against transformers' forward over the whole sequence, in float32."""
+    loaded = with_kernels(loaded_models[str(tiny_ckpt)], {"pointwise": "compiled"})
+    assert loaded.kernels["pointwise"] == "compiled"
+    net, ids = loaded.net, _ids(300, seed=4)
+    _, (ctx,) = net.forward_rows(ids[:128], Rows([128], [None], CPU), keep_states=True)
+    for tails in ([(128, 300), (0, 40)], [(128, 131), (128, 200), (0, 9)]):
+        packed = torch.cat([ids[lo:hi] for lo, hi in tails])
+        hidden, states = net.forward_rows(packed, Rows([hi - lo for lo, hi in tails], [ctx if lo else None for lo, _ in tails], CPU),
+                                          keep_states=True)
+        for row, (_, end) in zip(hidden, tails):
+            torch.testing.assert_close(row, _hf_last_hidden(loaded, ids[:end]), atol=1e-4, rtol=1e-4)
+    pool = SlotPool(net, 4, 256)
+    seqs = [ids[:end] for _, end in tails]
+    for slot, state in enumerate(states):
+        pool.store(slot, state)
+    tokens = torch.tensor([5, 7, 11])
+    for _ in range(2):
+        logits = net.decode_step(tokens, [len(s) for s in seqs], pool, pool.select([0, 1, 2]))
+        seqs = [torch.cat([s, t[None]]) for s, t in zip(seqs, tokens)]
+        for got, seq in zip(logits, seqs):
+            torch.testing.assert_close(got, _hf_next_logits(loaded, seq), atol=1e-4, rtol=1e-4)
+        tokens = logits.argmax(-1)
+
+
 def test_kernel_overrides_are_checked_by_name(loaded_models, tiny_ckpt):
     loaded = loaded_models[str(tiny_ckpt)]
     with pytest.raises(ValueError, match=r"kernels.attention must be one of \['sdpa', 'padded'\], not 'flash'"):
@@ -171,14 +199,13 @@ def test_device_defaults_take_fla_on_cuda_in_bf16_only_where_it_is_installed(mon
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.setattr(fla_ops, "available", lambda: True)
     assert kernels.defaults(cuda, torch.bfloat16) == {"attention": "padded", "gated_delta_rule": "fla", "causal_conv1d": "fla",
-                                                      "pointwise": "compiled"}
+                                                      "pointwise": "eager"}
     assert kernels.defaults(cuda, torch.float32) == {"attention": "padded", "gated_delta_rule": "prism", "causal_conv1d": "torch",
                                                      "pointwise": "eager"}
     assert kernels.defaults(cpu, torch.bfloat16) == {"attention": "sdpa", "gated_delta_rule": "prism", "causal_conv1d": "torch",
                                                      "pointwise": "eager"}
     monkeypatch.setattr(fla_ops, "available", lambda: False)
     assert kernels.defaults(cuda, torch.bfloat16)["gated_delta_rule"] == "prism"
-    assert kernels.defaults(cuda, torch.bfloat16)["pointwise"] == "compiled"
 
 
 def test_cuda_graphs_default_off_the_gpu_and_refused_there(loaded_models, tiny_ckpt):

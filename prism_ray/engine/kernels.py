@@ -49,16 +49,19 @@ DEFAULTS = {"cpu": {"attention": "sdpa", "gated_delta_rule": "prism", "causal_co
 
 
 def defaults(device: torch.device, dtype: torch.dtype) -> dict[str, str]:
-    """The device's kernels. On CUDA in bf16/fp16: fla's gated delta rule and convolution where fla is installed
-    (faster than the project's kernels in the H200 runs of `device_check.sh`, README), and the pointwise chains
-    compiled (v4 run 1 on the H200: 16 x 20 scoring 290k against 244k prompt tokens/s, a 64-row decode step
-    6.3 against 8.0 ms). float32, the parity dtype, keeps the project's eager kernels, which the CPU tests
-    check against path A."""
+    """The device's kernels. On CUDA in bf16/fp16, fla's gated delta rule and convolution where fla is installed
+    (faster than the project's kernels in the H200 runs of `device_check.sh`, README). float32, the parity
+    dtype, keeps the project's kernels, which the CPU tests check against path A.
+
+    The pointwise chains stay eager everywhere. Compiled, they cut the GPU's kernel time (v4 run 1 on the
+    H200: 16 x 20 scoring 290k against 244k prompt tokens/s, a 64-row decode step 6.3 against 8.0 ms), but
+    v4 run 2 measured what that costs a replica: `warm_up()` took 111 s of compiling, the first 1 x 20 and
+    16 x 20 calls after it 12 and 18 s more, and warm, where the host is the bottleneck, 1 x 20 was slower
+    (108 against 91 ms, medians of 7) for 10 % at 16 x 20 (436 against 479 ms). `pointwise: compiled` is
+    there for throughput jobs that can pay the start."""
     names = dict(DEFAULTS.get(device.type, DEFAULTS["cpu"]))
-    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
-        names["pointwise"] = "compiled"
-        if fla_ops.available():
-            names.update(gated_delta_rule="fla", causal_conv1d="fla")
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and fla_ops.available():
+        names.update(gated_delta_rule="fla", causal_conv1d="fla")
     return names
 
 
