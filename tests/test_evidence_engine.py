@@ -134,10 +134,10 @@ def test_graphed_generate_reuses_its_decode_loop_and_writes_the_eager_text(evide
     plain = evidence_engines[str(tiny_ckpt)]
     graphed = EvidenceEngine(plain.loaded, max_batch_size=4)
     graphed.cuda_graphs = True  # refused at construction on a CPU; the fixed-shape step runs eagerly here
-    pairs = [(QUERY, d) for d in english_texts(5, 5, 120)]
+    pairs = [(QUERY, d) for d in english_texts(6, 5, 120)]
     loops = []
-    # 3 pairs; then 2 (the kept 3-slot loop, grown for longer answers); then 5 through 4 slots (a new loop)
-    for batch, new in ((pairs[:3], 12), (pairs[3:], 20), (pairs, 9)):
+    # 3 pairs; 3 others (the kept 3-slot loop, grown for longer answers); 5 through 4 slots (a new loop)
+    for batch, new in ((pairs[:3], 12), (pairs[3:], 20), (pairs[:5], 9)):
         got = [r.text for r in graphed.generate(batch, max_new_tokens=new)]
         assert got == [r.text for r in plain.generate(batch, max_new_tokens=new)]
         loops.append(graphed._idle_loop)

@@ -1,8 +1,9 @@
 """Full attention over packed rows (prefill), each row after its own context's K/V: the kernels to choose from.
 
 Every function here takes the call's queries `q` (T, heads, d), or (rows, heads, d) at each row's last token
-with `last_only`, and its keys and values `k`, `v` (T, kv_heads, d), normed and rotated, and returns the
-attention output in `q`'s shape. Row i's tokens attend to its context's K/V (`rows.contexts[i]`, layer `index`)
+with `last_only`, and its keys and values `k`, `v` (T, kv_heads, d), normed and rotated (and, where the caller
+keeps them, each row's states: its context's K/V and its own), and returns the attention output in `q`'s
+shape. Row i's tokens attend to its context's K/V (`rows.contexts[i]`, layer `index`)
 and causally to its own.
 
 - `sdpa` (`rows`): one SDPA call per row (the context's K/V concatenated in front of the row's own). No padding, but a
@@ -28,14 +29,19 @@ def sdpa(q, k, v, mask, causal: bool) -> torch.Tensor:
                                           enable_gqa=True)[0]
 
 
-def rows(q, k, v, packed, index: int, last_only: bool) -> torch.Tensor:
+def rows(q, k, v, packed, index: int, last_only: bool, states=None) -> torch.Tensor:
+    """`states`: each row's K/V with its context's in front (`Attention._states`), when the caller keeps them
+    anyway: read instead of concatenated a second time."""
     out = torch.empty_like(q)
     for i, ctx in enumerate(packed.contexts):
         lo, hi = packed.cu[i], packed.cu[i + 1]
-        ki, vi = k[lo:hi].transpose(0, 1), v[lo:hi].transpose(0, 1)
-        if ctx is not None:
-            c = ctx.layers[index]
-            ki, vi = torch.cat([c.k, ki], dim=1), torch.cat([c.v, vi], dim=1)
+        if states is not None:
+            ki, vi = states[i].k, states[i].v
+        else:
+            ki, vi = k[lo:hi].transpose(0, 1), v[lo:hi].transpose(0, 1)
+            if ctx is not None:
+                c = ctx.layers[index]
+                ki, vi = torch.cat([c.k, ki], dim=1), torch.cat([c.v, vi], dim=1)
         past = ki.shape[1] - (hi - lo)
         if last_only:
             out[i] = sdpa(q[i:i + 1].transpose(0, 1), ki, vi, None, False)[:, 0]
@@ -101,7 +107,7 @@ def _context_grid(packed, index: int, lay: PadLayout, which: str, like: torch.Te
     return packed.per_row(padded, like.new_zeros(heads, lay.context_width, d))
 
 
-def padded(q, k, v, packed, index: int, last_only: bool) -> torch.Tensor:
+def padded(q, k, v, packed, index: int, last_only: bool, states=None) -> torch.Tensor:
     lay = packed.cached("pad", lambda: PadLayout.of(packed))
     count = len(packed)
     keys, values = _to_grid(k, lay, count), _to_grid(v, lay, count)

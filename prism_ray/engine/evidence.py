@@ -156,11 +156,11 @@ class EvidenceEngine:
         return [self.result(s) for s in seqs]
 
     def _take_loop(self, slots: int, max_len: int) -> DecodeLoop:
-        """A decode loop of at least `slots` slots for sequences of up to `max_len` tokens: the kept one (CUDA
-        graphs) when it is idle and large enough, else a new one."""
+        """A decode loop of `slots` slots (the call's concurrency) for sequences of up to `max_len` tokens: the
+        kept one (CUDA graphs) when it is idle and of that size, else a new one."""
         with self._loop_lock:
             loop, self._idle_loop = self._idle_loop, None
-        if loop is None or loop.pool.slots < slots:
+        if loop is None or loop.pool.slots != slots:
             return DecodeLoop(self, slots, max_len)
         loop.pool.grow(max_len)
         return loop

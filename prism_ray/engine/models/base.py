@@ -33,7 +33,7 @@ from prism_ray.engine import pointwise
 from prism_ray.engine.transfer import ragged_arange, to_device
 
 Linear = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
-# (q, k, v, rows, layer index, last_only) -> attention output: a prefill kernel of `engine.attention`
+# (q, k, v, rows, layer index, last_only, row states or None) -> attention output: a prefill kernel of `engine.attention`
 Attend = Callable[..., torch.Tensor]
 
 
@@ -275,8 +275,8 @@ class Attention:
             q, gate = self._query(x[rows.last], cos[rows.last], sin[rows.last])
         else:
             q, gate = self._query(x, cos, sin)
-        out = self.attend(q, k, v, rows, index, last_only)
-        return self._out(out, gate), (self._states(k, v, rows, index) if keep_states else None)
+        states = self._states(k, v, rows, index) if keep_states else None
+        return self._out(self.attend(q, k, v, rows, index, last_only, states), gate), states
 
     @staticmethod
     def _states(k: torch.Tensor, v: torch.Tensor, rows: Rows, index: int) -> list[AttentionState]:
