@@ -1,8 +1,11 @@
 """The GPU check (v4), in one go and without Ray: fp32 parity with path A on the device, then bf16 figures.
 
     bash benchmarks/device_check.sh          # on a CUDA machine (the 0.8b preset); stopped at 480 s by the .sh
-    bash benchmarks/device_check.sh --skip parity --evidence-pairs 64   # 256 s on an H200 (parity alone: ~200 s)
+    bash benchmarks/device_check.sh --skip parity --evidence-pairs 64   # 256 s on an H200 in v3 (parity alone: ~200 s)
     bash benchmarks/device_check.sh --cpu    # the same steps on the tiny preset and small sizes: a dry run
+
+`--compiled` also runs every section with the pointwise chains compiled, beside the eager ones: on a cold H200
+that added about three minutes of compiling to v4 run 1 (its checks section took 230 s against v3's 52 s).
 
 Sections, each in its own try (one that fails prints why and the others still run), in order of what matters
 most if the run is cut short, figures gathered into one table at the end:
@@ -48,6 +51,7 @@ from prism_ray.engine.loading import with_kernels  # noqa: E402
 from prism_ray.engine.score import sigmoid  # noqa: E402
 
 WARM_CALLS = 7
+POINTWISE = ["eager"]  # the pointwise choices compared; --compiled adds "compiled" (v4 run 2: 111 s of compiling)
 TOP_KERNELS = 8
 GPU_SIZES = {"one": (1, 20), "packed": (16, 20), "new shape": (3, 13), "evidence": ((32, 64), 128)}
 CPU_SIZES = {"one": (1, 4), "packed": (4, 4), "new shape": (2, 3), "evidence": ((2, 3), 8)}
@@ -118,7 +122,7 @@ def parity(ckpt: Path, device: str) -> bool:
               f"max |score diff| = {diff:.2e} over {len(ours)} pairs "
               f"({'ok' if diff <= limit else 'FAILED'}: limit {limit:.2e}; path A batched vs one by one: {floor:.2e})", flush=True)
     record("parity", f"fp32 vs path A, default kernels ({_names(loaded.kernels)})", "ok" if ok else "FAILED")
-    for choice in choices_here(loaded.device):
+    for choice in [c for c in choices_here(loaded.device) if c["pointwise"] in POINTWISE]:
         try:
             other = with_kernels(loaded, choice)
             ours = [r.score for g in ScoreEngine(other).score(groups) for r in g]
@@ -176,9 +180,10 @@ def scoring(loaded, engines: dict[str, ScoreEngine], sizes: dict) -> None:
         groups = workload(queries, docs)
         base = engines[case]
         other = "eager" if base.loaded.kernels.get("pointwise") == "compiled" else "compiled"
-        contenders = {f"ScoreEngine ({base.loaded.kernels.get('pointwise')})": base,
-                      f"ScoreEngine ({other})": ScoreEngine(with_kernels(base.loaded, {"pointwise": other}),
-                                                            token_budget=base.token_budget, prefix_min_docs=base.prefix_min_docs)}
+        contenders = {f"ScoreEngine ({base.loaded.kernels.get('pointwise')})": base}
+        if other in POINTWISE:
+            contenders[f"ScoreEngine ({other})"] = ScoreEngine(with_kernels(base.loaded, {"pointwise": other}),
+                                                               token_budget=base.token_budget, prefix_min_docs=base.prefix_min_docs)
         tokens = sum(engines[case].prompts.encode(q, d).num_tokens for q, ds in groups for d in ds)
         runs = {name: (lambda e=e, groups=groups: e.score(groups)) for name, e in contenders.items()}
         runs["path A batched"] = lambda groups=groups, budget=base.token_budget: path_a_batched(loaded, groups, budget)
@@ -317,6 +322,7 @@ def kernels(loaded, sizes: dict, token_budget: int | None) -> dict[str, ScoreEng
     if loaded.device.type == "cuda":
         linear = "fla" if fla_ops.available() else None
         choices = [c for c in choices if c["attention"] == "padded" and (linear is None or linear == c["gated_delta_rule"] == c["causal_conv1d"])]
+    choices = [c for c in choices if c["pointwise"] in POINTWISE]
     fastest: dict[str, ScoreEngine] = {}
     for case in ("one", "packed"):
         queries, docs = sizes[case]
@@ -345,7 +351,7 @@ def checks(ckpt: Path, bf16) -> None:
         conv = [r.score for g in ScoreEngine(with_kernels(fp32, {"causal_conv1d": "fla", "gated_delta_rule": "prism"})).score(groups) for r in g]
         record("checks", "float32 scores, causal_conv1d fla vs torch", f"max |score diff| {max(abs(a - b) for a, b in zip(base, conv)):.2e}")
     ref = path_a_batched(fp32, groups, token_budget=1 << 20)
-    for pw in ("eager", "compiled"):
+    for pw in POINTWISE:
         ours = [r.score for g in ScoreEngine(with_kernels(fp32, {"pointwise": pw})).score(groups) for r in g]
         record("checks", f"float32 scores vs path A batched, pointwise={pw}", f"max |score diff| {max(abs(a - b) for a, b in zip(ours, ref)):.2e}")
     graph_equality(fp32, bf16)
@@ -360,7 +366,7 @@ def graph_equality(fp32, bf16) -> None:
     from prism_ray.engine.models import SlotPool, pack
 
     pairs = [(q, d) for q, docs in workload(7, 1) for d in docs]
-    for loaded in (fp32, bf16, with_kernels(bf16, {"pointwise": "compiled"})):
+    for loaded in (fp32, bf16) + ((with_kernels(bf16, {"pointwise": "compiled"}),) if "compiled" in POINTWISE else ()):
         net, dev = loaded.net, loaded.device
         rows = [loaded.prompts.encode(q, d).ids for q, d in pairs]
         hidden, states = net.forward_rows(*pack(rows, [None] * len(rows), dev), keep_states=True)
@@ -397,7 +403,7 @@ def evidence(loaded, sizes: dict) -> None:
     (Eager decoding on the GPU was measured by v3: 2,531 generated tokens/s at 64.)"""
     concurrency, new = sizes["evidence"]
     graphed = loaded.device.type == "cuda"
-    runs = {f"{'CUDA graphs' if graphed else 'eager'}, pointwise={pw}": with_kernels(loaded, {"pointwise": pw}) for pw in ("eager", "compiled")}
+    runs = {f"{'CUDA graphs' if graphed else 'eager'}, pointwise={pw}": with_kernels(loaded, {"pointwise": pw}) for pw in POINTWISE}
     for pairs in concurrency:
         work = [(q, d) for q, docs in workload(pairs, 1) for d in docs]
         texts = {}
@@ -410,8 +416,9 @@ def evidence(loaded, sizes: dict) -> None:
                        f"{generated / t:,.0f} generated tokens/s ({generated} in {t:.2f} s)")
             texts[how] = [r.text for r in out]
             _decode_split(ev, work, new, f"{pairs} concurrent, {how}")
-        (a, ta), (b, tb) = texts.items()
-        record("evidence", f"{pairs} concurrent: same text, {a} and {b} ({loaded.dtype})", f"{sum(x == y for x, y in zip(ta, tb))}/{len(work)}")
+        if len(texts) == 2:
+            (a, ta), (b, tb) = texts.items()
+            record("evidence", f"{pairs} concurrent: same text, {a} and {b} ({loaded.dtype})", f"{sum(x == y for x, y in zip(ta, tb))}/{len(work)}")
 
 
 def _decode_split(ev: EvidenceEngine, work, new: int, what: str) -> None:
@@ -446,10 +453,14 @@ def main() -> int:
     ap.add_argument("--token-budget", type=int, default=None)
     ap.add_argument("--evidence-pairs", default=None, help="concurrent sequences of the evidence section, comma-separated "
                                                             "(default 32,64 on a GPU)")
+    ap.add_argument("--compiled", action="store_true", help="also the compiled pointwise chains, beside the eager ones "
+                                                             "(minutes of compiling on a cold machine)")
     ap.add_argument("--out", default="checkpoints")
     ap.add_argument("--skip", default="", help="sections to skip, comma-separated: parity,checks,kernels,scoring,evidence,profile,new shape")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
+    if args.compiled:
+        POINTWISE.append("compiled")
     device = "cpu" if args.cpu else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device; use --cpu for the dry run", file=sys.stderr)
