@@ -77,9 +77,10 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def delta_gates(b: torch.Tensor, a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor):
-    """Gated DeltaNet's write strength beta = sigmoid(b) and log decay g = -exp(A_log) softplus(a + dt_bias)."""
-    return b.sigmoid(), -A_log.float().exp() * F.softplus(a.float() + dt_bias)
+def delta_gates(b: torch.Tensor, a: torch.Tensor, neg_A: torch.Tensor, dt_bias: torch.Tensor):
+    """Gated DeltaNet's write strength beta = sigmoid(b) and log decay g = -exp(A_log) softplus(a + dt_bias),
+    `neg_A` = -exp(A_log) in float32, computed once at load."""
+    return b.sigmoid(), neg_A * F.softplus(a.float() + dt_bias)
 
 
 def gated_rms(core: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

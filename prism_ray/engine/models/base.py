@@ -209,7 +209,10 @@ class Family:
     """What a backbone family decides for the shared pieces."""
 
     name: str
-    norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]  # (x, weight, eps)
+    norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]  # (x, scale, eps)
+    # a norm's checkpoint weight -> the scale `norm` takes, computed once at load (for Qwen3.5's zero-centred
+    # norms 1 + w in float32), so a forward does not redo it at every norm
+    norm_scale: Callable[[torch.Tensor], torch.Tensor]
     rotary_dim: int
     rope_theta: float
     gated_attention: bool  # Qwen3.5: q_proj also yields a sigmoid gate on the attention output
@@ -245,7 +248,7 @@ class Attention:
         self.attend = attend  # the prefill kernel (`attention.PREFILL`)
         self.q, self.k, self.v, self.o = (w[f"{p}{n}_proj.weight"] for n in "qkvo")
         self.qb, self.kb, self.vb, self.ob = (w.get(f"{p}{n}_proj.bias") for n in "qkvo")
-        self.q_norm, self.k_norm = w[f"{p}q_norm.weight"], w[f"{p}k_norm.weight"]
+        self.q_norm, self.k_norm = family.norm_scale(w[f"{p}q_norm.weight"]), family.norm_scale(w[f"{p}k_norm.weight"])
         self.family, self.linear = family, linear
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self._q, self._k, self._gate = run(pointwise.query_heads), run(pointwise.key_heads), run(pointwise.sigmoid_gate)
@@ -337,7 +340,7 @@ def _longer(t: torch.Tensor, max_len: int) -> torch.Tensor:
 # -- the stack ---------------------------------------------------------------------------------------------
 class DecoderLayer:
     def __init__(self, w: dict[str, torch.Tensor], family: Family, mixer, linear: Linear, run=pointwise.eager):
-        self.input_norm, self.post_norm = w["input_layernorm.weight"], w["post_attention_layernorm.weight"]
+        self.input_norm, self.post_norm = (family.norm_scale(w[f"{n}.weight"]) for n in ("input_layernorm", "post_attention_layernorm"))
         self.mixer, self.mlp, self.family = mixer, MLP(w, linear, run), family
 
 
@@ -348,6 +351,7 @@ class Model:
 
     def __init__(self, family: Family, embed: torch.Tensor, layers: list[DecoderLayer], norm: torch.Tensor,
                  lm_head: torch.Tensor, linear: Linear, run=pointwise.eager):
+        norm = family.norm_scale(norm)
         self.family, self.embed, self.layers, self.norm, self.lm_head, self.linear = family, embed, layers, norm, lm_head, linear
         self.device, self.dtype = embed.device, embed.dtype
         self.score_vector: torch.Tensor | None = None

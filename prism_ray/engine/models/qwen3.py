@@ -26,7 +26,7 @@ def family(config) -> Family:
     if getattr(config, "use_sliding_window", False) or "sliding_attention" in (getattr(config, "layer_types", None) or ()):
         raise ValueError("sliding-window attention is not supported")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return Family("qwen3", rms_norm, head_dim, float(rope["rope_theta"]), gated_attention=False, chunk_align=1,
+    return Family("qwen3", rms_norm, lambda weight: weight, head_dim, float(rope["rope_theta"]), gated_attention=False, chunk_align=1,
                   eps=config.rms_norm_eps)
 
 

@@ -24,9 +24,14 @@ from prism_ray.engine.transfer import ragged_arange, to_device
 DeltaRule = Callable[..., tuple[torch.Tensor, "torch.Tensor | None"]]
 
 
-def zero_centred_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x * rsqrt(mean(x^2) + eps) * (1 + w) in float32 (torch's fused rms_norm where the device has one)."""
-    return F.rms_norm(x.float(), (x.shape[-1],), 1.0 + weight.float(), eps).type_as(x)
+def zero_centred_rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) * (1 + w) in float32 (torch's fused rms_norm where the device has one);
+    `scale` is 1 + w in float32 (`zero_centred_scale`)."""
+    return F.rms_norm(x.float(), (x.shape[-1],), scale, eps).type_as(x)
+
+
+def zero_centred_scale(weight: torch.Tensor) -> torch.Tensor:
+    return 1.0 + weight.float()
 
 
 def family(config) -> Family:
@@ -34,7 +39,7 @@ def family(config) -> Family:
     if rope.get("rope_type", "default") != "default":
         raise ValueError(f"rope_type {rope['rope_type']!r} is not supported (only 'default')")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return Family("qwen3_5", zero_centred_rms_norm, int(head_dim * rope.get("partial_rotary_factor", 1.0)),
+    return Family("qwen3_5", zero_centred_rms_norm, zero_centred_scale, int(head_dim * rope.get("partial_rotary_factor", 1.0)),
                   float(rope["rope_theta"]), gated_attention=True, chunk_align=delta_rule.CHUNK, eps=config.rms_norm_eps)
 
 
@@ -53,7 +58,8 @@ class GatedDeltaNet:
         self.conv_filter = conv
         self.conv_bias = w.get(f"{p}conv1d.bias")
         self.kernel = conv.shape[-1]
-        self.A_log, self.dt_bias, self.norm_weight = w[f"{p}A_log"], w[f"{p}dt_bias"], w[f"{p}norm.weight"]
+        self.neg_A = -w[f"{p}A_log"].float().exp()  # the decay rate -exp(A_log), once rather than per forward
+        self.dt_bias, self.norm_weight = w[f"{p}dt_bias"], w[f"{p}norm.weight"]
         self.k_heads, self.v_heads = config.linear_num_key_heads, config.linear_num_value_heads
         self.k_dim, self.v_dim = config.linear_key_head_dim, config.linear_value_head_dim
         self.eps, self.linear = config.rms_norm_eps, linear
@@ -69,7 +75,7 @@ class GatedDeltaNet:
         return q.reshape(n, self.k_heads, self.k_dim), k.reshape(n, self.k_heads, self.k_dim), v.reshape(n, self.v_heads, self.v_dim)
 
     def _gates(self, b: torch.Tensor, a: torch.Tensor):
-        return self._gates_of(b, a, self.A_log, self.dt_bias)
+        return self._gates_of(b, a, self.neg_A, self.dt_bias)
 
     def _output(self, core: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """The gated RMS norm (norm, then weight in the input dtype, then silu(z)), and out_proj."""
