@@ -67,6 +67,32 @@ def test_each_prefill_kernel_packs_rows_of_several_contexts_as_whole_sequences(l
 
 
 @torch.inference_mode()
+def test_a_last_attention_layer_keeping_states_attends_from_each_rows_last_token_only(loaded_models, any_ckpt, monkeypatch):
+    """With `keep_states` (a query's prefix, a long row's pieces) the last attention layer still computes
+    every token's K/V, the state later rows read, but queries and attends from each row's last token only:
+    the states are those of the whole last layer, bit for bit, and the hidden states agree with it."""
+    net = loaded_models[str(any_ckpt)].net
+    ids, rows = _ids(200, seed=5), Rows([120, 80], [None, None], CPU)
+    whole_hidden, whole_states = net.forward_rows(ids, rows, keep_states=True, last_only=False)
+    mixer, queries = net.layers[-1].mixer, []
+    attend = mixer.attend
+
+    def counting(q, *args):
+        queries.append(len(q))
+        return attend(q, *args)
+
+    monkeypatch.setattr(mixer, "attend", counting)
+    hidden, states = net.forward_rows(ids, rows, keep_states=True)
+    assert queries == [2]
+    torch.testing.assert_close(hidden, whole_hidden, atol=1e-5, rtol=1e-5)
+    for got, want in zip(states, whole_states):
+        assert got.length == want.length
+        for layer_got, layer_want in zip(got.layers, want.layers):
+            for name in vars(layer_want):
+                assert torch.equal(getattr(layer_got, name), getattr(layer_want, name)), name
+
+
+@torch.inference_mode()
 def test_compiled_pointwise_chains_match_transformers_in_prefill_and_decode(loaded_models, tiny_ckpt):
     """The `pointwise: compiled` choice (each chain through torch.compile) on the hybrid backbone, every chain
     in play: packed rows from a context and from none, two shapes (compiled static, then dynamic), and decode

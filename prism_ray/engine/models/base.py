@@ -13,8 +13,9 @@ Two entry points, as gpt-fast's prefill and decode_one_token:
   recurrent and conv state). Rows are grouped by context (`Rows.groups`): rows that all share one context
   read it through a broadcast view; otherwise each distinct context is stacked once per layer and read by
   index, which copies it per row only where a kernel wants a per-row layout (`Rows.per_row`). With
-  `last_only`, the last layer runs only where a row's last token needs it. With `keep_states`, each row's
-  state is returned. The kernels (prefill attention, the gated delta rule, the convolution) are chosen at
+  `last_only`, the last layer runs only where a row's last token needs it (a last attention layer still
+  computes every token's K/V when `keep_states` asks for them). With `keep_states`, each row's state is
+  returned. The kernels (prefill attention, the gated delta rule, the convolution) are chosen at
   load (`kernels.py`).
 - `Model.decode_step`: one token for each of some slots of a `SlotPool`, whose K/V and linear-attention
   states are written in place; `Model.decode_tensors` is the same step over device tensors only, what a CUDA
@@ -375,8 +376,11 @@ class Model:
         h = self._norm(x, self.layers[0].input_norm, self.family.eps)
         for index, layer in enumerate(self.layers):
             final = index == len(self.layers) - 1
-            if final and last_only and not keep_states and isinstance(layer.mixer, Attention):
-                mixed, _ = layer.mixer.prefill(h, rows, index, rope, False, last_only=True)
+            if final and last_only and isinstance(layer.mixer, Attention):
+                # Its K/V (the state) come from every token; its queries and attention, only from the last.
+                mixed, states = layer.mixer.prefill(h, rows, index, rope, keep_states, last_only=True)
+                if keep_states:
+                    per_layer.append(states)
                 x = x[rows.last]
             else:
                 mixed, states = layer.mixer.prefill(h, rows, index, rope, keep_states)
