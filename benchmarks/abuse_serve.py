@@ -41,7 +41,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from soak_serve import percentile, serve_processes  # noqa: E402  (benchmarks/, on sys.path as the script's folder)
+from bench_serve import ingress_ports  # noqa: E402  (benchmarks/, on sys.path as the script's folder)
+from soak_serve import percentile, serve_processes  # noqa: E402
 
 QUERY = "What is the boiling point of water at sea level?"
 EXPECTED = {"chunked": {413}, "trickle": {408}, "nested": {422}, "long-doc": {200}, "long-doc-chunked": {200}}
@@ -209,6 +210,9 @@ def main() -> int:
     ap.add_argument("--normal", type=int, default=4)
     ap.add_argument("--hostile", type=int, default=8)
     ap.add_argument("--kinds", default=",".join(EXPECTED), help="the hostile kinds, comma-separated")
+    ap.add_argument("--direct", action="store_true",
+                    help="Serve's direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1): clients talk to the router "
+                         "replica's own HTTP server, not through Serve's proxy")
     ap.add_argument("--chunk-tokens", type=int, default=None,
                     help="long-doc-chunked's chunking.chunk_tokens (default: unset, the model's room)")
     args = ap.parse_args()
@@ -230,12 +234,17 @@ def main() -> int:
           f"body {len(long_doc) / 1e6:.1f} MB", flush=True)
     del words
 
+    if args.direct:  # read by every Serve process at import: set before the cluster starts them
+        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
     ray.init(num_cpus=8, object_store_memory=512 * 1024**2, include_dashboard=False, log_to_driver=False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(app_args), name="prism", route_prefix="/")
+    if args.direct:
+        port = ingress_ports()["prism"]
+        print(f"direct ingress: clients talk to the router replica on 127.0.0.1:{port}", flush=True)
     base = f"http://127.0.0.1:{port}"
     expected = {**EXPECTED, "long-doc-chunked": {_chunked_status(app_args, chunking)}}  # its checkpoint is built now
 

@@ -1,6 +1,6 @@
 """HTTP load against the local Serve app next to ScoreEngine in-process, same workload, one run.
 
-    python benchmarks/bench_serve.py [--clients 4] [--requests 32]
+    python benchmarks/bench_serve.py [--clients 4] [--requests 32] [--direct]
 
 Scorer tier only, `bench` preset (built on first use), one replica with the same torch thread
 count as the in-process engine. Each request: one query, 20 documents of 60-180 words of real
@@ -53,17 +53,32 @@ def server_timing(resp) -> dict[str, float]:
     return {name: float(ms) / 1000 for name, ms in entries}
 
 
-def start_local_serve(num_cpus: int = 4) -> int:
-    """A local Ray cluster and Serve on a free loopback port; returns the port."""
+def start_local_serve(num_cpus: int = 4, direct: bool = False) -> int:
+    """A local Ray cluster and Serve on a free loopback port; returns the port. With `direct`, Serve's direct
+    ingress is on too: each app's ingress replica also serves HTTP on its own port (`ingress_ports`)."""
+    import os
+
     import ray
     from ray import serve
 
+    if direct:  # read by every Serve process at import: set before the cluster starts them
+        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     return port
+
+
+def ingress_ports() -> dict[str, int]:
+    """Under direct ingress, each app's ingress replica's own HTTP port (the first replica's), from Serve's
+    target groups: the list a load balancer in front of the replicas reads."""
+    import ray
+    from ray.serve._private.api import _get_global_client
+
+    groups = ray.get(_get_global_client()._controller.get_target_groups.remote())
+    return {g.app_name: g.targets[0].port for g in groups if g.protocol == "HTTP" and g.targets}
 
 
 def main() -> None:
@@ -73,6 +88,9 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32, help="total requests in the load phase")
     ap.add_argument("--single", type=int, default=8, help="sequential requests for the latency overhead")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--direct", action="store_true",
+                    help="also measure Serve's direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1): the same "
+                         "requests straight to the router replica, after those through the proxy")
     args = ap.parse_args()
     ckpt = Path(args.checkpoint).resolve()
     if not (ckpt / "config.json").is_file():
@@ -97,30 +115,30 @@ def main() -> None:
 
     from deployments.app import build_app
 
-    port = start_local_serve()
+    port = start_local_serve(direct=args.direct)
     config = {"models": [{"name": "bench", "model": str(ckpt), "dtype": "float32", "evidence": None,
                           "scorer": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 1},
                                      "torch_threads": args.threads, "max_batch_tokens": 1024}}]}
     serve.run(build_app(config), name="bench", route_prefix="/")
-    url = f"http://127.0.0.1:{port}/v2/rerank"
-    try:
+    urls = {"through Serve's proxy": f"http://127.0.0.1:{port}/v2/rerank"}
+    if args.direct:
+        urls["direct to the router replica"] = f"http://127.0.0.1:{ingress_ports()['bench']}/v2/rerank"
+
+    def measure(url: str) -> dict:
+        out = {"single": [], "replica": [], "tiny": [], "tiny_replica": []}  # latency; the replica's compute
         with httpx.Client(timeout=600) as c:
             c.post(url, json=bodies[0]).raise_for_status()  # warm-up
-            single, replica = [], []  # end-to-end latency; the replica's own compute (Server-Timing)
             for body in bodies[: args.single]:
                 t0 = time.perf_counter()
                 resp = c.post(url, json=body).raise_for_status()
-                single.append(time.perf_counter() - t0)
+                out["single"].append(time.perf_counter() - t0)
                 assert len(resp.json()["results"]) == len(body["documents"]), "a response lost documents"
-                replica.append(server_timing(resp)["scorer"])
-            tiny, tiny_replica = [], []  # a one-document request: mostly the fixed cost of the HTTP + Serve path
-            for _ in range(args.single):
+                out["replica"].append(server_timing(resp)["scorer"])
+            for _ in range(args.single):  # a one-document request: mostly the fixed cost of the path
                 t0 = time.perf_counter()
                 resp = c.post(url, json=TINY_BODY).raise_for_status()
-                tiny.append(time.perf_counter() - t0)
-                tiny_replica.append(server_timing(resp)["scorer"])
-        # The same engine in this process while the cluster sits idle: what Ray's own processes cost it.
-        engine_up = engine_singles(bodies[: args.single])
+                out["tiny"].append(time.perf_counter() - t0)
+                out["tiny_replica"].append(server_timing(resp)["scorer"])
 
         async def load():
             latencies: list[float] = []
@@ -137,7 +155,13 @@ def main() -> None:
                 await asyncio.gather(*(client() for _ in range(args.clients)))
                 return time.perf_counter() - t0, latencies
 
-        http_time, latencies = asyncio.run(load())
+        out["http_time"], out["latencies"] = asyncio.run(load())
+        return out
+
+    try:
+        measured = {way: measure(url) for way, url in urls.items()}
+        # The same engine in this process while the cluster sits idle: what Ray's own processes cost it.
+        engine_up = engine_singles(bodies[: args.single])
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -154,20 +178,21 @@ def main() -> None:
     pairs = sum(len(b["documents"]) for b in bodies)
     print(f"checkpoint: {ckpt}  dtype: float32  torch threads: {args.threads}  "
           f"requests: {len(bodies)} x 20 documents  clients: {args.clients}")
-    print(f"  HTTP (Serve, 1 scorer replica): {pairs / http_time:7.2f} pairs/s  "
-          f"p50 {ms(percentile(latencies, 0.5))}  p99 {ms(percentile(latencies, 0.99))}")
     print(f"  ScoreEngine in-process:         {pairs / engine_time:7.2f} pairs/s")
-    print(f"  HTTP / in-process throughput = {100 * engine_time / http_time:.0f}%")
-    print(f"  single 20-document request ({args.single} sequential):")
-    print(f"    HTTP median {ms(med(single))}; replica compute (tokenizing + engine, Server-Timing) median "
-          f"{ms(med(replica))}")
-    print(f"    Serve path overhead (HTTP - replica compute, median over requests): "
-          f"{ms(med([a - b for a, b in zip(single, replica)]))}")
-    print(f"    in-process engine median: {ms(med(engine_single))} with Ray down, {ms(med(engine_up))} with the "
-          f"Serve cluster up and idle; HTTP - in-process (Ray down): {ms(med(single) - med(engine_single))}")
-    print(f"  one-document request: HTTP median {ms(med(tiny))}, replica compute {ms(med(tiny_replica))}, "
-          f"Serve path overhead {ms(med([a - b for a, b in zip(tiny, tiny_replica)]))}; "
-          f"in-process engine {ms(med(engine_tiny))}")
+    for way, m in measured.items():
+        single, replica, tiny, tiny_replica = m["single"], m["replica"], m["tiny"], m["tiny_replica"]
+        print(f"  HTTP ({way}, 1 scorer replica): {pairs / m['http_time']:7.2f} pairs/s  "
+              f"p50 {ms(percentile(m['latencies'], 0.5))}  p99 {ms(percentile(m['latencies'], 0.99))}; "
+              f"HTTP / in-process throughput = {100 * engine_time / m['http_time']:.0f}%")
+        print(f"    single 20-document request ({args.single} sequential): HTTP median {ms(med(single))}; replica "
+              f"compute (tokenizing + engine, Server-Timing) median {ms(med(replica))}; Serve path overhead "
+              f"(HTTP - replica compute, median over requests) {ms(med([a - b for a, b in zip(single, replica)]))}; "
+              f"HTTP - in-process (Ray down): {ms(med(single) - med(engine_single))}")
+        print(f"    one-document request: HTTP median {ms(med(tiny))}, replica compute {ms(med(tiny_replica))}, "
+              f"Serve path overhead {ms(med([a - b for a, b in zip(tiny, tiny_replica)]))}; "
+              f"in-process engine {ms(med(engine_tiny))}")
+    print(f"  in-process engine, single 20-document request: median {ms(med(engine_single))} with Ray down, "
+          f"{ms(med(engine_up))} with the Serve cluster up and idle")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 a batch to gather (`batch_wait_timeout_s`, the old default 5 ms) and one that starts as soon as it is free (0,
 the default now), in one app, in one run; next to `GET /health` and the in-process engine.
 
-    python benchmarks/bench_serve_path.py [--requests 40] [--checkpoint checkpoints/tiny]
+    python benchmarks/bench_serve_path.py [--requests 40] [--checkpoint checkpoints/tiny] [--direct]
 
 Both models are the same checkpoint (`prism-tiny` widths: the engine's own compute is small, so what is
 left is the path), one replica each, one torch thread; requests alternate between them so that drift on
@@ -10,7 +10,9 @@ the machine hits both alike. The path is the HTTP latency minus the replica's ow
 engine call, which the router reports as `Server-Timing: scorer;dur=`); the router's own time outside its tier
 calls is `Server-Timing: router;dur=`, and the rest is Serve's hops (proxy -> router -> scorer and back) and
 the scorer's queue. Next to them, in the same cluster, Serve's floor: an ingress that does nothing, and one
-that awaits one handle call to a deployment that does nothing. Prints its own figures.
+that awaits one handle call to a deployment that does nothing. With `--direct` (Serve's direct ingress), every
+request is also sent straight to the app's ingress replica, which then serves HTTP on its own port, with no
+proxy in the way: both ways in, in one cluster, in turn. Prints its own figures.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_serve import server_timing, start_local_serve  # noqa: E402
+from bench_serve import ingress_ports, server_timing, start_local_serve  # noqa: E402
 
 from prism_ray.checkpoints import build_checkpoint  # noqa: E402
 from prism_ray.engine import ScoreEngine, load_model  # noqa: E402
@@ -88,6 +90,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default=str(ROOT / "checkpoints" / "tiny"))
     ap.add_argument("--requests", type=int, default=40, help="per model")
+    ap.add_argument("--direct", action="store_true",
+                    help="also measure Serve's direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1), side by side "
+                         "with the proxy in the same cluster")
     args = ap.parse_args()
     ckpt = Path(args.checkpoint).resolve()
     if not (ckpt / "config.json").is_file():
@@ -109,39 +114,47 @@ def main() -> None:
 
     from deployments.app import build_app
 
-    port = start_local_serve()
+    port = start_local_serve(direct=args.direct)
     models = [{"name": name, "model": str(ckpt), "dtype": "float32", "evidence": None,
                "scorer": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 1}, "torch_threads": 1,
                           "batch_wait_timeout_s": wait}} for name, wait in WAITS.items()]
     serve.run(build_app({"models": models}), name="path", route_prefix="/")
     serve.run(floor_app(), name="floor", route_prefix="/floor")
-    base = f"http://127.0.0.1:{port}"
-    latency: dict[str, list[float]] = {name: [] for name in WAITS}
-    compute: dict[str, list[float]] = {name: [] for name in WAITS}
-    router: dict[str, list[float]] = {name: [] for name in WAITS}
-    health: list[float] = []
-    floor: dict[str, list[float]] = {"GET /floor/health": [], "POST /floor/hop": []}
+    # Each way in: (the router's base URL, the floor app's base URL). Through Serve's proxy always; with
+    # --direct also straight to each app's ingress replica (under the app's route prefix, as the proxy).
+    ways = {"proxy": (f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/floor")}
+    if args.direct:
+        direct = ingress_ports()
+        ways["direct"] = (f"http://127.0.0.1:{direct['path']}", f"http://127.0.0.1:{direct['floor']}/floor")
+    keys = [(way, name) for way in ways for name in WAITS]
+    latency: dict[tuple, list[float]] = {k: [] for k in keys}
+    compute: dict[tuple, list[float]] = {k: [] for k in keys}
+    router: dict[tuple, list[float]] = {k: [] for k in keys}
+    health: dict[str, list[float]] = {way: [] for way in ways}
+    floor: dict[tuple, list[float]] = {(way, what): [] for way in ways for what in ("GET /health", "POST /hop")}
     try:
         with httpx.Client(timeout=60) as c:
-            for name in WAITS:  # warm-up
-                c.post(f"{base}/v2/rerank", json={**BODY, "model": name}).raise_for_status()
-            c.post(f"{base}/floor/hop", json=BODY).raise_for_status()
-            for _ in range(args.requests):
+            for base, floor_base in ways.values():  # warm-up
                 for name in WAITS:
+                    c.post(f"{base}/v2/rerank", json={**BODY, "model": name}).raise_for_status()
+                c.post(f"{floor_base}/hop", json=BODY).raise_for_status()
+            for _ in range(args.requests):  # every way and model in turn: drift on the machine hits all alike
+                for way, (base, floor_base) in ways.items():
+                    for name in WAITS:
+                        t0 = time.perf_counter()
+                        resp = c.post(f"{base}/v2/rerank", json={**BODY, "model": name}).raise_for_status()
+                        latency[way, name].append(time.perf_counter() - t0)
+                        timing = server_timing(resp)
+                        compute[way, name].append(timing["scorer"])
+                        router[way, name].append(timing["router"])
                     t0 = time.perf_counter()
-                    resp = c.post(f"{base}/v2/rerank", json={**BODY, "model": name}).raise_for_status()
-                    latency[name].append(time.perf_counter() - t0)
-                    timing = server_timing(resp)
-                    compute[name].append(timing["scorer"])
-                    router[name].append(timing["router"])
-                t0 = time.perf_counter()
-                c.get(f"{base}/health").raise_for_status()
-                health.append(time.perf_counter() - t0)
-                for what in floor:
-                    method, path = what.split()
-                    t0 = time.perf_counter()
-                    c.request(method, base + path, json=BODY if method == "POST" else None).raise_for_status()
-                    floor[what].append(time.perf_counter() - t0)
+                    c.get(f"{base}/health").raise_for_status()
+                    health[way].append(time.perf_counter() - t0)
+                    for what in ("GET /health", "POST /hop"):
+                        method, path = what.split()
+                        t0 = time.perf_counter()
+                        c.request(method, floor_base + path, json=BODY if method == "POST" else None).raise_for_status()
+                        floor[way, what].append(time.perf_counter() - t0)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -151,19 +164,23 @@ def main() -> None:
     print(f"checkpoint: {ckpt}  float32, 1 torch thread, {args.requests} sequential one-document requests per model")
     print("  the router's own work without Ray (median): " + ", ".join(f"{k} {v:.2f} ms" for k, v in steps.items()))
     print(f"  in-process ScoreEngine: median {ms(med(in_process))}")
-    print(f"  GET /health through the proxy and router: median {ms(med(health))}")
-    print("  Serve's own floor, same cluster (a FastAPI ingress that does nothing; one that awaits one handle call "
-          "to a deployment that returns its argument): " + ", ".join(f"{k} median {ms(med(v))}" for k, v in floor.items())
-          + f"; one handle hop {ms(med(floor['POST /floor/hop']) - med(floor['GET /floor/health']))}")
-    for name, wait in WAITS.items():
-        path = [a - b for a, b in zip(latency[name], compute[name])]
-        hops = [p - r for p, r in zip(path, router[name])]
-        print(f"  batch_wait_timeout_s={wait:g} ({name}): HTTP median {ms(med(latency[name]))}, replica compute "
-              f"{ms(med(compute[name]))}, path (HTTP - compute) median {ms(med(path))}, of which the router's own "
-              f"(Server-Timing router) {ms(med(router[name]))} and Serve's hops (proxy, the body fetched back from "
-              f"it, the scorer call) and the scorer's queue {ms(med(hops))}; "
-              f"in-process / HTTP = {med(in_process) / med(latency[name]):.0%}")
-
+    for way in ways:
+        via = "through Serve's proxy" if way == "proxy" else "direct to the ingress replica (no proxy)"
+        print(f"  {way}: {via}")
+        print(f"    GET /health (router): median {ms(med(health[way]))}")
+        hop = med(floor[way, "POST /hop"]) - med(floor[way, "GET /health"])
+        print("    Serve's own floor (a FastAPI ingress that does nothing; one that awaits one handle call to a "
+              "deployment that returns its argument): " + ", ".join(
+                  f"{what} median {ms(med(floor[way, what]))}" for what in ("GET /health", "POST /hop"))
+              + f"; one handle hop {ms(hop)}")
+        for name, wait in WAITS.items():
+            k = (way, name)
+            path = [a - b for a, b in zip(latency[k], compute[k])]
+            hops = [p - r for p, r in zip(path, router[k])]
+            print(f"    batch_wait_timeout_s={wait:g} ({name}): HTTP median {ms(med(latency[k]))}, replica compute "
+                  f"{ms(med(compute[k]))}, path (HTTP - compute) median {ms(med(path))}, of which the router's own "
+                  f"(Server-Timing router) {ms(med(router[k]))} and Serve's hops and the scorer's queue "
+                  f"{ms(med(hops))}; in-process / HTTP = {med(in_process) / med(latency[k]):.0%}")
 
 def floor_app():
     """What Serve costs with no work at all: an ingress like the router (FastAPI, the JSON body read) whose

@@ -1,0 +1,113 @@
+"""Serve's direct ingress (`prism-ray serve --direct-ingress`): the router replica serves HTTP on its own port,
+with no proxy between the client and the router. The same answers as through the proxy, and a body past
+`max_body_bytes` refused while the client is still sending it: the router reads the socket itself, so nothing
+buffers the rest of the body (through Serve's proxy, the proxy reads it all first).
+
+Its own cluster: the variable is read by every Serve process when it starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+
+import httpx
+import pytest
+from conftest import free_port, serve_tier
+
+pytestmark = pytest.mark.cluster  # starts a Ray cluster
+
+QUERY = "What is the boiling point of water at sea level?"
+DOCS = ["Water boils at 100 degrees Celsius at sea level.", "Mount Everest is 8,849 metres high."]
+LIMIT = 1 << 20  # the app's max_body_bytes
+
+
+@pytest.fixture(scope="module")
+def ways_in(tiny_ckpt):
+    """{"proxy": base URL, "direct": the router replica's own base URL}."""
+    import ray
+    from ray import serve
+    from ray.serve._private.api import _get_global_client
+
+    from deployments.app import build_app
+
+    env = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+           "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}  # Ray's 30 s drain would slow the teardown
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        ray.init(num_cpus=8, object_store_memory=128 * 1024**2, include_dashboard=False, log_to_driver=False)
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        config = {"models": [{"name": "prism-tiny", "model": str(tiny_ckpt), "dtype": "float32", "max_length": 512,
+                              "scorer": serve_tier(), "evidence": None}],
+                  "limits": {"max_body_bytes": LIMIT}}
+        serve.run(build_app(config), name="prism", route_prefix="/")
+        # Serve's target groups: what a load balancer in front of the router replicas reads.
+        groups = ray.get(_get_global_client()._controller.get_target_groups.remote())
+        (direct,) = [t.port for g in groups if g.protocol == "HTTP" and g.app_name == "prism" for t in g.targets]
+        yield {"proxy": f"http://127.0.0.1:{port}", "direct": f"http://127.0.0.1:{direct}"}
+        serve.shutdown()
+        ray.shutdown()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_the_router_answers_on_its_own_port_as_through_the_proxy(ways_in):
+    body = {"model": "prism-tiny", "query": QUERY, "documents": DOCS}
+    answers = {}
+    for way, base in ways_in.items():
+        assert httpx.get(f"{base}/health", timeout=30).status_code == 200
+        reply = httpx.post(f"{base}/v2/rerank", json=body, timeout=60)
+        assert reply.status_code == 200, reply.text
+        assert "scorer;dur=" in reply.headers["server-timing"]
+        answers[way] = [(r["index"], r["relevance_score"]) for r in reply.json()["results"]]
+    assert answers["direct"] == answers["proxy"] and len(answers["direct"]) == len(DOCS)
+
+
+def _send_chunked_until_answered(port: int, total: int, piece: int = 1 << 16) -> tuple[int, int, dict]:
+    """A chunked POST of `total` bytes sent until the server answers (or the body is done): (the bytes of body
+    sent by then, the status, the JSON error body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(b"POST /v2/rerank HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\n")
+        sent, chunk = 0, b"%x\r\n" % piece + b" " * piece + b"\r\n"
+        while sent < total and not select.select([s], [], [], 0)[0]:
+            try:
+                s.sendall(chunk)
+            except OSError:  # the server closed the connection after answering
+                break
+            sent += piece
+        reply = b""
+        while b"\r\n\r\n" not in reply or len(reply.split(b"\r\n\r\n", 1)[1]) < _length(reply):
+            data = s.recv(65536)
+            if not data:
+                break
+            reply += data
+    head, _, rest = reply.partition(b"\r\n\r\n")
+    return sent, int(head.split()[1]), json.loads(rest[:_length(reply)])
+
+
+def _length(reply: bytes) -> int:
+    for line in reply.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 1 << 30
+
+
+def test_a_chunked_body_past_the_limit_is_refused_while_it_is_still_being_sent(ways_in):
+    """64 MiB announced by nothing (chunked): the router answers 413 naming `max_body_bytes` once the body
+    passes the limit, long before the client could send it all."""
+    total = 64 << 20
+    port = int(ways_in["direct"].rsplit(":", 1)[1])
+    sent, status, error = _send_chunked_until_answered(port, total)
+    assert status == 413
+    assert "max_body_bytes" in json.dumps(error)
+    assert LIMIT < sent < total // 4  # stopped near the limit (plus what the sockets' buffers took)
