@@ -1,7 +1,8 @@
 """Scorer tier: one forward pass per document, gathered across concurrent requests.
 
-Requests are split into items of at most `max_batch_tokens` prompt tokens; a `FairBatcher` gathers
-items of concurrent requests into one engine call of at most `max_batch_tokens` (one pair always fits),
+Requests are split into items of at most `max_batch_tokens` tokens of engine work (a pair's prompt less the
+shared head its row reads from a cached state: `ScoreEngine.row_tokens`); a `FairBatcher` gathers items of
+concurrent requests into one engine call of at most `max_batch_tokens` (one pair always fits),
 the least served request's first, so a request of many long documents does not hold a small one behind
 all of its items. A pair longer than the engine's token budget is an item of its own that runs a
 piece per engine call (`ScoreEngine.score_step`), so a small request waits out one piece of it, not its
@@ -78,35 +79,35 @@ class Scorer:
         return out
 
     def _split(self, prefix: list[int], pairs: list[EncodedPair]) -> list[_Item]:
-        """Items of at most max_batch_tokens prompt tokens; a pair longer than the engine's budget is an
-        item of its own (it runs in pieces)."""
+        """Items of at most max_batch_tokens tokens of engine work; a pair longer than the engine's budget is
+        an item of its own (it runs in pieces)."""
         most = self.config.scorer.max_batch_tokens
         items, mine, acc = [], [], 0
         for pair in pairs:
-            if mine and (acc + pair.num_tokens > most or self._in_pieces(pair)):
+            tokens, in_pieces = self.engine.row_tokens(prefix, pair), self._in_pieces(prefix, pair)
+            if mine and (acc + tokens > most or in_pieces):
                 items.append(_Item(prefix, mine))
                 mine, acc = [], 0
             mine.append(pair)
-            acc += pair.num_tokens
-            if self._in_pieces(pair):
+            acc += tokens
+            if in_pieces:
                 items.append(_Item(prefix, mine))
                 mine, acc = [], 0
         if mine:
             items.append(_Item(prefix, mine))
         return items
 
-    def _in_pieces(self, pair: EncodedPair) -> bool:
+    def _in_pieces(self, prefix: list[int], pair: EncodedPair) -> bool:
         """Whether a pair is longer than one forward of the engine, so it runs a piece per engine call."""
-        return pair.num_tokens > self.engine.token_budget
+        return self.engine.row_tokens(prefix, pair) > self.engine.token_budget
 
     def _starts_pieces(self, item: _Item) -> bool:
         """Whether computing the item may leave a pair part-way (the batcher bounds how many are)."""
-        return any(not isinstance(p, Partial) and self._in_pieces(p) for p in item.pairs)
+        return any(not isinstance(p, Partial) and self._in_pieces(item.prefix, p) for p in item.pairs)
 
     def _next_tokens(self, item: _Item) -> int:
         """Tokens the item's next engine call computes: a long pair's next piece, at most the budget."""
-        left = (p.remaining if isinstance(p, Partial) else p.num_tokens for p in item.pairs)
-        return sum(min(n, self.engine.token_budget) for n in left)
+        return sum(min(self.engine.row_tokens(item.prefix, p), self.engine.token_budget) for p in item.pairs)
 
     def check_health(self) -> None:
         """Serve's periodic health check: fails when the engine is wedged (see deployments.threads)."""

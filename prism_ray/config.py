@@ -84,9 +84,11 @@ class ScorerTierConfig(TierConfig):
 
     Two token limits, named by what they count:
 
-    - `max_batch_tokens`: prompt tokens that the scorer's batcher gathers from concurrent requests into
-      one engine call, the least served waiting request's items first. 4096 gathers, say, two requests of
-      10 documents x 200 tokens; a request larger than the budget is split into items that each fit. A pair
+    - `max_batch_tokens`: tokens of engine work that the scorer's batcher gathers from concurrent requests
+      into one engine call, the least served waiting request's items first: each pair's prompt less the
+      shared system prompt and instruction (128 tokens on Qwen3.5) its row reads from a cached state. 4096 gathers,
+      say, two requests of 10 documents x 200 tokens; a request larger than the budget is split into items
+      that each fit. A pair
       longer than `engine_token_budget` runs one piece of at most that budget per engine call, so other
       requests' items run between its pieces; at most `max_batch_tokens // engine_token_budget` such pairs
       (at least one) are part-way at once, which bounds the state a replica holds between pieces.
@@ -95,7 +97,8 @@ class ScorerTierConfig(TierConfig):
       at a budget of 1024 runs as about four forwards.
     """
 
-    max_batch_tokens: int = Field(default=4096, gt=0, description="prompt tokens gathered per engine call")
+    max_batch_tokens: int = Field(default=4096, gt=0, description="tokens of engine work (prompt tokens past the "
+                                                                  "shared cached head) gathered per engine call")
     batch_wait_timeout_s: float = Field(
         default=0.0, ge=0, description="how long the first request to find the engine idle waits for others to join "
                                        "its batch; 0: it starts at once, and what arrives while a batch computes "

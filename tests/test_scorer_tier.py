@@ -57,3 +57,32 @@ def test_a_short_request_runs_between_the_pieces_of_a_long_document(replica, tin
         assert abs(r.score - reference.path_a(str(tiny_ckpt), ids)["score"]) <= 1e-5
     assert replica._batcher.under_way == 0
     assert replica._batcher.max_passed_over == 5  # the tier's config reaches its batcher
+
+
+def test_batches_are_sized_by_the_engine_work_not_the_shared_prompt_head(replica, tiny_ckpt, monkeypatch):
+    """Every Prism prompt starts with the same head (system prompt, instruction, query), which each row reads
+    from a cached state: a request of 12 short documents (about 200 prompt tokens each, a few dozen of them
+    the row's own) fills each engine call up to max_batch_tokens (256) of the rows' own tokens, so it takes
+    2 or 3 calls, not one per document or two, and scores as path A."""
+    calls = []
+    step = replica.engine.score_step
+
+    def recording(groups):
+        calls.append(sum(replica.engine.row_tokens(prefix, p) for prefix, pairs in groups for p in pairs))
+        return step(groups)
+
+    monkeypatch.setattr(replica.engine, "score_step", recording)
+    docs = english_texts(12, 3, 8)
+    reply = asyncio.run(replica.score(QUERY, docs))
+    prefix = replica.engine.prompts.prefix(QUERY)
+    pairs = replica.engine.prompts.encode_documents(QUERY, docs, prefix=prefix)
+    own = [replica.engine.row_tokens(prefix, p) for p in pairs]
+    most = replica.config.scorer.max_batch_tokens
+    assert 2 * min(p.num_tokens for p in pairs) > most  # counted by prompt tokens, no two documents share a call
+    assert sum(calls) == sum(own) and max(calls) <= most
+    assert len(calls) <= 3
+    assert all(a + b > most for a, b in zip(calls, calls[1:]))  # each call full: the next could not join it
+    for doc, r in zip(docs, reply.results):
+        ids = reference.prompt_ids(str(tiny_ckpt), QUERY, doc)
+        assert r.num_tokens == len(ids)
+        assert abs(r.score - reference.path_a(str(tiny_ckpt), ids)["score"]) <= 1e-5

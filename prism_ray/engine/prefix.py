@@ -47,6 +47,14 @@ class PrefixCache:
                 self._head = (ids, state)
             return self._head
 
+    def head_length(self, prefix: list[int]) -> int:
+        """How many of `prefix`'s first tokens each row reads from the shared head's cached state instead of
+        computing them (0 for a prefix that does not start with the head)."""
+        head_ids, _ = self.head()
+        from_head = bool(head_ids) and self.cached_length(len(prefix)) >= len(head_ids) and \
+            prefix[: len(head_ids)] == head_ids
+        return len(head_ids) if from_head else 0
+
     def states(self, prefixes: list[list[int]], run: list[bool] | None = None) -> list[SequenceState | None]:
         """The state after `cached_length(len(p))` tokens of each prefix, in order (None where that is no
         token). Prefixes that start with the shared head continue from its state; the others' own tokens run

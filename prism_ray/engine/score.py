@@ -93,6 +93,22 @@ class ScoreEngine:
     def score_pairs(self, query: str, documents: Sequence[str]) -> list[ScoreResult]:
         return self.score([(query, documents)])[0]
 
+    def row_tokens(self, prefix: list[int], entry: EncodedPair | Partial) -> int:
+        """At most how many tokens a forward computes for this pair of the query whose prompt head is `prefix`:
+        its prompt less what its row reads from a cached state: the shared system prompt and instruction (cut
+        to the family's chunk alignment and computed once per process: 128 tokens on Qwen3.5), or where each
+        call runs a query's prefix once (`prefix_min_docs` 1, the CPU default), that prefix (cut alike); a
+        `Partial`'s own state. What a caller that sizes batches by
+        the engine's work counts: by prompt tokens, a batch of short documents is mostly that shared head and
+        holds a fraction of the rows one forward could take."""
+        if isinstance(entry, Partial):
+            return entry.remaining
+        cache = self.loaded.prefixes
+        shared = cache.head_length(prefix)
+        if self.prefix_min_docs <= 1:  # every call runs each query's prefix once; its rows continue from there
+            shared = max(shared, cache.cached_length(len(prefix)))
+        return entry.num_tokens - shared
+
     @torch.inference_mode()
     def score_encoded_groups(self, groups: Sequence[tuple[list[int], Sequence[EncodedPair]]]) -> list[list[ScoreResult]]:
         """Scores already-encoded pairs of several queries, one result list per (prefix, pairs) group.
