@@ -1,10 +1,11 @@
 """Hostile clients beside normal ones, on loopback: are normal requests still served, and is every hostile one
 refused (or, for a long document, served at the cost of what is read) without a replica growing or dying?
 
-    python benchmarks/abuse_serve.py [--seconds 60] [--baseline-seconds 30] [--normal 4] [--hostile 8]
+    python benchmarks/abuse_serve.py [--seconds 60] [--baseline-seconds 30] [--normal 4] [--hostile 8] [--direct]
 
 Runs the config's application (default `deployments/local.yaml`) on a fresh local Ray cluster, on 127.0.0.1
-only. Two phases in this one run: `--normal` clients alone for `--baseline-seconds` (the baseline), then the
+only (through Serve's proxy; with `--direct`, straight to the router replica under Serve's direct ingress).
+Two phases in this one run: `--normal` clients alone for `--baseline-seconds` (the baseline), then the
 same clients for `--seconds` beside `--hostile` clients, each cycling through:
 
 - `chunked`: a 64 MiB body sent chunked (no Content-Length) as fast as it goes (expected 413);
