@@ -1,4 +1,5 @@
-"""The scorer tier's batches sized by prompt tokens (before) vs by the engine's work (now), in one run.
+"""The scorer tier's batches sized by prompt tokens vs by the engine's work, and query prefixes run per engine
+call vs kept between calls, in one run.
 
     python benchmarks/bench_scorer_sizing.py [--checkpoint checkpoints/bench] [--preset bench] [--requests 4]
         [--documents 20] [--budget 1024] [--threads 2]
@@ -8,10 +9,12 @@ its query's prefix) from a cached state, so a row computes only its own tail. Th
 own constructor without Ray (as in tests/test_scorer_tier.py), float32, `max_batch_tokens` =
 `engine_token_budget` = `--budget`, no batch wait, sizes its items and batches with
 `ScoreEngine.row_tokens`; "by prompt tokens" patches that to a pair's whole prompt, as the tier counted
-before. Requests of `--documents` documents of 60-180 words (`bench_engines.documents`) are sent one after
-the other, the two sizings in turn, `--requests` each. Prints per sizing the median seconds per request, the
-engine calls per request with their tokens of work, pairs/s, the same documents through
-`ScoreEngine.score_pairs` in this process, and the largest score difference between the sizings.
+before. "prefix per call" makes the prefix cache keep no query prefix, so each engine call runs its query's
+prefix again, as before; "kept" keeps the last few (`prism_ray.engine.prefix.RECENT_PREFIXES`). Requests of
+`--documents` documents of 60-180 words (`bench_engines.documents`) are sent one after the other, the
+settings in turn, `--requests` each. Prints per setting the median seconds per request, the engine calls per
+request with their tokens of work, pairs/s; the same documents through `ScoreEngine.score_pairs` in this
+process (prefixes kept); and the largest score difference from the first setting.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ def main() -> None:
     from deployments.scorer import Scorer
     from prism_ray.checkpoints import build_checkpoint
     from prism_ray.config import ModelConfig
+    from prism_ray.engine.prefix import RECENT_PREFIXES
     from prism_ray.engine.score import Partial
 
     ckpt = Path(args.checkpoint or ROOT / "checkpoints" / args.preset).resolve()
@@ -62,7 +66,9 @@ def main() -> None:
     def by_prompt(prefix, entry):  # the tier before: a pair counted by its whole prompt
         return entry.remaining if isinstance(entry, Partial) else entry.num_tokens
 
-    sizings = {"by prompt tokens (before)": by_prompt, "by engine work (now)": by_work}
+    sizings = {"by prompt tokens, prefix per call (before)": (by_prompt, 0),
+               "by engine work, prefix per call": (by_work, 0),
+               "by engine work, prefix kept (now)": (by_work, RECENT_PREFIXES)}
     calls: list[int] = []
     step = engine.score_step
 
@@ -78,15 +84,16 @@ def main() -> None:
     asyncio.run(replica.score(QUERIES[0], docs))  # warm-up
     for r in range(args.requests):
         query = QUERIES[r % len(QUERIES)]
-        for name, sizing in sizings.items():
-            engine.row_tokens = sizing
+        for name, (sizing, keep) in sizings.items():
+            engine.row_tokens, engine.loaded.prefixes.keep = sizing, keep
+            engine.loaded.prefixes._recent.clear()
             calls.clear()
             t0 = time.perf_counter()
             reply = asyncio.run(replica.score(query, docs))
             seconds[name].append(time.perf_counter() - t0)
             per_call[name].append(list(calls))
             scores[name][r] = [x.score for x in reply.results]
-    engine.row_tokens, engine.score_step = by_work, step
+    engine.row_tokens, engine.score_step, engine.loaded.prefixes.keep = by_work, step, RECENT_PREFIXES
     in_process = []
     for r in range(args.requests):
         t0 = time.perf_counter()
@@ -98,13 +105,13 @@ def main() -> None:
           f"{args.requests} requests x {args.documents} documents per sizing, in turn")
     for name in sizings:
         work = per_call[name][-1]
-        print(f"  {name:26s} median {med(seconds[name]):.3f} s per request ({args.documents / med(seconds[name]):.2f} "
+        print(f"  {name:42s} median {med(seconds[name]):.3f} s per request ({args.documents / med(seconds[name]):.2f} "
               f"pairs/s); {len(work)} engine calls of {min(work)}-{max(work)} tokens of work")
-    print(f"  ScoreEngine.score_pairs    median {med(in_process):.3f} s per request "
+    print(f"  {'ScoreEngine.score_pairs':42s} median {med(in_process):.3f} s per request "
           f"({args.documents / med(in_process):.2f} pairs/s)")
-    a, b = (scores[name] for name in sizings)
-    print(f"  max |score difference| between the sizings: "
-          f"{max(abs(x - y) for r in a for x, y in zip(a[r], b[r])):.2e}")
+    a = scores[next(iter(sizings))]
+    print(f"  max |score difference| from the first setting: "
+          f"{max(abs(x - y) for b in scores.values() for r in a for x, y in zip(a[r], b[r])):.2e}")
 
 
 if __name__ == "__main__":

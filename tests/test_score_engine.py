@@ -188,6 +188,32 @@ def test_queries_with_few_documents_run_their_prefix_in_the_rows_with_the_same_s
             assert abs(r.score - reference.path_a(str(any_ckpt), reference.prompt_ids(str(any_ckpt), query, doc))["score"]) <= TOL
 
 
+def test_a_query_prefix_is_kept_for_the_next_calls_and_the_oldest_is_let_go(engines, any_ckpt, monkeypatch):
+    """The scorer tier scores one request in several engine calls: the first runs the query's prefix, the
+    next ones continue from its kept state (no prefix forward) with path A's scores; past `keep` other
+    queries, the oldest prefix runs again."""
+    engine = engines[str(any_ckpt)]
+    cache = engine.loaded.prefixes
+    query, docs = "a query asked over several calls", english_texts(4, 20, 60)
+    cache.head()  # once per process, before counting
+    forwards = []
+    real = engine.loaded.net.forward_rows
+    monkeypatch.setattr(engine.loaded.net, "forward_rows", lambda ids, rows, **kw: forwards.append(kw.get("keep_states", False)) or real(ids, rows, **kw))
+    engine.score([(query, docs[:2])])
+    assert forwards == [True, False]  # the prefix (its state kept), then the rows
+    forwards.clear()
+    results = engine.score([(query, docs[2:])])[0]
+    assert forwards == [False]  # the rows only, from the kept prefix state
+    for doc, r in zip(docs[2:], results):
+        assert abs(r.score - reference.path_a(str(any_ckpt), reference.prompt_ids(str(any_ckpt), query, doc))["score"]) <= TOL
+    for k in range(cache.keep):  # as many other queries push it out
+        engine.score([(f"another query, number {k}", docs[:1])])
+    assert len(cache._recent) == cache.keep
+    forwards.clear()
+    engine.score([(query, docs[:1])])
+    assert forwards == [True, False]
+
+
 def test_packing_really_mixes_queries_in_one_forward(engines, tiny_ckpt, monkeypatch):
     engine = ScoreEngine(engines[str(tiny_ckpt)].loaded, token_budget=100_000)
     seen = []
