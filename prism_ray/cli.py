@@ -165,8 +165,8 @@ def serve_environment(direct_ingress: bool, environ: dict[str, str]) -> dict[str
             print(f"prism-ray serve: RAY_ADDRESS is set, so `serve run` joins that cluster, whose processes read "
                   f"{DIRECT_INGRESS} from where it was started, not from here", file=sys.stderr)
         print(f"prism-ray serve: direct ingress on: each router replica also serves HTTP on its own port, from "
-              f"{env.get('RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT', '30000')} up (the first replica's on the "
-              f"first); the list is the `target_groups` of the dashboard's /api/serve/applications/",
+              f"{env.get('RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT', '30000')} up, one per replica; the list is the "
+              f"`target_groups` of the dashboard's /api/serve/applications/",
               file=sys.stderr)
     return env
 

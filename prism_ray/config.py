@@ -86,12 +86,12 @@ class ScorerTierConfig(TierConfig):
 
     - `max_batch_tokens`: tokens of engine work that the scorer's batcher gathers from concurrent requests
       into one engine call, the least served waiting request's items first: each pair's prompt less the
-      shared system prompt and instruction (128 tokens on Qwen3.5) its row reads from a cached state. 4096 gathers,
-      say, two requests of 10 documents x 200 tokens; a request larger than the budget is split into items
-      that each fit. A pair
-      longer than `engine_token_budget` runs one piece of at most that budget per engine call, so other
-      requests' items run between its pieces; at most `max_batch_tokens // engine_token_budget` such pairs
-      (at least one) are part-way at once, which bounds the state a replica holds between pieces.
+      shared head (system prompt, instruction and, on a CPU, the query) its row reads from a cached state.
+      4096 gathers, say, two requests of 10 documents x 200 tokens; a request larger than the budget is split
+      into items that each fit. A pair longer than `engine_token_budget` runs one piece of at most that
+      budget per engine call, so other requests' items run between its pieces; at most
+      `max_batch_tokens // engine_token_budget` such pairs (at least one) are part-way at once, which bounds
+      the state a replica holds between pieces.
     - `engine_token_budget`: prompt tokens in one forward pass inside that call (rows are packed, not padded).
       Unset, the engine picks by device: 1024 on CPU, 16384 on CUDA. A gathered batch of 4096 tokens
       at a budget of 1024 runs as about four forwards.

@@ -95,12 +95,12 @@ class ScoreEngine:
 
     def row_tokens(self, prefix: list[int], entry: EncodedPair | Partial) -> int:
         """At most how many tokens a forward computes for this pair of the query whose prompt head is `prefix`:
-        its prompt less what its row reads from a cached state: the shared system prompt and instruction (cut
-        to the family's chunk alignment and computed once per process: 128 tokens on Qwen3.5), or where each
-        call runs a query's prefix once (`prefix_min_docs` 1, the CPU default), that prefix (cut alike); a
-        `Partial`'s own state. What a caller that sizes batches by
-        the engine's work counts: by prompt tokens, a batch of short documents is mostly that shared head and
-        holds a fraction of the rows one forward could take."""
+        its prompt less what its row reads from a cached state. That is the shared system prompt and
+        instruction (cut to the family's chunk alignment, computed once per process: 128 tokens on Qwen3.5);
+        where each call runs a query's prefix once (`prefix_min_docs` 1, the CPU default), that prefix (cut
+        alike); for a `Partial`, its own state. A caller that sizes batches by the engine's work counts this:
+        by prompt tokens, a batch of short documents is mostly the shared head and holds a fraction of the
+        rows one forward could take."""
         if isinstance(entry, Partial):
             return entry.remaining
         cache = self.loaded.prefixes
