@@ -27,16 +27,30 @@ from prism_ray.prompt import EncodedPair
 from prism_ray.results import ScoreReply, ScoreResult, Timing
 
 
+@dataclass(frozen=True)
+class EngineCall:
+    """One gathered engine call: a number to tell calls apart, and how long it took."""
+
+    number: int
+    ms: float
+
+
+def engine_ms(calls: list[EngineCall]) -> float:
+    """A request's engine time: each call that computed any of its items, once. Its items go to calls one
+    after another (one replica, one compute thread), and several of them may share a call."""
+    return sum({c.number: c.ms for c in calls}.values())
+
+
 @dataclass
 class _Item:
     """Some documents of one request, already tokenized (sizing the batch needs the token counts, and
     the engine then reuses the encoding), or one long pair part-way through (a `Partial`), with the
-    engine time it has taken so far."""
+    engine calls that have computed it so far."""
 
     prefix: list[int]
     pairs: list[EncodedPair | Partial]
     enqueued: float = field(default_factory=time.monotonic)
-    compute_ms: float = 0.0
+    calls: tuple[EngineCall, ...] = ()
 
 
 @serve.deployment
@@ -46,6 +60,7 @@ class Scorer:
         tier: ScorerTierConfig = self.config.scorer
         self._compute = ComputeThread(tier.torch_threads, tier.wedged_after_s)
         self.engine = build_engine(self.config, "scorer")
+        self._calls = 0  # engine calls so far, to number them
         self._batcher = FairBatcher(self._batched, tier.max_batch_tokens, tier.batch_wait_timeout_s,
                                     self._next_tokens, may_continue=self._starts_pieces,
                                     max_continuing=max(1, tier.max_batch_tokens // self.engine.token_budget),
@@ -70,12 +85,12 @@ class Scorer:
             items.extend(mine)
             counts.append(len(mine))
         tokenize_ms = 1000 * (time.perf_counter() - started)
-        parts = await self._batcher.submit(items)  # per item: (its results, its engine call's ms)
+        parts = await self._batcher.submit(items)  # per item: (its results, the engine calls that computed it)
         out, at = [], 0
         for n in counts:
             mine, at = parts[at:at + n], at + n
             out.append(ScoreReply([r for results, _ in mine for r in results],
-                                  Timing(tokenize_ms + max(ms for _, ms in mine))))
+                                  Timing(tokenize_ms + engine_ms([call for _, calls in mine for call in calls]))))
         return out
 
     def _split(self, prefix: list[int], pairs: list[EncodedPair]) -> list[_Item]:
@@ -113,26 +128,27 @@ class Scorer:
         """Serve's periodic health check: fails when the engine is wedged (see deployments.threads)."""
         self._compute.check()
 
-    async def _batched(self, items: list[_Item]) -> list[tuple[list[ScoreResult], float] | Again]:
+    async def _batched(self, items: list[_Item]) -> list[tuple[list[ScoreResult], tuple[EngineCall, ...]] | Again]:
         now = time.monotonic()
         name = self.config.name
         for item in items:
-            if not item.compute_ms:  # its first call (a long pair's later pieces waited behind their own)
+            if not item.calls:  # its first call (a long pair's later pieces waited behind their own)
                 metrics.observe("prism_queue_wait_seconds", now - item.enqueued, metrics.SECONDS_BUCKETS, model=name, tier="scorer")
         metrics.observe("prism_batch_pairs", sum(len(i.pairs) for i in items), metrics.SIZE_BUCKETS, model=name, tier="scorer")
         started = time.perf_counter()
         results = await self._compute.run(self._score_items, items)
-        compute_ms = 1000 * (time.perf_counter() - started)
+        self._calls += 1
+        call = EngineCall(self._calls, 1000 * (time.perf_counter() - started))
         scored = [x for r in results for x in r if isinstance(x, ScoreResult)]
         metrics.count("prism_pairs_scored_total", len(scored), model=name)
         metrics.count("prism_tokens_total", sum(x.num_tokens for x in scored), model=name, tier="scorer")
         out = []
         for item, r in zip(items, results):
-            spent = item.compute_ms + compute_ms
+            calls = item.calls + (call,)
             if any(isinstance(x, Partial) for x in r):
-                out.append(Again(_Item(item.prefix, r, item.enqueued, spent)))
+                out.append(Again(_Item(item.prefix, r, item.enqueued, calls)))
             else:
-                out.append((r, spent))
+                out.append((r, calls))
         return out
 
     def _score_items(self, items: list[_Item]) -> list[list[ScoreResult | Partial]]:

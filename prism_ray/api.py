@@ -288,7 +288,7 @@ def render(job: RerankJob, ranked: list[RankedDocument], request_id: str, model:
 
 def server_timing(ranked: list[RankedDocument], router_ms: float | None = None) -> str:
     """A Server-Timing header value: the scorer's compute for this request (tokenizing it and the
-    slowest engine call, per model that scored it), and the router's own work (parsing the body, the
+    engine calls that scored it, per model that scored it), and the router's own work (parsing the body, the
     limits, building the reply: its time less waiting for the body and the tiers), so a client can tell
     compute and the router's work from what the hops between them cost."""
     per_model: dict[str, float] = {}

@@ -4,6 +4,7 @@ documents between its pieces, and both score as path A."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import reference
@@ -86,3 +87,24 @@ def test_batches_are_sized_by_the_engine_work_not_the_shared_prompt_head(replica
         ids = reference.prompt_ids(str(tiny_ckpt), QUERY, doc)
         assert r.num_tokens == len(ids)
         assert abs(r.score - reference.path_a(str(tiny_ckpt), ids)["score"]) <= 1e-5
+
+
+def test_a_request_scored_in_several_engine_calls_reports_them_all_as_its_compute(replica, monkeypatch):
+    """The router's `Server-Timing: scorer;dur=` is this timing: a request whose documents took several engine
+    calls computed for all of them, not for its slowest call alone."""
+    took = []
+    step = replica.engine.score_step
+
+    def slow(groups):  # each call at least 50 ms, so the calls' sum stands well clear of the slowest one
+        t0 = time.perf_counter()
+        time.sleep(0.05)
+        out = step(groups)
+        took.append(time.perf_counter() - t0)
+        return out
+
+    monkeypatch.setattr(replica.engine, "score_step", slow)
+    t0 = time.perf_counter()
+    reply = asyncio.run(replica.score(QUERY, english_texts(12, 3, 8)))
+    wall_ms = 1000 * (time.perf_counter() - t0)
+    assert len(took) >= 2
+    assert 1000 * sum(took) <= reply.timing.compute_ms <= wall_ms
