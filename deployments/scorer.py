@@ -27,18 +27,18 @@ from prism_ray.prompt import EncodedPair
 from prism_ray.results import ScoreReply, ScoreResult, Timing
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class EngineCall:
-    """One gathered engine call: a number to tell calls apart, and how long it took."""
+    """One gathered engine call and how long it took; each call is its own object (compared by identity),
+    so the items it computed all hold the same one."""
 
-    number: int
     ms: float
 
 
 def engine_ms(calls: list[EngineCall]) -> float:
     """A request's engine time: each call that computed any of its items, once. Its items go to calls one
     after another (one replica, one compute thread), and several of them may share a call."""
-    return sum({c.number: c.ms for c in calls}.values())
+    return sum(c.ms for c in set(calls))
 
 
 @dataclass
@@ -60,7 +60,6 @@ class Scorer:
         tier: ScorerTierConfig = self.config.scorer
         self._compute = ComputeThread(tier.torch_threads, tier.wedged_after_s)
         self.engine = build_engine(self.config, "scorer")
-        self._calls = 0  # engine calls so far, to number them
         self._batcher = FairBatcher(self._batched, tier.max_batch_tokens, tier.batch_wait_timeout_s,
                                     self._next_tokens, may_continue=self._starts_pieces,
                                     max_continuing=max(1, tier.max_batch_tokens // self.engine.token_budget),
@@ -137,8 +136,7 @@ class Scorer:
         metrics.observe("prism_batch_pairs", sum(len(i.pairs) for i in items), metrics.SIZE_BUCKETS, model=name, tier="scorer")
         started = time.perf_counter()
         results = await self._compute.run(self._score_items, items)
-        self._calls += 1
-        call = EngineCall(self._calls, 1000 * (time.perf_counter() - started))
+        call = EngineCall(1000 * (time.perf_counter() - started))
         scored = [x for r in results for x in r if isinstance(x, ScoreResult)]
         metrics.count("prism_pairs_scored_total", len(scored), model=name)
         metrics.count("prism_tokens_total", sum(x.num_tokens for x in scored), model=name, tier="scorer")
