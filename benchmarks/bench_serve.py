@@ -53,16 +53,20 @@ def server_timing(resp) -> dict[str, float]:
     return {name: float(ms) / 1000 for name, ms in entries}
 
 
-def start_local_serve(num_cpus: int = 4, direct: bool = False) -> int:
+def start_local_serve(num_cpus: int = 4, direct: bool = False, throughput_optimized: bool = False) -> int:
     """A local Ray cluster and Serve on a free loopback port; returns the port. With `direct`, Serve's direct
-    ingress is on too: each app's ingress replica also serves HTTP on its own port (`ingress_ports`)."""
+    ingress is on too: each app's ingress replica also serves HTTP on its own port (`ingress_ports`). With
+    `throughput_optimized`, Serve's throughput mode (what `prism-ray serve --throughput-optimized` turns on;
+    it includes direct ingress)."""
     import os
 
     import ray
     from ray import serve
 
-    if direct:  # read by every Serve process at import: set before the cluster starts them
-        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
+    from prism_ray.cli import serve_environment
+
+    # read by every Serve process at import: set before the cluster starts them
+    os.environ.update(serve_environment(os.environ, direct, throughput_optimized))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -91,6 +95,9 @@ def main() -> None:
     ap.add_argument("--direct", action="store_true",
                     help="also measure Serve's direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1): the same "
                          "requests straight to the router replica, after those through the proxy")
+    ap.add_argument("--throughput-optimized", action="store_true",
+                    help="run Serve in its throughput mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1, which includes "
+                         "direct ingress); compare with a run without it")
     args = ap.parse_args()
     ckpt = Path(args.checkpoint).resolve()
     if not (ckpt / "config.json").is_file():
@@ -115,7 +122,7 @@ def main() -> None:
 
     from deployments.app import build_app
 
-    port = start_local_serve(direct=args.direct)
+    port = start_local_serve(direct=args.direct, throughput_optimized=args.throughput_optimized)
     config = {"models": [{"name": "bench", "model": str(ckpt), "dtype": "float32", "evidence": None,
                           "scorer": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 1},
                                      "torch_threads": args.threads, "max_batch_tokens": 1024}}]}
@@ -177,7 +184,8 @@ def main() -> None:
     ms = lambda x: f"{1000 * x:.0f} ms"  # noqa: E731
     pairs = sum(len(b["documents"]) for b in bodies)
     print(f"checkpoint: {ckpt}  dtype: float32  torch threads: {args.threads}  "
-          f"requests: {len(bodies)} x 20 documents  clients: {args.clients}")
+          f"requests: {len(bodies)} x 20 documents  clients: {args.clients}  Serve's throughput mode: "
+          f"{'on' if args.throughput_optimized else 'off'}")
     print(f"  ScoreEngine in-process:         {pairs / engine_time:7.2f} pairs/s")
     for way, m in measured.items():
         single, replica, tiny, tiny_replica = m["single"], m["replica"], m["tiny"], m["tiny_replica"]

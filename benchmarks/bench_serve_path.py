@@ -90,6 +90,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default=str(ROOT / "checkpoints" / "tiny"))
     ap.add_argument("--requests", type=int, default=40, help="per model")
+    ap.add_argument("--throughput-optimized", action="store_true",
+                    help="run Serve in its throughput mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1, which includes "
+                         "direct ingress); compare with a run without it")
     ap.add_argument("--direct", action="store_true",
                     help="also measure Serve's direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1), side by side "
                          "with the proxy in the same cluster")
@@ -114,7 +117,7 @@ def main() -> None:
 
     from deployments.app import build_app
 
-    port = start_local_serve(direct=args.direct)
+    port = start_local_serve(direct=args.direct, throughput_optimized=args.throughput_optimized)
     models = [{"name": name, "model": str(ckpt), "dtype": "float32", "evidence": None,
                "scorer": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 1}, "torch_threads": 1,
                           "batch_wait_timeout_s": wait}} for name, wait in WAITS.items()]
@@ -161,7 +164,8 @@ def main() -> None:
 
     med = statistics.median
     ms = lambda x: f"{1000 * x:.1f} ms"  # noqa: E731
-    print(f"checkpoint: {ckpt}  float32, 1 torch thread, {args.requests} sequential one-document requests per model")
+    print(f"checkpoint: {ckpt}  float32, 1 torch thread, {args.requests} sequential one-document requests per "
+          f"model; Serve's throughput mode: {'on' if args.throughput_optimized else 'off'}")
     print("  the router's own work without Ray (median): " + ", ".join(f"{k} {v:.2f} ms" for k, v in steps.items()))
     print(f"  in-process ScoreEngine: median {ms(med(in_process))}")
     for way in ways:

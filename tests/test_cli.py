@@ -140,21 +140,28 @@ def test_rerank_chunked_reports_the_best_chunk_whose_span_scores_the_same(tiny_c
         assert abs(by_index[i]["relevance_score"] - alone) <= 1e-5
 
 
-@pytest.mark.parametrize("flag", [False, True])
-def test_serve_hands_the_config_to_serve_run_with_direct_ingress_only_when_asked(monkeypatch, capsys, flag):
-    """`prism-ray serve` becomes `serve run CONFIG`; `--direct-ingress` turns Serve's direct ingress on in the
-    environment the cluster it starts reads (and says where the routers listen), and nothing else changes."""
+@pytest.mark.parametrize("flag, expected", [
+    (None, {}),
+    ("--direct-ingress", {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}),
+    ("--throughput-optimized", {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}),
+])
+def test_serve_hands_the_config_to_serve_run_with_serves_modes_only_when_asked(monkeypatch, capsys, flag, expected):
+    """`prism-ray serve` becomes `serve run CONFIG`; `--direct-ingress` / `--throughput-optimized` turn Serve's
+    direct ingress / throughput mode (which includes direct ingress) on in the environment the cluster it
+    starts reads (and say where the routers listen), and nothing else changes."""
     import os
 
     from prism_ray.cli import main
 
-    monkeypatch.delenv("RAY_SERVE_ENABLE_DIRECT_INGRESS", raising=False)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for var in ("RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
     calls = []
     monkeypatch.setattr(os, "execve", lambda path, argv, env: calls.append((argv, env)))
-    main(["serve", "deployments/local.yaml", *(["--direct-ingress"] if flag else [])])
+    main(["serve", "deployments/local.yaml", *([flag] if flag else [])])
     (argv, env), = calls
     assert argv[1:] == ["run", "deployments/local.yaml"]
-    assert env.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == ("1" if flag else None)
-    assert {k: v for k, v in env.items() if k != "RAY_SERVE_ENABLE_DIRECT_INGRESS"} == dict(os.environ)
-    assert ("direct ingress on" in capsys.readouterr().err) == flag
+    assert {k: v for k, v in env.items() if os.environ.get(k) != v} == expected
+    assert set(os.environ) <= set(env)
+    err = capsys.readouterr().err
+    assert ("direct ingress on" in err) == (flag is not None)
+    assert ("throughput mode on" in err) == (flag == "--throughput-optimized")

@@ -6,7 +6,9 @@ with the engines' own result records, and an exception in place of a group or pa
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import threading
 
 from prism_ray.config import ModelConfig
 from prism_ray.factory import Tier, build_engine, deployment_name
@@ -68,13 +70,20 @@ class EngineBackend:
 
 class ServeBackend:
     """A running Serve app's `<model>-scorer` / `<model>-evidence` deployments; requests go out together
-    so the deployments' own batching gathers them with online traffic."""
+    so the deployments' own batching gathers them with online traffic.
+
+    The handle is called from an event loop of the backend's own (a daemon thread): a Ray Data actor is
+    sync code, and under `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` (`prism-ray serve --throughput-optimized`) Serve
+    routes a handle's requests on the loop it is called from, so a handle called outside a running loop
+    fails. On a loop of its own the same calls work in both of Serve's modes."""
 
     def __init__(self, model: ModelConfig, tier: str, app: str):
         from ray import serve
 
         self.handle = serve.get_deployment_handle(deployment_name(model.name, tier), app_name=app)
         self.model = model
+        self._loop = asyncio.new_event_loop()
+        threading.Thread(target=self._loop.run_forever, name="prism-serve-handle", daemon=True).start()
 
     @functools.cached_property
     def prompts(self):
@@ -87,17 +96,17 @@ class ServeBackend:
 
     def score(self, groups):
         return [r.results if isinstance(r, ScoreReply) else r
-                for r in _gather([self.handle.score.remote(q, docs) for q, docs in groups])]
+                for r in self._gather("score", [(q, docs) for q, docs in groups])]
 
     def generate(self, pairs, max_new_tokens, temperature):
-        return _gather([self.handle.generate.remote(q, d, max_new_tokens, temperature) for q, d in pairs])
+        return self._gather("generate", [(q, d, max_new_tokens, temperature) for q, d in pairs])
 
+    def _gather(self, method: str, calls: list[tuple]) -> list:
+        """`handle.<method>.remote(*args)` for each args in `calls`, all at once, made and awaited on the
+        backend's loop (the handle starts routing on first use, so that too happens there); a failed call's
+        exception in its place (recorded in the rows' error column)."""
+        async def all_of():
+            return await asyncio.gather(*(getattr(self.handle, method).remote(*args) for args in calls),
+                                        return_exceptions=True)
 
-def _gather(responses) -> list:
-    out = []
-    for r in responses:
-        try:
-            out.append(r.result())
-        except Exception as exc:  # noqa: BLE001 - recorded in the rows' error column
-            out.append(exc)
-    return out
+        return asyncio.run_coroutine_threadsafe(all_of(), self._loop).result()
