@@ -45,6 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_serve import ingress_ports  # noqa: E402  (benchmarks/, on sys.path as the script's folder)
 from soak_serve import percentile, serve_processes  # noqa: E402
 
+from prism_ray.cli import serve_environment  # noqa: E402
+
 QUERY = "What is the boiling point of water at sea level?"
 EXPECTED = {"chunked": {413}, "trickle": {408}, "nested": {422}, "long-doc": {200}, "long-doc-chunked": {200}}
 MAX_GROWTH_MIB = 200
@@ -214,6 +216,9 @@ def main() -> int:
     ap.add_argument("--direct", action="store_true",
                     help="Serve's direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1): clients talk to the router "
                          "replica's own HTTP server, not through Serve's proxy")
+    ap.add_argument("--throughput-optimized", action="store_true",
+                    help="Serve's throughput mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1, with direct ingress; gRPC "
+                         "between replicas): implies --direct")
     ap.add_argument("--chunk-tokens", type=int, default=None,
                     help="long-doc-chunked's chunking.chunk_tokens (default: unset, the model's room)")
     args = ap.parse_args()
@@ -235,8 +240,9 @@ def main() -> int:
           f"body {len(long_doc) / 1e6:.1f} MB", flush=True)
     del words
 
-    if args.direct:  # read by every Serve process at import: set before the cluster starts them
-        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
+    args.direct = args.direct or args.throughput_optimized
+    # read by every Serve process at import: set before the cluster starts them
+    os.environ.update(serve_environment(os.environ, args.direct, args.throughput_optimized))
     ray.init(num_cpus=8, object_store_memory=512 * 1024**2, include_dashboard=False, log_to_driver=False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
