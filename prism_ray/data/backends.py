@@ -96,7 +96,7 @@ class ServeBackend:
 
     def score(self, groups):
         return [r.results if isinstance(r, ScoreReply) else r
-                for r in self._gather("score", [(q, docs) for q, docs in groups])]
+                for r in self._gather("score", list(groups))]
 
     def generate(self, pairs, max_new_tokens, temperature):
         return self._gather("generate", [(q, d, max_new_tokens, temperature) for q, d in pairs])
