@@ -130,14 +130,13 @@ def test_a_chunked_body_past_the_limit_is_refused_while_it_is_still_being_sent(w
     assert LIMIT < sent < total // 4  # stopped near the limit (plus what the sockets' buffers took)
 
 
+@pytest.mark.parametrize("mode", ["throughput-optimized"], indirect=True)  # default mode: tests/test_serve.py
 def test_under_the_throughput_mode_evidence_streams_and_a_batch_backend_calls_the_handles(mode, ways_in, app_config,
                                                                                           tiny_ckpt):
     """Serve's throughput mode moves the tiers' calls to gRPC and each replica's handlers onto its own event
     loop: the streamed answer with evidence arrives whole, both ways in, with the plain answer's scores and
     the engine's text; and a batch job's Serve backend, which calls the scorer's handle from sync code (where,
     in this mode, a handle refuses to route outside a running event loop), gets the same scores."""
-    if mode != "throughput-optimized":
-        pytest.skip("the evidence tier and the batch backend in Serve's default mode: tests/test_serve.py")
     import ray
 
     from prism_ray.config import ModelConfig
