@@ -3,7 +3,7 @@
     python benchmarks/bench_serve.py [--clients 4] [--requests 32] [--direct]
 
 Scorer tier only, `bench` preset (built on first use), one replica with the same torch thread
-count as the in-process engine. Each request: one query, 20 documents of 60-180 words of real
+count as the in-process engine. Each request: one query, 20 documents (`--documents`) of 60-180 words of real
 English text. Prints throughput, p50/p99 latency, and the Serve path's single-request overhead: the
 end-to-end latency minus the replica's own compute (tokenizing + engine, what ScoreEngine.score does
 in-process), which the router reports per request in a `Server-Timing: scorer;dur=<ms>` header. The in-process engine is also timed while the Serve cluster
@@ -90,6 +90,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", default="checkpoints/bench")
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--requests", type=int, default=32, help="total requests in the load phase")
+    ap.add_argument("--documents", type=int, default=20, help="documents per request")
     ap.add_argument("--single", type=int, default=8, help="sequential requests for the latency overhead")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--direct", action="store_true",
@@ -102,7 +103,7 @@ def main() -> None:
     ckpt = Path(args.checkpoint).resolve()
     if not (ckpt / "config.json").is_file():
         build_checkpoint("bench", ckpt)
-    docs = documents(20)
+    docs = documents(args.documents)
     bodies = [{"query": QUERIES[i % len(QUERIES)], "documents": docs} for i in range(args.requests)]
 
     torch.set_num_threads(args.threads)
@@ -184,7 +185,7 @@ def main() -> None:
     ms = lambda x: f"{1000 * x:.0f} ms"  # noqa: E731
     pairs = sum(len(b["documents"]) for b in bodies)
     print(f"checkpoint: {ckpt}  dtype: float32  torch threads: {args.threads}  "
-          f"requests: {len(bodies)} x 20 documents  clients: {args.clients}  Serve's throughput mode: "
+          f"requests: {len(bodies)} x {args.documents} documents  clients: {args.clients}  Serve's throughput mode: "
           f"{'on' if args.throughput_optimized else 'off'}")
     print(f"  ScoreEngine in-process:         {pairs / engine_time:7.2f} pairs/s")
     for way, m in measured.items():
@@ -192,14 +193,14 @@ def main() -> None:
         print(f"  HTTP ({way}, 1 scorer replica): {pairs / m['http_time']:7.2f} pairs/s  "
               f"p50 {ms(percentile(m['latencies'], 0.5))}  p99 {ms(percentile(m['latencies'], 0.99))}; "
               f"HTTP / in-process throughput = {100 * engine_time / m['http_time']:.0f}%")
-        print(f"    single 20-document request ({args.single} sequential): HTTP median {ms(med(single))}; replica "
+        print(f"    single {args.documents}-document request ({args.single} sequential): HTTP median {ms(med(single))}; replica "
               f"compute (tokenizing + engine, Server-Timing) median {ms(med(replica))}; Serve path overhead "
               f"(HTTP - replica compute, median over requests) {ms(med([a - b for a, b in zip(single, replica)]))}; "
               f"HTTP - in-process (Ray down): {ms(med(single) - med(engine_single))}")
         print(f"    one-document request: HTTP median {ms(med(tiny))}, replica compute {ms(med(tiny_replica))}, "
               f"Serve path overhead {ms(med([a - b for a, b in zip(tiny, tiny_replica)]))}; "
               f"in-process engine {ms(med(engine_tiny))}")
-    print(f"  in-process engine, single 20-document request: median {ms(med(engine_single))} with Ray down, "
+    print(f"  in-process engine, single {args.documents}-document request: median {ms(med(engine_single))} with Ray down, "
           f"{ms(med(engine_up))} with the Serve cluster up and idle")
 
 
