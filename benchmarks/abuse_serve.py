@@ -2,9 +2,11 @@
 refused (or, for a long document, served at the cost of what is read) without a replica growing or dying?
 
     python benchmarks/abuse_serve.py [--seconds 60] [--baseline-seconds 30] [--normal 4] [--hostile 8] [--direct]
+                                     [--no-proxy-guard]
 
 Runs the config's application (default `deployments/local.yaml`) on a fresh local Ray cluster, on 127.0.0.1
-only (through Serve's proxy; with `--direct`, straight to the router replica under Serve's direct ingress).
+only (through Serve's proxy, which runs prism-ray's body guard as under `prism-ray serve`; with `--direct`,
+straight to the router replica under Serve's direct ingress).
 Two phases in this one run: `--normal` clients alone for `--baseline-seconds` (the baseline), then the
 same clients for `--seconds` beside `--hostile` clients, each cycling through:
 
@@ -46,6 +48,7 @@ from bench_serve import ingress_ports  # noqa: E402  (benchmarks/, on sys.path a
 from soak_serve import percentile, serve_processes  # noqa: E402
 
 from prism_ray.cli import serve_environment  # noqa: E402
+from prism_ray.config import LimitsConfig  # noqa: E402
 
 QUERY = "What is the boiling point of water at sea level?"
 EXPECTED = {"chunked": {413}, "trickle": {408}, "nested": {422}, "long-doc": {200}, "long-doc-chunked": {200}}
@@ -219,6 +222,9 @@ def main() -> int:
     ap.add_argument("--throughput-optimized", action="store_true",
                     help="Serve's throughput mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1, with direct ingress; gRPC "
                          "between replicas): implies --direct")
+    ap.add_argument("--no-proxy-guard", action="store_true",
+                    help="Serve's proxy without prism-ray's body guard (`prism-ray serve --no-proxy-guard`): it then "
+                         "reads every body whole before the router can refuse it")
     ap.add_argument("--chunk-tokens", type=int, default=None,
                     help="long-doc-chunked's chunking.chunk_tokens (default: unset, the model's room)")
     args = ap.parse_args()
@@ -242,7 +248,9 @@ def main() -> int:
 
     args.direct = args.direct or args.throughput_optimized
     # read by every Serve process at import: set before the cluster starts them
-    os.environ.update(serve_environment(os.environ, args.direct, args.throughput_optimized))
+    guard = None if args.no_proxy_guard else [LimitsConfig.model_validate(app_args.get("limits") or {})]
+    os.environ.update(serve_environment(os.environ, args.direct, args.throughput_optimized, guard))
+    print(f"Serve's proxy {'without' if guard is None else 'with'} the body guard", flush=True)
     ray.init(num_cpus=8, object_store_memory=512 * 1024**2, include_dashboard=False, log_to_driver=False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

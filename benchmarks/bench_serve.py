@@ -57,16 +57,18 @@ def start_local_serve(num_cpus: int = 4, direct: bool = False, throughput_optimi
     """A local Ray cluster and Serve on a free loopback port; returns the port. With `direct`, Serve's direct
     ingress is on too: each app's ingress replica also serves HTTP on its own port (`ingress_ports`). With
     `throughput_optimized`, Serve's throughput mode (what `prism-ray serve --throughput-optimized` turns on;
-    it includes direct ingress)."""
+    it includes direct ingress). Serve's proxy runs prism-ray's body guard, as under `prism-ray serve`."""
     import os
 
     import ray
     from ray import serve
 
     from prism_ray.cli import serve_environment
+    from prism_ray.config import LimitsConfig
 
-    # read by every Serve process at import: set before the cluster starts them
-    os.environ.update(serve_environment(os.environ, direct, throughput_optimized))
+    # read by every Serve process at import: set before the cluster starts them. The proxy runs the body guard
+    # under the default limits, as `prism-ray serve` starts it.
+    os.environ.update(serve_environment(os.environ, direct, throughput_optimized, [LimitsConfig()]))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

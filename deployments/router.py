@@ -24,7 +24,6 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-from starlette.requests import ClientDisconnect
 
 from deployments.retries import FIRST_DELAY_S, MAX_DELAY_S, replica_lost, with_retries
 from prism_ray import metrics
@@ -45,6 +44,7 @@ from prism_ray.api import (
     job_from_tei,
     server_timing,
 )
+from prism_ray.body import ByteBudget, read_body, too_large
 from prism_ray.config import AppConfig
 from prism_ray.errors import STATUS, ErrorBody, ErrorKind, PrismError, retry_later
 from prism_ray.factory import deployment_name
@@ -86,23 +86,6 @@ def _parse(model, body: dict):
 
 def _sse(event: str, data) -> str:
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-
-class ByteBudget:
-    """The bytes of request bodies one router replica holds at once (`limits.max_in_flight_bytes`), taken
-    as they are read and given back when their request ends, so that many large bodies at once meet a 429
-    rather than a replica out of memory."""
-
-    def __init__(self, limit: int, retry_after_s: int):
-        self.limit, self.retry_after_s, self.used = limit, retry_after_s, 0
-
-    def take(self, n: int) -> None:
-        if self.used + n > self.limit:
-            raise LIMITS["max_in_flight_bytes"].refusal(self.limit, value=self.used, retry_after_s=self.retry_after_s)
-        self.used += n
-
-    def give(self, n: int) -> None:
-        self.used -= n
 
 
 class TierClock:
@@ -169,46 +152,6 @@ def key_matches(token: str, keys) -> bool:
     for key in keys:
         found |= hmac.compare_digest(token.encode(), key.encode())
     return found
-
-
-def _too_large(size: str, limit: int) -> PrismError:
-    return LIMITS["max_body_bytes"].refusal(limit, "body", size)
-
-
-async def read_limited(chunks, limit: int, budget: ByteBudget | None = None) -> bytes:
-    """A body from its pieces, refused (413) once it passes `limit` bytes: the rest is never read. Each
-    piece is taken from `budget` as it arrives (429 when the budget is spent); on success the caller owns
-    `len(body)` bytes of it, on failure they are given back here."""
-    parts, size = [], 0
-    try:
-        async for chunk in chunks:
-            if size + len(chunk) > limit:
-                raise _too_large(f"more than {limit}", limit)
-            if budget is not None:
-                budget.take(len(chunk))
-            size += len(chunk)
-            parts.append(chunk)
-    except BaseException:
-        if budget is not None:
-            budget.give(size)
-        raise
-    return b"".join(parts)
-
-
-async def read_body(chunks, lim, budget: ByteBudget, deadline: float) -> bytes:
-    """`read_limited` within `lim.body_timeout_s` from now and `deadline` (event-loop time): past either, a
-    408 naming the limit that ran out (a trickled body holds nothing for long)."""
-    by_body = asyncio.get_running_loop().time() + lim.body_timeout_s
-    try:
-        async with asyncio.timeout_at(min(by_body, deadline)):
-            return await read_limited(chunks, lim.max_body_bytes, budget)
-    except ClientDisconnect:
-        raise PrismError(ErrorKind.BAD_REQUEST, "the client closed the connection before the whole body arrived",
-                         "body") from None
-    except TimeoutError:
-        if by_body <= deadline:
-            raise LIMITS["body_timeout_s"].refusal(lim.body_timeout_s, "body") from None
-        raise LIMITS["body_deadline"].refusal(lim.request_timeout_s, "body") from None
 
 
 class _NumberOutOfRange(ValueError):
@@ -622,4 +565,4 @@ class Router:
         length = request.headers.get("content-length", "")
         limit = self.config.limits.max_body_bytes
         if length.isdigit() and int(length) > limit:
-            raise _too_large(length, limit)
+            raise too_large(length, limit)

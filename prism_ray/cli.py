@@ -154,15 +154,27 @@ THROUGHPUT_OPTIMIZED = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
 
 
 def serve_environment(environ: dict[str, str], direct_ingress: bool = False,
-                      throughput_optimized: bool = False) -> dict[str, str]:
+                      throughput_optimized: bool = False, proxy_limits: list | None = None) -> dict[str, str]:
     """The environment `serve run` starts its local cluster with. With `direct_ingress`, Serve's direct
     ingress is on: each router replica also serves HTTP itself, on its own port, with no proxy between the
     client and the router (the proxy at the config's port stays). `throughput_optimized` is Serve's
     throughput mode, which includes direct ingress: replicas also call each other over gRPC, and each runs
     its request handlers on its own event loop rather than a thread beside it (one hop less per tier call).
     The variables are read by every Serve process when it starts, so they only reach a cluster that
-    `serve run` starts here; a running cluster (`ray start`, KubeRay) takes them from its own environment."""
+    `serve run` starts here; a running cluster (`ray start`, KubeRay) takes them from its own environment.
+    With `proxy_limits` (the applications' `LimitsConfig`s), Serve's proxy runs the body guard
+    (`prism_ray.proxy_guard`): bodies past those limits are refused in the proxy, before it has read them
+    whole. A proxy callback the caller has set already is kept, and the guard left out."""
     env = dict(environ)
+    if proxy_limits is not None:
+        from prism_ray.proxy_guard import CALLBACK, CALLBACK_VARIABLE, proxy_environment
+
+        if env.get(CALLBACK_VARIABLE, CALLBACK) == CALLBACK:
+            env.update(proxy_environment(proxy_limits))
+        else:
+            print(f"prism-ray serve: {CALLBACK_VARIABLE} is set to {env[CALLBACK_VARIABLE]!r}, so Serve's proxy "
+                  f"runs that and not prism-ray's body guard; bodies past max_body_bytes are read whole by the "
+                  f"proxy before the router refuses them", file=sys.stderr)
     chosen = [var for var, on in ((THROUGHPUT_OPTIMIZED, throughput_optimized), (DIRECT_INGRESS, direct_ingress))
               if on]
     for var in chosen:
@@ -190,9 +202,12 @@ def cmd_serve(args) -> None:
         print("\n".join(check_serve_config(args.config)))
         return
     validate_serve_config(args.config)
+    from prism_ray.config import serve_config_limits
+
+    limits = None if args.no_proxy_guard else serve_config_limits(args.config)
     serve_bin = shutil.which("serve") or str(Path(sys.executable).with_name("serve"))
     os.execve(serve_bin, [serve_bin, "run", args.config, *(["--non-blocking"] if args.non_blocking else [])],
-              serve_environment(os.environ, args.direct_ingress, args.throughput_optimized))
+              serve_environment(os.environ, args.direct_ingress, args.throughput_optimized, limits))
 
 
 LOCAL_SERVE_CONFIG = "deployments/local.yaml"
@@ -312,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--throughput-optimized", action="store_true",
                    help="Serve's throughput mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1): direct ingress, and replicas "
                         "call each other over gRPC (one-document path direct 7.7 -> 5.9 ms)")
+    s.add_argument("--no-proxy-guard", action="store_true",
+                   help="leave Serve's proxy without prism-ray's body guard (it then reads every body whole before "
+                        "the router can refuse it); for comparisons")
     s.add_argument("--check", action="store_true", help="only validate CONFIG (a Serve config file or a KubeRay "
                                                           "RayService manifest) and exit: 0 if valid, 2 naming the field")
     s.set_defaults(func=cmd_serve)

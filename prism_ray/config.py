@@ -330,6 +330,14 @@ def serve_config_models(path: str | Path) -> list[ModelConfig]:
             for m in AppConfig.model_validate(application.get("args") or {}).models]
 
 
+def serve_config_limits(path: str | Path) -> list[LimitsConfig]:
+    """The limits of every prism-ray application in a Serve config file (the proxy's body guard takes the
+    loosest of them)."""
+    return [AppConfig.model_validate(application.get("args") or {}).limits
+            for application in read_serve_config(path)["applications"]
+            if application.get("import_path") == APP_IMPORT_PATH]
+
+
 def validated(schema: type[BaseModel], data: Any, where: str):
     """`schema.model_validate(data)`, with the first error as one line naming the field."""
     from pydantic import ValidationError

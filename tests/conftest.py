@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pydoc_data.topics
 import socket
@@ -70,3 +71,27 @@ def free_port() -> int:
 def serve_tier(**extra) -> dict:
     """A small fixed-size Serve tier for the test apps: one replica, half a CPU, one torch thread."""
     return {"ray_actor_options": {"num_cpus": 0.5}, "num_replicas": 1, "torch_threads": 1, **extra}
+
+
+@contextlib.contextmanager
+def environment(env: dict[str, str]):
+    """`env` set in os.environ while the block runs (a Ray cluster started in it passes them to its processes,
+    which is how Serve's own variables reach them), then what was there before."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def guarded_proxy(*limits: dict) -> dict[str, str]:
+    """The variables `prism-ray serve` sets for the apps' `limits`: Serve's proxy runs the body guard."""
+    from prism_ray.config import LimitsConfig
+    from prism_ray.proxy_guard import proxy_environment
+
+    return proxy_environment([LimitsConfig.model_validate(lim) for lim in limits])

@@ -140,28 +140,62 @@ def test_rerank_chunked_reports_the_best_chunk_whose_span_scores_the_same(tiny_c
         assert abs(by_index[i]["relevance_score"] - alone) <= 1e-5
 
 
-@pytest.mark.parametrize("flag, expected", [
-    (None, {}),
-    ("--direct-ingress", {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}),
-    ("--throughput-optimized", {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}),
+GUARD = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "prism_ray.proxy_guard:middlewares"}
+
+
+def _local_max_body_bytes() -> int:
+    """local.yaml's own max_body_bytes, which the proxy's guard should take."""
+    import yaml
+
+    (app,) = yaml.safe_load(open("deployments/local.yaml"))["applications"]
+    return app["args"]["limits"]["max_body_bytes"]
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ([], GUARD),
+    (["--direct-ingress"], {**GUARD, "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}),
+    (["--throughput-optimized"], {**GUARD, "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}),
+    (["--no-proxy-guard"], {}),
 ])
-def test_serve_hands_the_config_to_serve_run_with_serves_modes_only_when_asked(monkeypatch, capsys, flag, expected):
-    """`prism-ray serve` becomes `serve run CONFIG`; `--direct-ingress` / `--throughput-optimized` turn Serve's
+def test_serve_hands_the_config_to_serve_run_with_serves_modes_only_when_asked(monkeypatch, capsys, flags, expected):
+    """`prism-ray serve` becomes `serve run CONFIG`, with Serve's proxy running the body guard under the
+    config's limits (unless `--no-proxy-guard`); `--direct-ingress` / `--throughput-optimized` turn Serve's
     direct ingress / throughput mode (which includes direct ingress) on in the environment the cluster it
     starts reads (and say where the routers listen), and nothing else changes."""
+    import json
     import os
 
     from prism_ray.cli import main
 
-    for var in ("RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_ADDRESS"):
+    for var in ("RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_ADDRESS",
+                "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "PRISM_RAY_PROXY_LIMITS"):
         monkeypatch.delenv(var, raising=False)
     calls = []
     monkeypatch.setattr(os, "execve", lambda path, argv, env: calls.append((argv, env)))
-    main(["serve", "deployments/local.yaml", *([flag] if flag else [])])
+    main(["serve", "deployments/local.yaml", *flags])
     (argv, env), = calls
     assert argv[1:] == ["run", "deployments/local.yaml"]
+    limits = json.loads(env.pop("PRISM_RAY_PROXY_LIMITS")) if expected else {}
     assert {k: v for k, v in env.items() if os.environ.get(k) != v} == expected
     assert set(os.environ) <= set(env)
+    assert limits.get("max_body_bytes") == (_local_max_body_bytes() if expected else None)
     err = capsys.readouterr().err
+    flag = flags[0] if flags and flags[0] != "--no-proxy-guard" else None
     assert ("direct ingress on" in err) == (flag is not None)
     assert ("throughput mode on" in err) == (flag == "--throughput-optimized")
+
+
+def test_serve_keeps_a_proxy_callback_the_caller_set_and_says_the_guard_is_off(monkeypatch, capsys):
+    import os
+
+    from prism_ray.cli import main
+
+    monkeypatch.setenv("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "mine.proxy:middlewares")
+    monkeypatch.delenv("PRISM_RAY_PROXY_LIMITS", raising=False)
+    calls = []
+    monkeypatch.setattr(os, "execve", lambda path, argv, env: calls.append((argv, env)))
+    main(["serve", "deployments/local.yaml"])
+    (_, env), = calls
+    assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "mine.proxy:middlewares"
+    assert "PRISM_RAY_PROXY_LIMITS" not in env
+    assert "not prism-ray's body guard" in capsys.readouterr().err

@@ -6,19 +6,19 @@ Serve's throughput mode (`--throughput-optimized`, which includes direct ingress
 over gRPC), with the evidence tier's stream and a batch job's Serve backend, which calls the app's handles
 from sync code.
 
-A cluster per mode: the variables are read by every Serve process when it starts.
+A cluster per mode: the variables are read by every Serve process when it starts. The proxy runs the body
+guard, as `prism-ray serve` starts it.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import select
 import socket
 
 import httpx
 import pytest
-from conftest import free_port, serve_tier
+from conftest import environment, free_port, guarded_proxy, serve_tier
 
 pytestmark = pytest.mark.cluster  # starts a Ray cluster
 
@@ -54,10 +54,9 @@ def ways_in(mode, app_config):
     from deployments.app import build_app
 
     env = {MODES[mode]: "1",
-           "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}  # Ray's 30 s drain would slow the teardown
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+           "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",  # Ray's 30 s drain would slow the teardown
+           **guarded_proxy(app_config["limits"])}  # as `prism-ray serve` starts it
+    with environment(env):
         ray.init(num_cpus=8, object_store_memory=128 * 1024**2, include_dashboard=False, log_to_driver=False)
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -68,12 +67,6 @@ def ways_in(mode, app_config):
         yield {"proxy": f"http://127.0.0.1:{port}", "direct": f"http://127.0.0.1:{direct}"}
         serve.shutdown()
         ray.shutdown()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def test_the_router_answers_on_its_own_port_as_through_the_proxy(ways_in):
@@ -119,11 +112,14 @@ def _length(reply: bytes) -> int:
     return 1 << 30
 
 
-def test_a_chunked_body_past_the_limit_is_refused_while_it_is_still_being_sent(ways_in):
-    """64 MiB announced by nothing (chunked): the router answers 413 naming `max_body_bytes` once the body
-    passes the limit, long before the client could send it all."""
+@pytest.mark.parametrize("way", ["direct", "proxy"])
+def test_a_chunked_body_past_the_limit_is_refused_while_it_is_still_being_sent(ways_in, way):
+    """64 MiB announced by nothing (chunked): 413 naming `max_body_bytes` once the body passes the limit, long
+    before the client could send it all; straight to the router, which reads the socket itself, and through
+    Serve's proxy, whose body guard (`prism_ray.proxy_guard`) stops reading there (without it, the proxy
+    reads all 64 MiB into its queue first)."""
     total = 64 << 20
-    port = int(ways_in["direct"].rsplit(":", 1)[1])
+    port = int(ways_in[way].rsplit(":", 1)[1])
     sent, status, error = _send_chunked_until_answered(port, total)
     assert status == 413
     assert "max_body_bytes" in json.dumps(error)

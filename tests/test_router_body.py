@@ -8,7 +8,8 @@ import asyncio
 import pytest
 from fastapi.exceptions import RequestValidationError
 
-from deployments.router import ByteBudget, key_matches, parse_json_object, read_body, read_limited
+from deployments.router import key_matches, parse_json_object
+from prism_ray.body import ByteBudget, read_body, read_limited
 from prism_ray.config import LimitsConfig
 from prism_ray.errors import ErrorKind, PrismError
 

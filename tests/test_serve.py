@@ -13,7 +13,7 @@ import time
 
 import httpx
 import pytest
-from conftest import english_texts, free_port, serve_tier
+from conftest import english_texts, environment, free_port, guarded_proxy, serve_tier
 
 from prism_ray.engine import EvidenceEngine, ScoreEngine
 
@@ -32,9 +32,7 @@ def server(tiny_ckpt, qwen3_ckpt):
 
     from deployments.app import build_app
 
-    ray.init(num_cpus=8, object_store_memory=128 * 1024**2, include_dashboard=False, log_to_driver=False)
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     main = {
         "default_model": "prism-tiny",
         "models": [
@@ -51,6 +49,9 @@ def server(tiny_ckpt, qwen3_ckpt):
         "api_keys": ["secret-key"],
         "limits": {"max_in_flight": 1, "body_timeout_s": 1.5},
     }
+    with environment(guarded_proxy(main["limits"], guarded["limits"])):  # the proxy as `prism-ray serve` starts it
+        ray.init(num_cpus=8, object_store_memory=128 * 1024**2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(main), name="prism", route_prefix="/")
     serve.run(build_app(guarded), name="guarded", route_prefix="/guarded")
     yield f"http://127.0.0.1:{port}"

@@ -1,0 +1,162 @@
+"""The body guard Serve's proxy runs (`prism_ray.proxy_guard`), without a cluster: an ASGI app that reads its
+body as Serve's proxy does (every message, until the client disconnects) behind the guard, fed by a client
+that sends pieces. Through a real proxy: tests/test_serve.py and tests/test_direct_ingress.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from prism_ray.config import LimitsConfig
+from prism_ray.proxy_guard import (
+    CALLBACK,
+    CALLBACK_VARIABLE,
+    LIMITS_VARIABLE,
+    BodyGuard,
+    middlewares,
+    proxy_environment,
+    proxy_limits,
+)
+
+
+class Client:
+    """The client's side of one request: its body in `pieces` (one every `every_s`), then waiting for the
+    answer; records what was read of it and what was sent back."""
+
+    def __init__(self, pieces: list[int], every_s: float = 0.0, headers=()):
+        self.pieces, self.every_s, self.read, self.sent = list(pieces), every_s, 0, []
+        self.scope = {"type": "http", "method": "POST", "path": "/v2/rerank",
+                      "headers": [(k.encode(), v.encode()) for k, v in headers]}
+
+    async def receive(self):
+        if not self.pieces:
+            await asyncio.sleep(3600)  # the body is in: the client waits for the answer
+        await asyncio.sleep(self.every_s)
+        n = self.pieces.pop(0)
+        self.read += n
+        return {"type": "http.request", "body": b"x" * n, "more_body": bool(self.pieces)}
+
+    async def send(self, message):
+        self.sent.append(message)
+
+    @property
+    def status(self) -> int:
+        return next(m["status"] for m in self.sent if m["type"] == "http.response.start")
+
+    @property
+    def headers(self) -> dict[bytes, bytes]:
+        return dict(next(m["headers"] for m in self.sent if m["type"] == "http.response.start"))
+
+    @property
+    def error(self) -> dict:
+        return json.loads(b"".join(m.get("body", b"") for m in self.sent if m["type"] == "http.response.body"))
+
+
+def proxy_like_app(answer_after_bytes: int | None = None, took: list | None = None):
+    """Reads every message as Serve's proxy does, until the body is in or the client has gone; then answers
+    200 with the byte count (or answers early, past `answer_after_bytes`, as a router refusing a body would)."""
+
+    async def app(scope, receive, send):
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                await send({"type": "http.response.start", "status": 499, "headers": []})  # dropped by the guard
+                return
+            size += len(message["body"])
+            if answer_after_bytes is not None and size > answer_after_bytes:
+                await send({"type": "http.response.start", "status": 413, "headers": []})
+                await send({"type": "http.response.body", "body": b"{}"})
+                return
+            if not message["more_body"]:
+                break
+        if took is not None:
+            took.append(size)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": str(size).encode()})
+
+    return app
+
+
+def guard(app, **limits) -> BodyGuard:
+    lim = {"max_body_bytes": 1000, "body_timeout_s": 5.0, "max_in_flight_bytes": 1 << 20, "retry_after_s": 2}
+    return BodyGuard(app, **{**lim, **limits})
+
+
+def run(guarded: BodyGuard, *clients: Client) -> None:
+    async def go():
+        await asyncio.gather(*(guarded(c.scope, c.receive, c.send) for c in clients))
+    asyncio.run(go())
+
+
+def test_a_body_within_the_limits_passes_untouched():
+    took: list[int] = []
+    client = Client([400, 400, 200])
+    run(guard(proxy_like_app(took=took)), client)
+    assert client.status == 200 and took == [1000] and client.sent[-1]["body"] == b"1000"
+
+
+def test_a_chunked_body_past_the_limit_is_413_and_the_rest_is_never_read():
+    client = Client([400] * 100)
+    run(guard(proxy_like_app()), client)
+    assert client.status == 413 and client.read == 1200  # the third piece passed 1000: nothing after it
+    assert client.error["type"] == "too_large" and "max_body_bytes" in client.error["message"]
+    assert client.headers[b"connection"] == b"close"
+    assert [m["type"] for m in client.sent] == ["http.response.start", "http.response.body"]  # the app's 499 dropped
+
+
+def test_a_declared_length_past_the_limit_is_413_before_a_byte_is_read():
+    client = Client([5000], headers=[("content-length", "5000")])
+    run(guard(proxy_like_app()), client)
+    assert client.status == 413 and client.read == 0 and "5000" in client.error["message"]
+
+
+def test_a_trickled_body_is_408_naming_body_timeout_s():
+    client = Client([10] * 1000, every_s=0.05)
+    run(guard(proxy_like_app(), body_timeout_s=0.3), client)
+    assert client.status == 408 and "body_timeout_s=0.3" in client.error["message"]
+    assert client.read < 200
+
+
+def test_bodies_past_the_in_flight_budget_are_429_with_retry_after_and_the_budget_comes_back():
+    guarded = guard(proxy_like_app(), max_body_bytes=10_000, max_in_flight_bytes=1500)
+    first, second = Client([1000, 100], every_s=0.1), Client([300, 300], every_s=0.06)
+    run(guarded, first, second)  # at 0.12 s the two hold 1000 + 600; the second alone would fit
+    assert first.status == 200 and second.status == 429
+    assert second.headers[b"retry-after"] == b"2" and "max_in_flight_bytes" in second.error["message"]
+    assert guarded.budget.used == 0
+    third = Client([1500])
+    run(guarded, third)
+    assert third.status == 200
+
+
+def test_the_app_answering_first_keeps_its_answer():
+    client = Client([400] * 10)
+    run(guard(proxy_like_app(answer_after_bytes=500), max_body_bytes=1000), client)
+    assert client.status == 413 and client.error == {}  # the app's own answer, not the guard's
+
+
+def test_other_scopes_pass_through():
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(scope["type"])
+
+    asyncio.run(guard(app)({"type": "lifespan"}, None, None))
+    assert seen == ["lifespan"]
+
+
+def test_the_proxy_environment_takes_the_loosest_limits_and_the_callback_reads_them(monkeypatch):
+    env = proxy_environment([LimitsConfig(max_body_bytes=65536, body_timeout_s=1.5),
+                             LimitsConfig(max_body_bytes=1 << 20, body_timeout_s=3, max_in_flight_bytes=1 << 20)])
+    assert env[CALLBACK_VARIABLE] == CALLBACK
+    lim = proxy_limits(env)
+    assert (lim.max_body_bytes, lim.body_timeout_s, lim.max_in_flight_bytes) == (1 << 20, 3, 256 << 20)
+    monkeypatch.setenv(LIMITS_VARIABLE, json.dumps({"max_body_bytes": 4096}))
+    (middleware,) = middlewares()
+    assert middleware.cls is BodyGuard and middleware.kwargs["max_body_bytes"] == 4096
+    monkeypatch.setenv(LIMITS_VARIABLE, json.dumps({"max_body_bytes": 10}))
+    with pytest.raises(ValueError, match="max_body_bytes"):
+        middlewares()
