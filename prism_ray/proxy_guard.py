@@ -6,12 +6,13 @@ refuses a body past `max_body_bytes` (413) or arriving too slowly (408), but by 
 read far more: 8 clients sending 64 MiB chunked bodies grew the proxy by 855 MiB (`abuse_serve.py`, README).
 
 `BodyGuard` is an ASGI middleware that Serve wraps around its proxy when `RAY_SERVE_HTTP_PROXY_CALLBACK_
-IMPORT_PATH` names `middlewares` below (`prism-ray serve` sets it). It applies the router's own body limits
-(`prism_ray.body`) to what the proxy reads: a `Content-Length` over `max_body_bytes` is refused before a
-byte is read; past the limit, or past `body_timeout_s`, or past the proxy's `max_in_flight_bytes` of bodies
-at once, the guard answers the error itself (the same JSON as the router's, with `Connection: close`) and
-tells the proxy that the client has gone, so it reads nothing more and cancels the call to the router. A
-body within the limits passes untouched; the router keeps its own checks (direct ingress bypasses the proxy).
+IMPORT_PATH` names `middlewares` below (`prism-ray serve` sets it). It reads each body whole before the proxy
+sees it, under the router's own body limits (`prism_ray.body`): a `Content-Length` over `max_body_bytes` is
+refused before a byte is read; a body past that limit, or past `body_timeout_s`, or past the proxy's
+`max_in_flight_bytes` of bodies at once, is refused there (the router's JSON error, with `Connection: close`)
+and nothing more of it is read. A refused body never reaches the router, so neither the proxy's queue nor
+the calls that carry it to the router hold it; a body within the limits goes on as one message. The router
+keeps its own checks (direct ingress bypasses the proxy).
 
 The guard takes its limits from `PRISM_RAY_PROXY_LIMITS` (JSON: `LimitsConfig` fields) in the proxy's
 environment, `LimitsConfig`'s defaults without it. One proxy serves every application of a cluster, so
@@ -35,12 +36,12 @@ CALLBACK = "prism_ray.proxy_guard:middlewares"
 LIMITS_VARIABLE = "PRISM_RAY_PROXY_LIMITS"
 GUARDED = ("max_body_bytes", "body_timeout_s", "max_in_flight_bytes", "retry_after_s")
 
-DISCONNECT = {"type": "http.disconnect"}
-
-
 class BodyGuard:
-    """Pure ASGI middleware: `max_body_bytes` (413) and `body_timeout_s` (408) per body, `max_in_flight_bytes`
-    (429) over the bodies this process holds at once. Other scopes (websockets, lifespan) pass through."""
+    """Pure ASGI middleware: reads a request's whole body before the proxy sees it, under `max_body_bytes`
+    (413) and `body_timeout_s` (408) per body and `max_in_flight_bytes` (429) over the bodies this process
+    holds at once, and answers a refusal itself, so that a refused body never reaches the router (and is not
+    read further). A body within the limits goes on as one message. Other scopes (websockets, lifespan) pass
+    through."""
 
     def __init__(self, app, max_body_bytes: int, body_timeout_s: float, max_in_flight_bytes: int,
                  retry_after_s: int = 1):
@@ -51,65 +52,59 @@ class BodyGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        exchange = _Exchange(self, receive, send)
+        meter = BodyMeter(self.max_body_bytes, self.budget)
         try:
-            length = dict(scope.get("headers") or []).get(b"content-length", b"").decode("latin-1")
-            if length.isdigit() and int(length) > self.max_body_bytes:
-                await exchange.refuse(too_large(length, self.max_body_bytes))
-                return
-            await self.app(scope, exchange.receive, exchange.send)
-        finally:
-            exchange.meter.release()
-
-
-class _Exchange:
-    """One request through the guard: its body's meter and deadline, and whether the app or the guard has
-    begun the answer (the guard answers only if the app has not; once it has, the app's messages are dropped)."""
-
-    def __init__(self, guard: BodyGuard, receive, send):
-        self.guard, self._receive, self._send = guard, receive, send
-        self.meter = BodyMeter(guard.max_body_bytes, guard.budget)
-        self.by = asyncio.get_running_loop().time() + guard.body_timeout_s
-        self.body_in = self.cut = self.app_answering = self.guard_answered = False
-
-    async def receive(self):
-        if self.cut:
-            return DISCONNECT
-        if self.body_in:  # after the body, the proxy only waits here to learn of a disconnect
-            return await self._receive()
-        try:
-            async with asyncio.timeout_at(self.by):
-                message = await self._receive()
-        except TimeoutError:
-            return await self.refuse(LIMITS["body_timeout_s"].refusal(self.guard.body_timeout_s, "body"))
-        if message["type"] == "http.request":
             try:
-                self.meter.add(len(message.get("body", b"")))
+                first = await self._body(scope, receive, meter)
             except PrismError as exc:
-                return await self.refuse(exc)
-            self.body_in = not message.get("more_body", False)
-        return message
+                await _answer(send, exc)
+                return
+            if first["type"] == "http.disconnect":  # the client left before its body was in: no one to answer
+                return
+            await self.app(scope, _replay(first, receive), send)
+        finally:
+            meter.release()
 
-    async def send(self, message) -> None:
-        if self.guard_answered:
-            return
-        if message["type"] == "http.response.start":
-            self.app_answering = True
-        await self._send(message)
+    async def _body(self, scope, receive, meter: BodyMeter) -> dict:
+        """The whole body as one `http.request` message (or the client's `http.disconnect`), read within
+        `body_timeout_s`; a PrismError past a limit, with nothing more read."""
+        length = dict(scope.get("headers") or []).get(b"content-length", b"").decode("latin-1")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            raise too_large(length, self.max_body_bytes)
+        parts = []
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        return message
+                    meter.add(len(message.get("body", b"")))
+                    parts.append(message.get("body", b""))
+                    if not message.get("more_body", False):
+                        return {"type": "http.request", "body": b"".join(parts), "more_body": False}
+        except TimeoutError:
+            raise LIMITS["body_timeout_s"].refusal(self.body_timeout_s, "body") from None
 
-    async def refuse(self, exc: PrismError) -> dict:
-        """Answer `exc` unless the app has begun its own answer; either way, stop reading the body: the app is
-        told that the client has gone (and so cancels its call to the router)."""
-        self.cut = True
-        if not (self.app_answering or self.guard_answered):
-            self.guard_answered = True  # set before the first await: the app's messages are dropped from now
-            body = json.dumps(exc.body()).encode()
-            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                       (b"connection", b"close"),
-                       *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers.items())]
-            await self._send({"type": "http.response.start", "status": exc.status, "headers": headers})
-            await self._send({"type": "http.response.body", "body": body})
-        return DISCONNECT
+
+def _replay(first: dict, receive):
+    """`receive` that gives `first` (the whole body) once, then what the client sends next (a disconnect)."""
+    pending = [first]
+
+    async def replayed():
+        return pending.pop() if pending else await receive()
+
+    return replayed
+
+
+async def _answer(send, exc: PrismError) -> None:
+    """The router's JSON error for `exc`, with `Connection: close`: the server stops reading the connection
+    (and so the rest of the body) once it is sent."""
+    body = json.dumps(exc.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"connection", b"close"),
+               *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers.items())]
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def proxy_limits(environ=os.environ) -> LimitsConfig:

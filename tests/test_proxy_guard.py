@@ -1,6 +1,6 @@
 """The body guard Serve's proxy runs (`prism_ray.proxy_guard`), without a cluster: an ASGI app that reads its
-body as Serve's proxy does (every message, until the client disconnects) behind the guard, fed by a client
-that sends pieces. Through a real proxy: tests/test_serve.py and tests/test_direct_ingress.py."""
+body as Serve's proxy does (every message until the body is in) behind the guard, fed by a client that sends
+pieces. Through a real proxy: tests/test_serve.py and tests/test_direct_ingress.py."""
 
 from __future__ import annotations
 
@@ -54,26 +54,20 @@ class Client:
         return json.loads(b"".join(m.get("body", b"") for m in self.sent if m["type"] == "http.response.body"))
 
 
-def proxy_like_app(answer_after_bytes: int | None = None, took: list | None = None):
-    """Reads every message as Serve's proxy does, until the body is in or the client has gone; then answers
-    200 with the byte count (or answers early, past `answer_after_bytes`, as a router refusing a body would)."""
+def proxy_like_app(took: list):
+    """Reads every message as Serve's proxy does, until the body is in, then answers 200 with its byte count;
+    records the messages it was given."""
 
     async def app(scope, receive, send):
         size = 0
         while True:
             message = await receive()
+            took.append(message)
             if message["type"] == "http.disconnect":
-                await send({"type": "http.response.start", "status": 499, "headers": []})  # dropped by the guard
                 return
             size += len(message["body"])
-            if answer_after_bytes is not None and size > answer_after_bytes:
-                await send({"type": "http.response.start", "status": 413, "headers": []})
-                await send({"type": "http.response.body", "body": b"{}"})
-                return
             if not message["more_body"]:
                 break
-        if took is not None:
-            took.append(size)
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": str(size).encode()})
 
@@ -91,37 +85,40 @@ def run(guarded: BodyGuard, *clients: Client) -> None:
     asyncio.run(go())
 
 
-def test_a_body_within_the_limits_passes_untouched():
-    took: list[int] = []
+def test_a_body_within_the_limits_reaches_the_app_whole_as_one_message():
+    took: list[dict] = []
     client = Client([400, 400, 200])
-    run(guard(proxy_like_app(took=took)), client)
-    assert client.status == 200 and took == [1000] and client.sent[-1]["body"] == b"1000"
+    run(guard(proxy_like_app(took)), client)
+    assert client.status == 200 and client.sent[-1]["body"] == b"1000"
+    assert took == [{"type": "http.request", "body": b"x" * 1000, "more_body": False}]
 
 
-def test_a_chunked_body_past_the_limit_is_413_and_the_rest_is_never_read():
+def test_a_chunked_body_past_the_limit_is_413_the_rest_is_never_read_and_the_app_never_called():
+    took: list[dict] = []
     client = Client([400] * 100)
-    run(guard(proxy_like_app()), client)
+    run(guard(proxy_like_app(took)), client)
     assert client.status == 413 and client.read == 1200  # the third piece passed 1000: nothing after it
     assert client.error["type"] == "too_large" and "max_body_bytes" in client.error["message"]
     assert client.headers[b"connection"] == b"close"
-    assert [m["type"] for m in client.sent] == ["http.response.start", "http.response.body"]  # the app's 499 dropped
+    assert took == []
 
 
 def test_a_declared_length_past_the_limit_is_413_before_a_byte_is_read():
     client = Client([5000], headers=[("content-length", "5000")])
-    run(guard(proxy_like_app()), client)
+    run(guard(proxy_like_app([])), client)
     assert client.status == 413 and client.read == 0 and "5000" in client.error["message"]
 
 
 def test_a_trickled_body_is_408_naming_body_timeout_s():
+    took: list[dict] = []
     client = Client([10] * 1000, every_s=0.05)
-    run(guard(proxy_like_app(), body_timeout_s=0.3), client)
+    run(guard(proxy_like_app(took), body_timeout_s=0.3), client)
     assert client.status == 408 and "body_timeout_s=0.3" in client.error["message"]
-    assert client.read < 200
+    assert client.read < 200 and took == []
 
 
 def test_bodies_past_the_in_flight_budget_are_429_with_retry_after_and_the_budget_comes_back():
-    guarded = guard(proxy_like_app(), max_body_bytes=10_000, max_in_flight_bytes=1500)
+    guarded = guard(proxy_like_app([]), max_body_bytes=10_000, max_in_flight_bytes=1500)
     first, second = Client([1000, 100], every_s=0.1), Client([300, 300], every_s=0.06)
     run(guarded, first, second)  # at 0.12 s the two hold 1000 + 600; the second alone would fit
     assert first.status == 200 and second.status == 429
@@ -132,10 +129,33 @@ def test_bodies_past_the_in_flight_budget_are_429_with_retry_after_and_the_budge
     assert third.status == 200
 
 
-def test_the_app_answering_first_keeps_its_answer():
-    client = Client([400] * 10)
-    run(guard(proxy_like_app(answer_after_bytes=500), max_body_bytes=1000), client)
-    assert client.status == 413 and client.error == {}  # the app's own answer, not the guard's
+def test_a_client_gone_before_its_body_is_in_is_not_answered():
+    class Leaving(Client):
+        async def receive(self):
+            if self.read >= 800:
+                return {"type": "http.disconnect"}
+            return await super().receive()
+
+    took: list[dict] = []
+    client = Leaving([400] * 10)
+    run(guard(proxy_like_app(took)), client)
+    assert client.sent == [] and took == []
+
+
+def test_after_the_body_the_app_hears_of_a_disconnect():
+    class Hanging(Client):
+        async def receive(self):
+            return await super().receive() if self.pieces else {"type": "http.disconnect"}
+
+    took: list[dict] = []
+
+    async def app(scope, receive, send):
+        took.append(await receive())
+        took.append(await receive())
+
+    client = Hanging([100])
+    asyncio.run(guard(app)(client.scope, client.receive, client.send))
+    assert [m["type"] for m in took] == ["http.request", "http.disconnect"]
 
 
 def test_other_scopes_pass_through():
