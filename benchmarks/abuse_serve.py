@@ -248,7 +248,7 @@ def main() -> int:
 
     args.direct = args.direct or args.throughput_optimized
     # read by every Serve process at import: set before the cluster starts them
-    guard = None if args.no_proxy_guard else [LimitsConfig.model_validate(app_args.get("limits") or {})]
+    guard = None if args.no_proxy_guard else {"/": LimitsConfig.model_validate(app_args.get("limits") or {})}
     os.environ.update(serve_environment(os.environ, args.direct, args.throughput_optimized, guard))
     print(f"Serve's proxy {'without' if guard is None else 'with'} the body guard", flush=True)
     ray.init(num_cpus=8, object_store_memory=512 * 1024**2, include_dashboard=False, log_to_driver=False)

@@ -53,11 +53,13 @@ def server_timing(resp) -> dict[str, float]:
     return {name: float(ms) / 1000 for name, ms in entries}
 
 
-def start_local_serve(num_cpus: int = 4, direct: bool = False, throughput_optimized: bool = False) -> int:
+def start_local_serve(num_cpus: int = 4, direct: bool = False, throughput_optimized: bool = False,
+                      proxy_guard: bool = True) -> int:
     """A local Ray cluster and Serve on a free loopback port; returns the port. With `direct`, Serve's direct
     ingress is on too: each app's ingress replica also serves HTTP on its own port (`ingress_ports`). With
     `throughput_optimized`, Serve's throughput mode (what `prism-ray serve --throughput-optimized` turns on;
-    it includes direct ingress). Serve's proxy runs prism-ray's body guard, as under `prism-ray serve`."""
+    it includes direct ingress). Serve's proxy runs prism-ray's body guard, as under `prism-ray serve`, unless
+    not `proxy_guard`."""
     import os
 
     import ray
@@ -68,7 +70,8 @@ def start_local_serve(num_cpus: int = 4, direct: bool = False, throughput_optimi
 
     # read by every Serve process at import: set before the cluster starts them. The proxy runs the body guard
     # under the default limits, as `prism-ray serve` starts it.
-    os.environ.update(serve_environment(os.environ, direct, throughput_optimized, [LimitsConfig()]))
+    os.environ.update(serve_environment(os.environ, direct, throughput_optimized,
+                                        {"/": LimitsConfig()} if proxy_guard else None))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -3,6 +3,7 @@ a batch to gather (`batch_wait_timeout_s`, the old default 5 ms) and one that st
 the default now), in one app, in one run; next to `GET /health` and the in-process engine.
 
     python benchmarks/bench_serve_path.py [--requests 40] [--checkpoint checkpoints/tiny] [--direct]
+                                          [--throughput-optimized] [--no-proxy-guard]
 
 Both models are the same checkpoint (`prism-tiny` widths: the engine's own compute is small, so what is
 left is the path), one replica each, one torch thread; requests alternate between them so that drift on
@@ -96,6 +97,8 @@ def main() -> None:
     ap.add_argument("--direct", action="store_true",
                     help="also measure Serve's direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1), side by side "
                          "with the proxy in the same cluster")
+    ap.add_argument("--no-proxy-guard", action="store_true",
+                    help="Serve's proxy without prism-ray's body guard (`prism-ray serve --no-proxy-guard`)")
     args = ap.parse_args()
     ckpt = Path(args.checkpoint).resolve()
     if not (ckpt / "config.json").is_file():
@@ -117,7 +120,8 @@ def main() -> None:
 
     from deployments.app import build_app
 
-    port = start_local_serve(direct=args.direct, throughput_optimized=args.throughput_optimized)
+    port = start_local_serve(direct=args.direct, throughput_optimized=args.throughput_optimized,
+                             proxy_guard=not args.no_proxy_guard)
     models = [{"name": name, "model": str(ckpt), "dtype": "float32", "evidence": None,
                "scorer": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 1}, "torch_threads": 1,
                           "batch_wait_timeout_s": wait}} for name, wait in WAITS.items()]
@@ -165,7 +169,8 @@ def main() -> None:
     med = statistics.median
     ms = lambda x: f"{1000 * x:.1f} ms"  # noqa: E731
     print(f"checkpoint: {ckpt}  float32, 1 torch thread, {args.requests} sequential one-document requests per "
-          f"model; Serve's throughput mode: {'on' if args.throughput_optimized else 'off'}")
+          f"model; Serve's throughput mode: {'on' if args.throughput_optimized else 'off'}; the proxy's body guard: "
+          f"{'off' if args.no_proxy_guard else 'on'}")
     print("  the router's own work without Ray (median): " + ", ".join(f"{k} {v:.2f} ms" for k, v in steps.items()))
     print(f"  in-process ScoreEngine: median {ms(med(in_process))}")
     for way in ways:

@@ -154,7 +154,7 @@ THROUGHPUT_OPTIMIZED = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
 
 
 def serve_environment(environ: dict[str, str], direct_ingress: bool = False,
-                      throughput_optimized: bool = False, proxy_limits: list | None = None) -> dict[str, str]:
+                      throughput_optimized: bool = False, proxy_limits: dict | None = None) -> dict[str, str]:
     """The environment `serve run` starts its local cluster with. With `direct_ingress`, Serve's direct
     ingress is on: each router replica also serves HTTP itself, on its own port, with no proxy between the
     client and the router (the proxy at the config's port stays). `throughput_optimized` is Serve's
@@ -162,9 +162,9 @@ def serve_environment(environ: dict[str, str], direct_ingress: bool = False,
     its request handlers on its own event loop rather than a thread beside it (one hop less per tier call).
     The variables are read by every Serve process when it starts, so they only reach a cluster that
     `serve run` starts here; a running cluster (`ray start`, KubeRay) takes them from its own environment.
-    With `proxy_limits` (the applications' `LimitsConfig`s), Serve's proxy runs the body guard
-    (`prism_ray.proxy_guard`): bodies past those limits are refused in the proxy, before it has read them
-    whole. A proxy callback the caller has set already is kept, and the guard left out."""
+    With `proxy_limits` (route prefix -> that application's `LimitsConfig`), Serve's proxy runs the body
+    guard (`prism_ray.proxy_guard`): a body past its application's limits is refused in the proxy, before
+    the router sees it and with nothing past the limit read. A proxy callback the caller has set already is kept, and the guard left out."""
     env = dict(environ)
     if proxy_limits is not None:
         from prism_ray.proxy_guard import CALLBACK, CALLBACK_VARIABLE, proxy_environment

@@ -330,12 +330,12 @@ def serve_config_models(path: str | Path) -> list[ModelConfig]:
             for m in AppConfig.model_validate(application.get("args") or {}).models]
 
 
-def serve_config_limits(path: str | Path) -> list[LimitsConfig]:
-    """The limits of every prism-ray application in a Serve config file (the proxy's body guard takes the
-    loosest of them)."""
-    return [AppConfig.model_validate(application.get("args") or {}).limits
+def serve_config_limits(path: str | Path) -> dict[str, LimitsConfig]:
+    """The limits of every prism-ray application in a Serve config file, by its route prefix (Serve's
+    default "/"): what the proxy's body guard applies to the paths under each."""
+    return {application.get("route_prefix") or "/": AppConfig.model_validate(application.get("args") or {}).limits
             for application in read_serve_config(path)["applications"]
-            if application.get("import_path") == APP_IMPORT_PATH]
+            if application.get("import_path") == APP_IMPORT_PATH}
 
 
 def validated(schema: type[BaseModel], data: Any, where: str):

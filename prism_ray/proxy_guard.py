@@ -14,10 +14,10 @@ and nothing more of it is read. A refused body never reaches the router, so neit
 the calls that carry it to the router hold it; a body within the limits goes on as one message. The router
 keeps its own checks (direct ingress bypasses the proxy).
 
-The guard takes its limits from `PRISM_RAY_PROXY_LIMITS` (JSON: `LimitsConfig` fields) in the proxy's
-environment, `LimitsConfig`'s defaults without it. One proxy serves every application of a cluster, so
-`proxy_environment` takes the loosest of the applications' limits: the guard never refuses what an
-application would accept.
+One proxy serves every application of a cluster, so the guard applies each application's own limits to the
+paths under its route prefix. It takes them from `PRISM_RAY_PROXY_LIMITS` in the proxy's environment (JSON:
+route prefix -> `LimitsConfig` fields; `prism-ray serve` writes it from the config), and `LimitsConfig`'s
+defaults for every path without it.
 """
 
 from __future__ import annotations
@@ -36,26 +36,39 @@ CALLBACK = "prism_ray.proxy_guard:middlewares"
 LIMITS_VARIABLE = "PRISM_RAY_PROXY_LIMITS"
 GUARDED = ("max_body_bytes", "body_timeout_s", "max_in_flight_bytes", "retry_after_s")
 
-class BodyGuard:
-    """Pure ASGI middleware: reads a request's whole body before the proxy sees it, under `max_body_bytes`
-    (413) and `body_timeout_s` (408) per body and `max_in_flight_bytes` (429) over the bodies this process
-    holds at once, and answers a refusal itself, so that a refused body never reaches the router (and is not
-    read further). A body within the limits goes on as one message. Other scopes (websockets, lifespan) pass
-    through."""
 
-    def __init__(self, app, max_body_bytes: int, body_timeout_s: float, max_in_flight_bytes: int,
-                 retry_after_s: int = 1):
-        self.app, self.max_body_bytes, self.body_timeout_s = app, max_body_bytes, body_timeout_s
-        self.budget = ByteBudget(max_in_flight_bytes, retry_after_s)
+class BodyGuard:
+    """Pure ASGI middleware: reads a request's whole body before the proxy sees it, under the limits of the
+    application whose route prefix the path falls under (`routes`: prefix -> `LimitsConfig`, the longest
+    prefix wins; a path under none gets the loosest): `max_body_bytes` (413) and `body_timeout_s` (408) per
+    body, `max_in_flight_bytes` (429) over that application's bodies this proxy holds at once. It answers a
+    refusal itself, so that a refused body never reaches the router (and is not read further); a body
+    within the limits goes on as one message. Other scopes (websockets, lifespan) pass through."""
+
+    def __init__(self, app, routes: dict[str, LimitsConfig]):
+        self.app = app
+        routes = routes or {"/": LimitsConfig()}
+        self.routes = {prefix.rstrip("/"): (lim, ByteBudget(lim.max_in_flight_bytes, lim.retry_after_s))
+                       for prefix, lim in routes.items()}
+        loosest = LimitsConfig(**{name: max(getattr(lim, name) for lim in routes.values()) for name in GUARDED})
+        self.loosest = (loosest, ByteBudget(loosest.max_in_flight_bytes, loosest.retry_after_s))
+
+    def limits_for(self, path: str) -> tuple[LimitsConfig, ByteBudget]:
+        """The limits and the byte budget of the application `path` goes to (Serve's longest-prefix match)."""
+        for prefix in sorted(self.routes, key=len, reverse=True):
+            if path == prefix or path.startswith(prefix + "/"):
+                return self.routes[prefix]
+        return self.loosest
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        meter = BodyMeter(self.max_body_bytes, self.budget)
+        lim, budget = self.limits_for(scope.get("path", "/"))
+        meter = BodyMeter(lim.max_body_bytes, budget)
         try:
             try:
-                first = await self._body(scope, receive, meter)
+                first = await _body(scope, receive, meter, lim.body_timeout_s)
             except PrismError as exc:
                 await _answer(send, exc)
                 return
@@ -65,25 +78,26 @@ class BodyGuard:
         finally:
             meter.release()
 
-    async def _body(self, scope, receive, meter: BodyMeter) -> dict:
-        """The whole body as one `http.request` message (or the client's `http.disconnect`), read within
-        `body_timeout_s`; a PrismError past a limit, with nothing more read."""
-        length = dict(scope.get("headers") or []).get(b"content-length", b"").decode("latin-1")
-        if length.isdigit() and int(length) > self.max_body_bytes:
-            raise too_large(length, self.max_body_bytes)
-        parts = []
-        try:
-            async with asyncio.timeout(self.body_timeout_s):
-                while True:
-                    message = await receive()
-                    if message["type"] != "http.request":
-                        return message
-                    meter.add(len(message.get("body", b"")))
-                    parts.append(message.get("body", b""))
-                    if not message.get("more_body", False):
-                        return {"type": "http.request", "body": b"".join(parts), "more_body": False}
-        except TimeoutError:
-            raise LIMITS["body_timeout_s"].refusal(self.body_timeout_s, "body") from None
+
+async def _body(scope, receive, meter: BodyMeter, timeout_s: float) -> dict:
+    """The whole body as one `http.request` message (or the client's `http.disconnect`), read within
+    `timeout_s`; a PrismError past a limit, with nothing more read."""
+    length = dict(scope.get("headers") or []).get(b"content-length", b"").decode("latin-1")
+    if length.isdigit() and int(length) > meter.limit:
+        raise too_large(length, meter.limit)
+    parts = []
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return message
+                meter.add(len(message.get("body", b"")))
+                parts.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return {"type": "http.request", "body": b"".join(parts), "more_body": False}
+    except TimeoutError:
+        raise LIMITS["body_timeout_s"].refusal(timeout_s, "body") from None
 
 
 def _replay(first: dict, receive):
@@ -107,9 +121,11 @@ async def _answer(send, exc: PrismError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def proxy_limits(environ=os.environ) -> LimitsConfig:
-    """The limits `PRISM_RAY_PROXY_LIMITS` states (JSON), the defaults for the fields it leaves out."""
-    return LimitsConfig.model_validate(json.loads(environ.get(LIMITS_VARIABLE) or "{}"))
+def proxy_limits(environ=os.environ) -> dict[str, LimitsConfig]:
+    """The limits per route prefix that `PRISM_RAY_PROXY_LIMITS` states (JSON: prefix -> `LimitsConfig`
+    fields; the defaults for fields left out), or the defaults for every path without it."""
+    routes = json.loads(environ.get(LIMITS_VARIABLE) or "{}") or {"/": {}}
+    return {prefix: LimitsConfig.model_validate(fields) for prefix, fields in routes.items()}
 
 
 def middlewares() -> list:
@@ -117,13 +133,11 @@ def middlewares() -> list:
     proxy in, here the body guard with `proxy_limits()`."""
     from starlette.middleware import Middleware
 
-    lim = proxy_limits()
-    return [Middleware(BodyGuard, **{name: getattr(lim, name) for name in GUARDED})]
+    return [Middleware(BodyGuard, routes=proxy_limits())]
 
 
-def proxy_environment(limits: list[LimitsConfig]) -> dict[str, str]:
-    """The variables that put the guard in a proxy that serves applications with these `limits`: the callback,
-    and the loosest of each guarded limit (the largest), so that the guard refuses only what every
-    application would refuse too."""
-    loosest = {name: max(getattr(lim, name) for lim in limits) for name in GUARDED} if limits else {}
-    return {CALLBACK_VARIABLE: CALLBACK, LIMITS_VARIABLE: json.dumps(loosest)}
+def proxy_environment(routes: dict[str, LimitsConfig]) -> dict[str, str]:
+    """The variables that put the guard in a proxy that serves applications with these limits (route prefix
+    -> the application's `LimitsConfig`): the callback, and each application's guarded limits."""
+    stated = {prefix: {name: getattr(lim, name) for name in GUARDED} for prefix, lim in routes.items()}
+    return {CALLBACK_VARIABLE: CALLBACK, LIMITS_VARIABLE: json.dumps(stated)}

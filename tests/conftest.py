@@ -89,9 +89,10 @@ def environment(env: dict[str, str]):
                 os.environ[k] = v
 
 
-def guarded_proxy(*limits: dict) -> dict[str, str]:
-    """The variables `prism-ray serve` sets for the apps' `limits`: Serve's proxy runs the body guard."""
+def guarded_proxy(routes: dict[str, dict]) -> dict[str, str]:
+    """The variables `prism-ray serve` sets for apps with these `limits` by route prefix: Serve's proxy runs
+    the body guard."""
     from prism_ray.config import LimitsConfig
     from prism_ray.proxy_guard import proxy_environment
 
-    return proxy_environment([LimitsConfig.model_validate(lim) for lim in limits])
+    return proxy_environment({prefix: LimitsConfig.model_validate(lim) for prefix, lim in routes.items()})

@@ -175,7 +175,7 @@ def test_serve_hands_the_config_to_serve_run_with_serves_modes_only_when_asked(m
     main(["serve", "deployments/local.yaml", *flags])
     (argv, env), = calls
     assert argv[1:] == ["run", "deployments/local.yaml"]
-    limits = json.loads(env.pop("PRISM_RAY_PROXY_LIMITS")) if expected else {}
+    limits = json.loads(env.pop("PRISM_RAY_PROXY_LIMITS"))["/"] if expected else {}
     assert {k: v for k, v in env.items() if os.environ.get(k) != v} == expected
     assert set(os.environ) <= set(env)
     assert limits.get("max_body_bytes") == (_local_max_body_bytes() if expected else None)

@@ -55,7 +55,7 @@ def ways_in(mode, app_config):
 
     env = {MODES[mode]: "1",
            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",  # Ray's 30 s drain would slow the teardown
-           **guarded_proxy(app_config["limits"])}  # as `prism-ray serve` starts it
+           **guarded_proxy({"/": app_config["limits"]})}  # as `prism-ray serve` starts it
     with environment(env):
         ray.init(num_cpus=8, object_store_memory=128 * 1024**2, include_dashboard=False, log_to_driver=False)
         port = free_port()

@@ -126,6 +126,28 @@ def test_rayservice_cluster_fits_the_app(manifest):
     assert cluster["rayVersion"] == docker_ray == ray.__version__
 
 
+def test_rayservice_proxies_run_the_body_guard_under_the_apps_limits(manifest):
+    """Every pod's Serve proxy runs the body guard, with what `prism-ray serve` would set for the app's limits
+    (the guard's defaults are `LimitsConfig`'s, so PRISM_RAY_PROXY_LIMITS is needed only where they differ)."""
+    from prism_ray.config import AppConfig
+    from prism_ray.proxy_guard import CALLBACK_VARIABLE, GUARDED, LIMITS_VARIABLE, proxy_environment, proxy_limits
+
+    cluster = manifest["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    (application,) = yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"]
+    routes = {application.get("route_prefix") or "/": AppConfig.model_validate(application["args"]).limits}
+    wanted = proxy_environment(routes)
+
+    def guarded(limits: dict) -> dict:
+        return {prefix: {n: getattr(lim, n) for n in GUARDED} for prefix, lim in limits.items()}
+
+    for group in groups:
+        (container,) = group["template"]["spec"]["containers"]
+        env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+        assert env[CALLBACK_VARIABLE] == wanted[CALLBACK_VARIABLE]
+        assert guarded(proxy_limits(env)) == guarded(proxy_limits(wanted)), LIMITS_VARIABLE
+
+
 def test_dockerfile_builds_on_rays_gpu_image_with_the_gpu_extra():
     """The base is Ray's official GPU image at the tested Ray version; the project goes in with its `gpu`
     extra and without letting pip move Ray; weights are a volume, not image layers."""

@@ -25,9 +25,9 @@ class Client:
     """The client's side of one request: its body in `pieces` (one every `every_s`), then waiting for the
     answer; records what was read of it and what was sent back."""
 
-    def __init__(self, pieces: list[int], every_s: float = 0.0, headers=()):
+    def __init__(self, pieces: list[int], every_s: float = 0.0, headers=(), path: str = "/v2/rerank"):
         self.pieces, self.every_s, self.read, self.sent = list(pieces), every_s, 0, []
-        self.scope = {"type": "http", "method": "POST", "path": "/v2/rerank",
+        self.scope = {"type": "http", "method": "POST", "path": path,
                       "headers": [(k.encode(), v.encode()) for k, v in headers]}
 
     async def receive(self):
@@ -75,8 +75,8 @@ def proxy_like_app(took: list):
 
 
 def guard(app, **limits) -> BodyGuard:
-    lim = {"max_body_bytes": 1000, "body_timeout_s": 5.0, "max_in_flight_bytes": 1 << 20, "retry_after_s": 2}
-    return BodyGuard(app, **{**lim, **limits})
+    lim = {"max_body_bytes": 2048, "body_timeout_s": 5.0, "max_in_flight_bytes": 1 << 20, "retry_after_s": 2}
+    return BodyGuard(app, routes={"/": LimitsConfig(**{**lim, **limits})})
 
 
 def run(guarded: BodyGuard, *clients: Client) -> None:
@@ -87,17 +87,17 @@ def run(guarded: BodyGuard, *clients: Client) -> None:
 
 def test_a_body_within_the_limits_reaches_the_app_whole_as_one_message():
     took: list[dict] = []
-    client = Client([400, 400, 200])
+    client = Client([800, 800, 400])
     run(guard(proxy_like_app(took)), client)
-    assert client.status == 200 and client.sent[-1]["body"] == b"1000"
-    assert took == [{"type": "http.request", "body": b"x" * 1000, "more_body": False}]
+    assert client.status == 200 and client.sent[-1]["body"] == b"2000"
+    assert took == [{"type": "http.request", "body": b"x" * 2000, "more_body": False}]
 
 
 def test_a_chunked_body_past_the_limit_is_413_the_rest_is_never_read_and_the_app_never_called():
     took: list[dict] = []
-    client = Client([400] * 100)
+    client = Client([800] * 100)
     run(guard(proxy_like_app(took)), client)
-    assert client.status == 413 and client.read == 1200  # the third piece passed 1000: nothing after it
+    assert client.status == 413 and client.read == 2400  # the third piece passed 2048: nothing after it
     assert client.error["type"] == "too_large" and "max_body_bytes" in client.error["message"]
     assert client.headers[b"connection"] == b"close"
     assert took == []
@@ -118,13 +118,13 @@ def test_a_trickled_body_is_408_naming_body_timeout_s():
 
 
 def test_bodies_past_the_in_flight_budget_are_429_with_retry_after_and_the_budget_comes_back():
-    guarded = guard(proxy_like_app([]), max_body_bytes=10_000, max_in_flight_bytes=1500)
-    first, second = Client([1000, 100], every_s=0.1), Client([300, 300], every_s=0.06)
-    run(guarded, first, second)  # at 0.12 s the two hold 1000 + 600; the second alone would fit
+    guarded = guard(proxy_like_app([]), max_body_bytes=10_000, max_in_flight_bytes=3000)
+    first, second = Client([2000, 100], every_s=0.1), Client([600, 600], every_s=0.06)
+    run(guarded, first, second)  # at 0.12 s the two hold 2000 + 1200; the second alone would fit
     assert first.status == 200 and second.status == 429
     assert second.headers[b"retry-after"] == b"2" and "max_in_flight_bytes" in second.error["message"]
-    assert guarded.budget.used == 0
-    third = Client([1500])
+    assert guarded.limits_for("/v2/rerank")[1].used == 0
+    third = Client([3000])
     run(guarded, third)
     assert third.status == 200
 
@@ -132,12 +132,12 @@ def test_bodies_past_the_in_flight_budget_are_429_with_retry_after_and_the_budge
 def test_a_client_gone_before_its_body_is_in_is_not_answered():
     class Leaving(Client):
         async def receive(self):
-            if self.read >= 800:
+            if self.read >= 1600:
                 return {"type": "http.disconnect"}
             return await super().receive()
 
     took: list[dict] = []
-    client = Leaving([400] * 10)
+    client = Leaving([800] * 10)
     run(guard(proxy_like_app(took)), client)
     assert client.sent == [] and took == []
 
@@ -168,15 +168,30 @@ def test_other_scopes_pass_through():
     assert seen == ["lifespan"]
 
 
-def test_the_proxy_environment_takes_the_loosest_limits_and_the_callback_reads_them(monkeypatch):
-    env = proxy_environment([LimitsConfig(max_body_bytes=65536, body_timeout_s=1.5),
-                             LimitsConfig(max_body_bytes=1 << 20, body_timeout_s=3, max_in_flight_bytes=1 << 20)])
+def test_each_application_gets_its_own_limits_by_route_prefix():
+    routes = {"/": LimitsConfig(max_body_bytes=2048), "/guarded": LimitsConfig(max_body_bytes=1 << 20, body_timeout_s=0.3)}
+    guarded = BodyGuard(proxy_like_app([]), routes)
+    big, big_guarded, near_miss = (Client([3000]), Client([3000], path="/guarded/v2/rerank"),
+                                   Client([3000], path="/guardedx/v2/rerank"))
+    slow = Client([10] * 100, every_s=0.05, path="/guarded/v2/rerank")
+    run(guarded, big, big_guarded, near_miss, slow)
+    assert (big.status, big_guarded.status, near_miss.status) == (413, 200, 413)  # "/guardedx" is under "/"
+    assert slow.status == 408 and "body_timeout_s=0.3" in slow.error["message"]
+    loosest, _ = BodyGuard(proxy_like_app([]), {"/a": routes["/"], "/b": routes["/guarded"]}).limits_for("/c")
+    assert (loosest.max_body_bytes, loosest.body_timeout_s) == (1 << 20, 10)  # a path under no prefix
+
+
+def test_the_proxy_environment_states_each_routes_limits_and_the_callback_reads_them(monkeypatch):
+    env = proxy_environment({"/": LimitsConfig(max_body_bytes=65536, body_timeout_s=1.5),
+                             "/b": LimitsConfig(max_in_flight_bytes=1 << 20)})
     assert env[CALLBACK_VARIABLE] == CALLBACK
-    lim = proxy_limits(env)
-    assert (lim.max_body_bytes, lim.body_timeout_s, lim.max_in_flight_bytes) == (1 << 20, 3, 256 << 20)
-    monkeypatch.setenv(LIMITS_VARIABLE, json.dumps({"max_body_bytes": 4096}))
+    limits = proxy_limits(env)
+    assert (limits["/"].max_body_bytes, limits["/"].body_timeout_s) == (65536, 1.5)
+    assert (limits["/b"].max_body_bytes, limits["/b"].max_in_flight_bytes) == (16 << 20, 1 << 20)
+    assert list(proxy_limits({})) == ["/"] and proxy_limits({})["/"] == LimitsConfig()
+    monkeypatch.setenv(LIMITS_VARIABLE, json.dumps({"/": {"max_body_bytes": 4096}}))
     (middleware,) = middlewares()
-    assert middleware.cls is BodyGuard and middleware.kwargs["max_body_bytes"] == 4096
-    monkeypatch.setenv(LIMITS_VARIABLE, json.dumps({"max_body_bytes": 10}))
+    assert middleware.cls is BodyGuard and middleware.kwargs["routes"]["/"].max_body_bytes == 4096
+    monkeypatch.setenv(LIMITS_VARIABLE, json.dumps({"/": {"max_body_bytes": 10}}))
     with pytest.raises(ValueError, match="max_body_bytes"):
         middlewares()

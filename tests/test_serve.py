@@ -49,7 +49,7 @@ def server(tiny_ckpt, qwen3_ckpt):
         "api_keys": ["secret-key"],
         "limits": {"max_in_flight": 1, "body_timeout_s": 1.5},
     }
-    with environment(guarded_proxy(main["limits"], guarded["limits"])):  # the proxy as `prism-ray serve` starts it
+    with environment(guarded_proxy({"/": main["limits"], "/guarded": guarded["limits"]})):  # the proxy as `prism-ray serve` starts it
         ray.init(num_cpus=8, object_store_memory=128 * 1024**2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(main), name="prism", route_prefix="/")
