@@ -164,7 +164,8 @@ def serve_environment(environ: dict[str, str], direct_ingress: bool = False,
     `serve run` starts here; a running cluster (`ray start`, KubeRay) takes them from its own environment.
     With `proxy_limits` (route prefix -> that application's `LimitsConfig`), Serve's proxy runs the body
     guard (`prism_ray.proxy_guard`): a body past its application's limits is refused in the proxy, before
-    the router sees it and with nothing past the limit read. A proxy callback the caller has set already is kept, and the guard left out."""
+    the router sees it and with nothing past the limit read. A proxy callback the caller has set already
+    is kept, and the guard left out."""
     env = dict(environ)
     if proxy_limits is not None:
         from prism_ray.proxy_guard import CALLBACK, CALLBACK_VARIABLE, proxy_environment

@@ -1,7 +1,8 @@
 """The Serve application on a real local Ray cluster, over HTTP on 127.0.0.1.
 
 One cluster and two applications for the whole module: `prism` (two models, both tiers) and
-`guarded` (API keys, tight limits) under /guarded.
+`guarded` (API keys, tight limits) under /guarded; Serve's proxy runs the body guard with each one's limits,
+as `prism-ray serve` starts it.
 """
 
 from __future__ import annotations
