@@ -224,7 +224,7 @@ def main() -> int:
                          "between replicas): implies --direct")
     ap.add_argument("--no-proxy-guard", action="store_true",
                     help="Serve's proxy without prism-ray's body guard (`prism-ray serve --no-proxy-guard`): it then "
-                         "reads every body whole before the router can refuse it")
+                         "reads bodies ahead of the router, past the limit, before the router can refuse them")
     ap.add_argument("--chunk-tokens", type=int, default=None,
                     help="long-doc-chunked's chunking.chunk_tokens (default: unset, the model's room)")
     args = ap.parse_args()

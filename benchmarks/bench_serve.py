@@ -58,8 +58,8 @@ def start_local_serve(num_cpus: int = 4, direct: bool = False, throughput_optimi
     """A local Ray cluster and Serve on a free loopback port; returns the port. With `direct`, Serve's direct
     ingress is on too: each app's ingress replica also serves HTTP on its own port (`ingress_ports`). With
     `throughput_optimized`, Serve's throughput mode (what `prism-ray serve --throughput-optimized` turns on;
-    it includes direct ingress). Serve's proxy runs prism-ray's body guard, as under `prism-ray serve`, unless
-    not `proxy_guard`."""
+    it includes direct ingress). With `proxy_guard` (the default), Serve's proxy runs prism-ray's body guard,
+    as under `prism-ray serve`."""
     import os
 
     import ray

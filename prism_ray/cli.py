@@ -174,8 +174,8 @@ def serve_environment(environ: dict[str, str], direct_ingress: bool = False,
             env.update(proxy_environment(proxy_limits))
         else:
             print(f"prism-ray serve: {CALLBACK_VARIABLE} is set to {env[CALLBACK_VARIABLE]!r}, so Serve's proxy "
-                  f"runs that and not prism-ray's body guard; bodies past max_body_bytes are read whole by the "
-                  f"proxy before the router refuses them", file=sys.stderr)
+                  f"runs that and not prism-ray's body guard; the proxy reads bodies past max_body_bytes "
+                  f"ahead of the router, before it refuses them", file=sys.stderr)
     chosen = [var for var, on in ((THROUGHPUT_OPTIMIZED, throughput_optimized), (DIRECT_INGRESS, direct_ingress))
               if on]
     for var in chosen:
@@ -329,8 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Serve's throughput mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1): direct ingress, and replicas "
                         "call each other over gRPC (one-document path direct 7.7 -> 5.9 ms)")
     s.add_argument("--no-proxy-guard", action="store_true",
-                   help="leave Serve's proxy without prism-ray's body guard (it then reads every body whole before "
-                        "the router can refuse it); for comparisons")
+                   help="leave Serve's proxy without prism-ray's body guard (it then reads bodies ahead of the "
+                        "router, past the limit, before the router can refuse them); for comparisons")
     s.add_argument("--check", action="store_true", help="only validate CONFIG (a Serve config file or a KubeRay "
                                                           "RayService manifest) and exit: 0 if valid, 2 naming the field")
     s.set_defaults(func=cmd_serve)
