@@ -44,7 +44,7 @@ from prism_ray.api import (
     job_from_tei,
     server_timing,
 )
-from prism_ray.body import ByteBudget, read_body, too_large
+from prism_ray.body import ByteBudget, check_declared_length, read_body
 from prism_ray.config import AppConfig
 from prism_ray.errors import STATUS, ErrorBody, ErrorKind, PrismError, retry_later
 from prism_ray.factory import deployment_name
@@ -475,7 +475,7 @@ class Router:
         must arrive within `body_timeout_s` and the request's deadline (408), and its bytes are held
         against `max_in_flight_bytes` (429) until the request ends."""
         lim = self.config.limits
-        self._check_body_size(http)
+        check_declared_length(http.headers.get("content-length", ""), lim.max_body_bytes)
         request.clock.enter()
         try:
             raw = await read_body(http.stream(), lim, self.body_budget, request.deadline)
@@ -560,9 +560,3 @@ class Router:
         if scheme.lower() != "bearer" or not key_matches(token.strip(), self.keys):
             raise PrismError(ErrorKind.AUTH, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                              "Authorization", {"WWW-Authenticate": "Bearer"})
-
-    def _check_body_size(self, request: Request) -> None:
-        length = request.headers.get("content-length", "")
-        limit = self.config.limits.max_body_bytes
-        if length.isdigit() and int(length) > limit:
-            raise too_large(length, limit)

@@ -36,6 +36,12 @@ def too_large(size: str, limit: int) -> PrismError:
     return LIMITS["max_body_bytes"].refusal(limit, "body", size)
 
 
+def check_declared_length(content_length: str, limit: int) -> None:
+    """A `Content-Length` header over `limit` is refused (413) before a byte of the body is read."""
+    if content_length.isdigit() and int(content_length) > limit:
+        raise too_large(content_length, limit)
+
+
 class BodyMeter:
     """One body's bytes as its pieces arrive: past `limit` a 413, each piece taken from `budget` (a 429 when
     it is spent). `release` gives back what was taken, once the request ends or fails."""

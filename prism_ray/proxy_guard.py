@@ -26,7 +26,7 @@ import asyncio
 import json
 import os
 
-from prism_ray.body import BodyMeter, ByteBudget, too_large
+from prism_ray.body import BodyMeter, ByteBudget, check_declared_length
 from prism_ray.config import LimitsConfig
 from prism_ray.errors import PrismError
 from prism_ray.limits import LIMITS
@@ -48,14 +48,16 @@ class BodyGuard:
     def __init__(self, app, routes: dict[str, LimitsConfig]):
         self.app = app
         routes = routes or {"/": LimitsConfig()}
+        # longest prefix first, as Serve matches routes
         self.routes = {prefix.rstrip("/"): (lim, ByteBudget(lim.max_in_flight_bytes, lim.retry_after_s))
-                       for prefix, lim in routes.items()}
+                       for prefix, lim in sorted(routes.items(), key=lambda item: len(item[0].rstrip("/")),
+                                                 reverse=True)}
         loosest = LimitsConfig(**{name: max(getattr(lim, name) for lim in routes.values()) for name in GUARDED})
         self.loosest = (loosest, ByteBudget(loosest.max_in_flight_bytes, loosest.retry_after_s))
 
     def limits_for(self, path: str) -> tuple[LimitsConfig, ByteBudget]:
         """The limits and the byte budget of the application `path` goes to (Serve's longest-prefix match)."""
-        for prefix in sorted(self.routes, key=len, reverse=True):
+        for prefix in self.routes:
             if path == prefix or path.startswith(prefix + "/"):
                 return self.routes[prefix]
         return self.loosest
@@ -82,9 +84,8 @@ class BodyGuard:
 async def _body(scope, receive, meter: BodyMeter, timeout_s: float) -> dict:
     """The whole body as one `http.request` message (or the client's `http.disconnect`), read within
     `timeout_s`; a PrismError past a limit, with nothing more read."""
-    length = dict(scope.get("headers") or []).get(b"content-length", b"").decode("latin-1")
-    if length.isdigit() and int(length) > meter.limit:
-        raise too_large(length, meter.limit)
+    check_declared_length(dict(scope.get("headers") or []).get(b"content-length", b"").decode("latin-1"),
+                          meter.limit)
     parts = []
     try:
         async with asyncio.timeout(timeout_s):
