@@ -59,7 +59,7 @@ class Scorer:
         self.config = ModelConfig.model_validate(model)
         tier: ScorerTierConfig = self.config.scorer
         self._compute = ComputeThread(tier.torch_threads, tier.wedged_after_s)
-        self.engine = build_engine(self.config, "scorer")
+        self.engine = self._compute.call(build_engine, self.config, "scorer")  # its OpenMP team: threads.py
         self._batcher = FairBatcher(self._batched, tier.max_batch_tokens, tier.batch_wait_timeout_s,
                                     self._next_tokens, may_continue=self._starts_pieces,
                                     max_continuing=max(1, tier.max_batch_tokens // self.engine.token_budget),

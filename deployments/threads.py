@@ -5,6 +5,14 @@ computes, and a single long-lived thread runs one batch at a time. Ray sets OMP_
 actor's `num_cpus`; the thread sets torch's thread count itself (the tier's `torch_threads`) so the
 replica computes with the threads its config asks for.
 
+The engine is also loaded and warmed up on this thread (`call`), so no other thread of the replica ever
+starts an OpenMP team. libgomp (torch's OpenMP on Linux) keeps one team per thread that starts parallel
+work, and once its teams hold more threads than the process has CPUs it cuts the spin before a waiting
+thread sleeps to almost nothing: every parallel region then ends in futex sleeps and wakeups. With the
+engine loaded on the actor's main thread and run here, a 2-core replica's torch threads slept ~1,000
+times a second each and its engine ran ~9 % slower than the same engine in one thread
+(benchmarks/bench_compute_thread.py).
+
 A replica whose engine hangs (a stuck kernel, a deadlock in a native library) still answers on its
 event loop, so Serve would keep routing to it. `ComputeThread.check` fails once one engine call has
 run longer than `wedged_after_s`; the tier's `check_health` calls it, and Serve replaces the replica
@@ -32,6 +40,11 @@ class ComputeThread:
                                         initializer=torch.set_num_threads, initargs=(threads,))
         self.wedged_after_s = wedged_after_s
         self._busy_since: float | None = None  # start of the engine call running now
+
+    def call(self, fn, *args):
+        """`fn(*args)` on the compute thread, waiting for it here: for work before the event loop serves,
+        such as loading the engine (see the module's docstring for why it must not run elsewhere)."""
+        return self._pool.submit(self._timed, fn, args).result()
 
     async def run(self, fn, *args):
         """`fn(*args)` on the compute thread; the event loop stays free while it runs."""

@@ -108,3 +108,30 @@ def test_a_request_scored_in_several_engine_calls_reports_them_all_as_its_comput
     wall_ms = 1000 * (time.perf_counter() - t0)
     assert len(took) >= 2
     assert 1000 * sum(took) <= reply.timing.compute_ms <= wall_ms
+
+
+def test_the_engine_is_loaded_and_run_on_the_compute_thread_only(tiny_ckpt, monkeypatch):
+    """All of a replica's torch work on one thread: libgomp keeps an OpenMP team per thread that starts
+    parallel work, and more teams than CPUs make every team sleep between parallel regions
+    (deployments/threads.py)."""
+    import threading
+
+    import deployments.scorer as scorer_module
+
+    threads = []
+
+    def build(*args):
+        threads.append(threading.current_thread())
+        return real_build(*args)
+
+    real_build = scorer_module.build_engine
+    monkeypatch.setattr(scorer_module, "build_engine", build)
+    model = ModelConfig.model_validate({"name": "prism-tiny", "model": str(tiny_ckpt), "dtype": "float32",
+                                        "scorer": {"batch_wait_timeout_s": 0, "torch_threads": 1}})
+    replica = scorer_module.Scorer.func_or_class(model.model_dump(mode="json"))
+    step = replica.engine.score_step
+    monkeypatch.setattr(replica.engine, "score_step",
+                        lambda groups: threads.append(threading.current_thread()) or step(groups))
+    asyncio.run(replica.score(QUERY, ["water boils at 100 C", "the sea is salty"]))
+    assert len(threads) >= 2 and len(set(threads)) == 1
+    assert threads[0] is not threading.main_thread() and threads[0].name.startswith("prism-compute")
