@@ -1,27 +1,30 @@
 """Where a replica loads its engine, in one run: the engine loaded and run on one thread vs loaded on the main
-thread and run on the replica's compute thread (as the scorer tier did before), on a small machine.
+thread and run on another (the scorer's compute thread, the evidence scheduler's loop thread), as the tiers
+did before, on a small machine.
 
-    python benchmarks/bench_compute_thread.py [--checkpoint checkpoints/bench] [--calls 4] [--rounds 2]
-        [--neighbour 0.12]
+    python benchmarks/bench_compute_thread.py [--tier scorer|evidence] [--checkpoint checkpoints/bench]
+        [--calls 4] [--rounds 2] [--neighbour 0.12]
 
 libgomp (torch's OpenMP on Linux) keeps one team of threads per thread that starts parallel work. Once its
 teams hold more threads than the process has CPUs, it cuts the spin a waiting thread does before it sleeps
 to almost nothing, so every parallel region ends in futex sleeps and wakeups. A team is never given back,
 so each setting runs in a fresh process, the settings in turn, `--rounds` times:
 
-- `main`: load and run on the main thread (an in-process user, a batch actor);
-- `loaded on main, run on the compute thread`: the scorer tier before (`build_engine` in the constructor,
-  engine calls on `deployments.threads.ComputeThread`);
-- `loaded and run on the compute thread`: the scorer tier now (`ComputeThread.call(build_engine, ...)`).
+- `main`: load and run on the main thread (an in-process user; `EvidenceEngine.generate` for evidence);
+- `loaded on main, run on the compute thread`: the tiers before (`build_engine` in the constructor, then
+  the scorer's engine calls on `deployments.threads.ComputeThread`, or a `Scheduler(engine)`);
+- `loaded and run on the compute thread`: the tiers now (`ComputeThread.call(build_engine, ...)`, or
+  `Scheduler(build)`, which builds the engine on its loop thread).
 
 A sleeping torch thread costs little on an otherwise idle machine: its core is free when it is woken. Beside
 other processes its core may be taken, and the whole team waits for it. `--neighbour F` runs, for the whole
 benchmark, a process that wakes every 0.5 ms and spins for F of that time (0.12: about what an idle Serve
 cluster uses here, 12 % of one core in ~2,000 wakeups/s, `bench_cluster_idle.py`).
 
-Each process scores `--calls` requests of 20 documents of 60-180 words (`bench_engines.documents`),
-float32. Prints per setting the median seconds per call, and its busiest threads' voluntary context
-switches per second (sleeps; about 0 when the team spins as it should). Linux only (/proc).
+A scorer call scores 20 documents of 60-180 words (`bench_engines.documents`); an evidence call generates 48
+tokens for each of 8 such documents at once. float32. Prints per setting the median seconds per call, and
+its busiest threads' voluntary context switches per second (sleeps; about 0 when the team spins as it
+should). Linux only (/proc).
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SETTINGS = {"main": "main thread",
             "split": "loaded on main, run on the compute thread",
-            "compute": "loaded and run on the compute thread"}
+            "compute": "loaded and run on the compute thread"}  # evidence: the scheduler's loop thread
+EVIDENCE_PAIRS, EVIDENCE_TOKENS = 8, 48  # --tier evidence: a call generates this many tokens for each of the pairs
 QUERIES = ["How do I iterate over the items of a sequence?", "What does the with statement do?",
            "How are exceptions raised and handled?", "What is a generator expression?"]
 
@@ -56,24 +60,45 @@ def thread_stats() -> dict[int, tuple[int, int]]:
     return out
 
 
-def child(setting: str, checkpoint: str, calls: int) -> None:
+def child(setting: str, tier: str, checkpoint: str, calls: int) -> None:
+    import functools
+
     import torch
     from bench_engines import documents
 
     from deployments.threads import ComputeThread
     from prism_ray.config import ModelConfig
+    from prism_ray.engine import Scheduler
     from prism_ray.factory import build_engine
 
-    model = ModelConfig.model_validate({"name": "bench", "model": checkpoint, "dtype": "float32", "evidence": None})
-    docs = documents(20)
-    compute = ComputeThread(torch.get_num_threads(), wedged_after_s=600)
-    engine = compute.call(build_engine, model, "scorer") if setting == "compute" else build_engine(model, "scorer")
-    run = (lambda fn, *a: fn(*a)) if setting == "main" else compute.call
-    run(engine.score_pairs, QUERIES[0], docs)
+    model = ModelConfig.model_validate({"name": "bench", "model": checkpoint, "dtype": "float32",
+                                        "evidence": {"max_active_pairs": EVIDENCE_PAIRS}})
+    build = functools.partial(build_engine, model, tier)
+    if tier == "scorer":
+        docs = documents(20)
+        compute = ComputeThread(torch.get_num_threads(), wedged_after_s=600)
+        engine = compute.call(build) if setting == "compute" else build()
+        run = (lambda fn, *a: fn(*a)) if setting == "main" else compute.call
+
+        def work(i):
+            run(engine.score_pairs, QUERIES[i % len(QUERIES)], docs)
+    else:
+        pairs = [(QUERIES[0], d) for d in documents(EVIDENCE_PAIRS)]
+        if setting == "main":
+            engine = build()
+
+            def work(i):
+                engine.generate(pairs, max_new_tokens=EVIDENCE_TOKENS)
+        else:
+            scheduler = Scheduler(build if setting == "compute" else build(), EVIDENCE_PAIRS, max_queued_pairs=None)
+
+            def work(i):
+                [h.result() for h in scheduler.submit_many(pairs, EVIDENCE_TOKENS)]
+    work(0)
     before, times, t0 = thread_stats(), [], time.perf_counter()
     for i in range(calls):
         t = time.perf_counter()
-        run(engine.score_pairs, QUERIES[i % len(QUERIES)], docs)
+        work(i)
         times.append(time.perf_counter() - t)
     seconds, after = time.perf_counter() - t0, thread_stats()
     busiest = sorted((after[t][0] - before[t][0], (after[t][1] - before[t][1]) / seconds) for t in after if t in before)
@@ -94,7 +119,8 @@ def neighbour(share: float) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default="checkpoints/bench")
-    ap.add_argument("--calls", type=int, default=4, help="20-document calls per process")
+    ap.add_argument("--tier", choices=("scorer", "evidence"), default="scorer")
+    ap.add_argument("--calls", type=int, default=4, help="calls per process")
     ap.add_argument("--rounds", type=int, default=2, help="processes per setting, the settings in turn")
     ap.add_argument("--neighbour", type=float, default=0.0,
                     help="share of one core a waking neighbour process spins (see above); 0: none")
@@ -105,7 +131,7 @@ def main() -> None:
     if args.spin is not None:
         return neighbour(args.spin)
     if args.child:
-        return child(args.child, str(ckpt), args.calls)
+        return child(args.child, args.tier, str(ckpt), args.calls)
     if not (ckpt / "config.json").is_file():
         from prism_ray.checkpoints import build_checkpoint
 
@@ -116,15 +142,16 @@ def main() -> None:
         for _ in range(args.rounds):
             for setting in SETTINGS:
                 out = subprocess.run([sys.executable, __file__, "--checkpoint", str(ckpt), "--calls",
-                                      str(args.calls), "--child", setting], capture_output=True, text=True, check=True)
+                                      str(args.calls), "--tier", args.tier, "--child", setting], capture_output=True, text=True, check=True)
                 results[setting].append(json.loads(out.stdout.strip().splitlines()[-1]))
     finally:
         if other:
             other.kill()
     base = statistics.median(r["median_s"] for r in results["main"])
-    print(f"{ckpt.name}, float32, torch threads {results['main'][0]['threads']}, {os.cpu_count()} CPUs, neighbour "
-          f"{f'spinning {args.neighbour:.0%} of one core' if args.neighbour else 'none'}; median seconds per "
-          f"20-document call, one process per round ({args.calls} calls each):")
+    call = "20-document call" if args.tier == "scorer" else f"call of {EVIDENCE_PAIRS} pairs x {EVIDENCE_TOKENS} tokens"
+    print(f"{ckpt.name}, {args.tier} engine, float32, torch threads {results['main'][0]['threads']}, {os.cpu_count()} "
+          f"CPUs, neighbour {f'spinning {args.neighbour:.0%} of one core' if args.neighbour else 'none'}; median "
+          f"seconds per {call}, one process per round ({args.calls} calls each):")
     for setting, label in SETTINGS.items():
         rows = results[setting]
         per_round = " / ".join(f"{r['median_s']:.3f}" for r in rows)

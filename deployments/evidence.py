@@ -10,6 +10,7 @@ disconnect: Serve cancels the handle call) cancels its pair, which leaves its sl
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 from ray import serve
@@ -29,9 +30,10 @@ class Evidence:
     def __init__(self, model: dict):
         self.config = ModelConfig.model_validate(model)
         tier = self.config.evidence
-        self.engine = build_engine(self.config, "evidence")
-        self.scheduler = Scheduler(self.engine, tier.max_active_pairs, tier.max_queued_pairs,
-                                   torch_threads=tier.torch_threads, observer=self._observe)
+        # built on the scheduler's loop thread, the one thread that runs the engine (see Scheduler)
+        self.scheduler = Scheduler(functools.partial(build_engine, self.config, "evidence"), tier.max_active_pairs,
+                                   tier.max_queued_pairs, torch_threads=tier.torch_threads, observer=self._observe)
+        self.engine = self.scheduler.engine
 
     async def generate(self, query: str, document: str, max_new_tokens: int,
                        temperature: float = 0.0) -> EvidenceResult:

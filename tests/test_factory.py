@@ -80,3 +80,29 @@ def test_evidence_limits_default_the_same_with_or_without_the_block_and_size_ser
     assert sized.evidence.max_queued_requests == 2
     explicit = ModelConfig.model_validate({"name": "a", "model": "/m/a", "evidence": {"max_ongoing_requests": 3}})
     assert explicit.evidence.max_ongoing_requests == 3
+
+
+@pytest.mark.slow  # loads an engine, generates
+def test_a_batch_evidence_actor_retries_a_pair_whose_step_failed_on_the_loop_thread(tiny_ckpt, monkeypatch):
+    """A decode step that fails fails its pairs; the actor tries each again alone, through the same decode
+    loop (so no other thread runs the engine), and gets the text the engine writes for it."""
+    import threading
+
+    from prism_ray.data.backends import EngineBackend
+
+    actor = EngineBackend(_model(tiny_ckpt), "evidence")
+    pairs = [("What is water?", "Water is H2O."), ("What is water?", "Paris is in France.")]
+    expected = [r.text for r in actor.evidence.generate(pairs, max_new_tokens=6)]
+    loop, steps = actor.scheduler._loop, []
+    real_step = loop.step
+
+    def step():
+        steps.append(threading.current_thread())
+        if len(steps) == 1:
+            raise RuntimeError("a broken step")
+        return real_step()
+
+    monkeypatch.setattr(loop, "step", step)
+    out = actor.generate(pairs, max_new_tokens=6, temperature=0.0)
+    assert [r.text for r in out] == expected
+    assert len(steps) >= 3 and set(steps) == {actor.scheduler._thread}

@@ -283,3 +283,32 @@ def test_a_bucket_submitted_at_once_fills_an_idle_pool_in_one_round_and_a_bad_pa
         assert bounded.queued == 0
     finally:
         bounded.close()
+
+
+def test_a_built_engine_is_loaded_warmed_and_run_on_the_loop_thread(tiny_ckpt):
+    """Given a function, the scheduler builds the engine (and its slot pool) on its own loop thread, the one
+    thread that then runs every step: one OpenMP team per process (Scheduler's docstring). A build that fails
+    raises from the constructor."""
+    seen = []
+
+    def build():
+        seen.append(threading.current_thread())
+        engine = EvidenceEngine(tiny_ckpt, dtype="float32")
+        step = engine._prefill
+        engine._prefill = lambda seqs: seen.append(threading.current_thread()) or step(seqs)
+        return engine
+
+    scheduler = Scheduler(build, max_active_pairs=2)
+    try:
+        doc = "Water boils at 100 degrees Celsius at sea level."
+        result = scheduler.submit(QUERY, doc, max_new_tokens=8).result(timeout=120)
+        assert len(seen) >= 2 and set(seen) == {scheduler._thread} and seen[0] is not threading.current_thread()
+        assert result.text == scheduler.engine.generate([(QUERY, doc)], max_new_tokens=8)[0].text
+    finally:
+        scheduler.close()
+
+    def broken():
+        raise FileNotFoundError("no checkpoint at /nowhere")
+
+    with pytest.raises(FileNotFoundError, match="/nowhere"):
+        Scheduler(broken)

@@ -19,11 +19,13 @@ class EngineBackend:
     """The engines, in this process. Each actor loads only the engine its stage needs."""
 
     def __init__(self, model: ModelConfig, tier: Tier):
-        engine = build_engine(model, tier)  # the very factory the Serve tiers call
         self.model = model
-        self.scorer = engine if tier == "scorer" else None
-        self.evidence = engine if tier == "evidence" else None
-        self.prompts = engine.prompts
+        self.scorer = self.evidence = None
+        if tier == "evidence":  # built on the decode loop's thread, the one thread that runs it (see Scheduler)
+            self.evidence = self.scheduler.engine
+        else:
+            self.scorer = build_engine(model, tier)  # the very factory the Serve tiers call
+        self.prompts = (self.scorer or self.evidence).prompts
 
     def score(self, groups: list[tuple[str, list[str]]]) -> list[list[ScoreResult] | Exception]:
         try:  # every query of the block in one engine call: their rows share forward passes
@@ -40,11 +42,12 @@ class EngineBackend:
 
     @functools.cached_property
     def scheduler(self):
-        """The evidence engine's decode loop, as a Serve replica runs it; no queue bound: a block's pairs are
-        submitted at once, and the block bounds them."""
+        """The evidence engine's decode loop, as a Serve replica runs it, the engine built on its thread; no
+        queue bound: a block's pairs are submitted at once, and the block bounds them."""
         from prism_ray.engine import Scheduler
 
-        return Scheduler(self.evidence, self.model.evidence.max_active_pairs, max_queued_pairs=None)
+        return Scheduler(functools.partial(build_engine, self.model, "evidence"), self.model.evidence.max_active_pairs,
+                         max_queued_pairs=None)
 
     def generate(self, pairs: list[tuple[str, str]], max_new_tokens: int,
                  temperature: float) -> list[EvidenceResult | Exception]:
@@ -62,7 +65,7 @@ class EngineBackend:
         for i, pair in enumerate(pairs):
             if out[i] is None:
                 try:
-                    out[i] = self.evidence.generate([pair], max_new_tokens, temperature)[0]
+                    out[i] = self.scheduler.submit(*pair, max_new_tokens, temperature).result()
                 except Exception as exc:  # noqa: BLE001
                     out[i] = exc
         return out

@@ -155,10 +155,15 @@ STREAM_INTERVAL_S = 0.05
 
 
 class Scheduler:
-    def __init__(self, engine: EvidenceEngine, max_active_pairs: int = 16, max_queued_pairs: int | None = 64,
-                 torch_threads: int | None = None, observer: Callable[[StepReport], None] | None = None,
-                 stream_interval_s: float = STREAM_INTERVAL_S):
-        """`max_queued_pairs=None`: no bound on waiting pairs (a batch job that submits a bucket at once).
+    def __init__(self, engine: EvidenceEngine | Callable[[], EvidenceEngine], max_active_pairs: int = 16,
+                 max_queued_pairs: int | None = 64, torch_threads: int | None = None,
+                 observer: Callable[[StepReport], None] | None = None, stream_interval_s: float = STREAM_INTERVAL_S):
+        """`engine`: the EvidenceEngine, or a function that builds it. A function is called on the loop's
+        thread (the constructor waits for it and raises what it raised), so the engine is loaded, warmed up
+        and run on one thread: a process whose torch work runs on two threads has two OpenMP teams, and with
+        more team threads than CPUs libgomp makes them sleep between parallel regions
+        (`benchmarks/bench_compute_thread.py`). Servers and batch actors pass a function.
+        `max_queued_pairs=None`: no bound on waiting pairs (a batch job that submits a bucket at once).
         `torch_threads`: the loop thread's torch thread count (default: the creating thread's). `observer` gets a `StepReport` after each step
         (on the loop's thread: keep it cheap). `stream_interval_s`: the least time between two pieces of
         one pair's text (0: a piece at every host sync)."""
@@ -166,20 +171,22 @@ class Scheduler:
             raise ValueError("max_active_pairs must be >= 1")
         if max_queued_pairs is not None and max_queued_pairs < 0:
             raise ValueError("max_queued_pairs must be >= 0 (or None: unbounded)")
-        self.engine = engine
         self.max_active_pairs, self.max_queued_pairs = max_active_pairs, max_queued_pairs
         self.stream_interval_s = stream_interval_s
         self._observer = observer
         self._torch_threads = torch_threads or torch.get_num_threads()
-        self._loop = DecodeLoop(engine, max_active_pairs, INITIAL_POOL_TOKENS)
         self._handles: dict[int, GenerationHandle] = {}  # id(seq) -> handle, for every pair not yet finished
         self._incoming: list[Sequence] = []
         self._cv = threading.Condition()
         self._closed = False
         self._busy_since: float | None = None
         self._died: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="prism-scheduler", daemon=True)
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(engine, ready), name="prism-scheduler", daemon=True)
         self._thread.start()
+        ready.wait()
+        if self._died is not None:  # the engine (or its decode loop's pool) could not be built
+            raise self._died
 
     # -- callers' side --------------------------------------------------------------------------------------
     def submit(self, query: str, document: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
@@ -260,8 +267,16 @@ class Scheduler:
             self._cv.notify()
 
     # -- the loop's thread -----------------------------------------------------------------------------------
-    def _run(self) -> None:
+    def _run(self, engine, ready: threading.Event) -> None:
         torch.set_num_threads(self._torch_threads)
+        try:  # the engine and its slot pool are made here, on the one thread that runs them
+            self.engine = engine() if callable(engine) else engine
+            self._loop = DecodeLoop(self.engine, self.max_active_pairs, INITIAL_POOL_TOKENS)
+        except BaseException as exc:  # noqa: BLE001 - raised by the constructor
+            self._died = exc
+            return
+        finally:
+            ready.set()
         try:
             while True:
                 with self._cv:
