@@ -14,16 +14,21 @@
 It runs the very engines the Serve tiers and Ray Data actors run (ScoreEngine, EvidenceEngine over
 one loaded model) in this process; ranking, chunk folding and evidence targets are the functions
 the service uses (`prism_ray.ranking`, `prism_ray.chunking.fold`). Results are the service's own
-`RankedDocument`s, best first. From async code, `await reranker.arank(...)` runs `rank` on a worker
-thread; calls are serialised, since one engine computes one call at a time.
+`RankedDocument`s, best first. From async code, `await reranker.arank(...)` (or `apredict`).
+
+A Reranker loads and runs its model on one thread of its own: `rank` and `predict` wait for it, `arank` and
+`apredict` await it, and calls are serialised, since one engine computes one call at a time. One thread
+also keeps the process at one OpenMP team: with torch work on two threads (loaded on one, awaited on
+another), libgomp makes its threads sleep between parallel regions once its teams outnumber the CPUs, which
+cost 8-9 % on 2 CPUs (`benchmarks/bench_compute_thread.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from prism_ray.api import ChunkingOptions, EvidenceOptions, RankedDocument
@@ -47,13 +52,14 @@ class Reranker:
         from prism_ray.engine import ScoreEngine, load_model
 
         self.name = str(model)
-        self.loaded = load_model(model, dtype=dtype, device=device, max_length=max_length)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prism-reranker")
+        self.loaded = self._thread.submit(load_model, model, dtype=dtype, device=device, max_length=max_length).result()
         self.scorer = ScoreEngine(self.loaded)
-        self._lock = threading.Lock()
 
     @functools.cached_property
     def generator(self):
-        """The evidence engine, over the same weights; built on the first call that asks for evidence."""
+        """The evidence engine, over the same weights; built on the first call that asks for evidence (on the
+        Reranker's thread, as every call)."""
         from prism_ray.engine import EvidenceEngine
 
         return EvidenceEngine(self.loaded)
@@ -65,6 +71,9 @@ class Reranker:
         >>> Reranker("checkpoints/tiny").predict([("q", "a"), ("q", "b"), ("r", "c")])  # doctest: +SKIP
         [0.48, 0.51, 0.47]
         """
+        return self._thread.submit(self._predict, pairs, raw).result()
+
+    def _predict(self, pairs: Sequence[tuple[str, str]], raw: bool) -> list[float]:
         groups: dict[str, list[int]] = {}
         for i, pair in enumerate(pairs):
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
@@ -72,8 +81,7 @@ class Reranker:
             groups.setdefault(pair[0], []).append(i)
         if not groups:
             return []
-        with self._lock:
-            results = self.scorer.score([(q, [pairs[i][1] for i in idxs]) for q, idxs in groups.items()])
+        results = self.scorer.score([(q, [pairs[i][1] for i in idxs]) for q, idxs in groups.items()])
         out: list[float] = [0.0] * len(pairs)
         for idxs, group in zip(groups.values(), results):
             for i, r in zip(idxs, group):
@@ -92,24 +100,28 @@ class Reranker:
         (`{"max_chunks_per_doc": 8, "chunk_tokens": 512}`): a long document is scored by its best chunk,
         whose span is `chunk` (`documents[i][chunk["start"]:chunk["end"]]`), and evidence reads that chunk.
         """
+        return self._thread.submit(self._rank, query, documents, top_n, evidence, chunking).result()
+
+    async def arank(self, query: str, documents: Sequence[str], top_n: int | None = None,
+                    evidence: int | dict | EvidenceOptions | None = None,
+                    chunking: dict | ChunkingOptions | None = None) -> list[RankedDocument]:
+        """`rank`, awaited: it runs on the Reranker's thread (an event loop must not wait on a forward pass)."""
+        return await asyncio.wrap_future(self._thread.submit(self._rank, query, documents, top_n, evidence, chunking))
+
+    async def apredict(self, pairs: Sequence[tuple[str, str]], raw: bool = False) -> list[float]:
+        """`predict`, awaited (on the Reranker's thread)."""
+        return await asyncio.wrap_future(self._thread.submit(self._predict, pairs, raw))
+
+    def _rank(self, query: str, documents: Sequence[str], top_n: int | None, evidence, chunking) -> list[RankedDocument]:
         ev = _evidence_options(evidence)
         opts = ChunkingOptions.model_validate(chunking) if isinstance(chunking, dict) else chunking
         if top_n is not None and (not isinstance(top_n, int) or top_n < 1):
             raise ValueError(f"top_n must be a positive integer, not {top_n!r}")
-        with self._lock:
-            ranked = self._score(query, list(documents), opts)
-            ranked = [ranked[i] for i in best_first([r.score for r in ranked])]
-            if ev is not None:
-                self._add_evidence(query, documents, ranked, ev)
+        ranked = self._score(query, list(documents), opts)
+        ranked = [ranked[i] for i in best_first([r.score for r in ranked])]
+        if ev is not None:
+            self._add_evidence(query, documents, ranked, ev)
         return ranked[:top_n] if top_n else ranked
-
-    async def arank(self, *args, **kwargs) -> list[RankedDocument]:
-        """`rank` on a worker thread, for async code (an event loop must not wait on a forward pass)."""
-        return await asyncio.to_thread(self.rank, *args, **kwargs)
-
-    async def apredict(self, *args, **kwargs) -> list[float]:
-        """`predict` on a worker thread."""
-        return await asyncio.to_thread(self.predict, *args, **kwargs)
 
     def _score(self, query: str, documents: list[str], opts: ChunkingOptions | None) -> list[RankedDocument]:
         if opts is None:

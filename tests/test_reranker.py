@@ -85,3 +85,31 @@ def test_async_code_awaits_arank_and_apredict(reranker):
     (best,), (score,) = asyncio.run(main())
     assert best.index == reranker.rank(QUERY, DOCS)[0].index
     assert score == pytest.approx(reranker.predict([(QUERY, DOCS[0])])[0], abs=1e-6)
+
+
+def test_the_model_is_loaded_and_run_on_the_rerankers_own_thread(tiny_ckpt, monkeypatch):
+    """Loading, `rank`, `predict`, their async forms and the evidence engine all run on one thread of the
+    Reranker's: one OpenMP team per process (the module's docstring)."""
+    import threading
+
+    import prism_ray.engine as engine_module
+    from prism_ray.engine import EvidenceEngine, ScoreEngine
+
+    seen = []
+
+    def recording(fn):
+        return lambda *a, **kw: seen.append(threading.current_thread()) or fn(*a, **kw)
+
+    monkeypatch.setattr(engine_module, "load_model", recording(engine_module.load_model))
+    monkeypatch.setattr(ScoreEngine, "score", recording(ScoreEngine.score))
+    monkeypatch.setattr(EvidenceEngine, "generate", recording(EvidenceEngine.generate))
+    reranker = Reranker(tiny_ckpt, dtype="float32")
+    reranker.rank(QUERY, DOCS[:2], evidence=1)
+    reranker.predict([(QUERY, DOCS[0])])
+
+    async def main():
+        await asyncio.gather(reranker.arank(QUERY, DOCS[:2]), reranker.apredict([(QUERY, DOCS[1])]))
+
+    asyncio.run(main())
+    assert len(seen) == 6 and len(set(seen)) == 1  # load, rank + its evidence, predict, arank, apredict
+    assert seen[0] is not threading.main_thread() and seen[0].name.startswith("prism-reranker")
