@@ -106,3 +106,29 @@ def test_a_batch_evidence_actor_retries_a_pair_whose_step_failed_on_the_loop_thr
     out = actor.generate(pairs, max_new_tokens=6, temperature=0.0)
     assert [r.text for r in out] == expected
     assert len(steps) >= 3 and set(steps) == {actor.scheduler._thread}
+
+
+@pytest.mark.slow  # loads an engine
+def test_a_batch_score_actor_loads_and_runs_its_engine_on_one_thread(tiny_ckpt, monkeypatch):
+    """Ray Data builds an actor on its main thread and calls it on another; the engine is loaded and run on
+    the backend's own thread whichever thread calls (EngineBackend's docstring)."""
+    import threading
+
+    import prism_ray.data.backends as backends
+    from prism_ray.engine import ScoreEngine
+
+    seen = []
+
+    def recording(fn):
+        return lambda *a, **kw: seen.append(threading.current_thread()) or fn(*a, **kw)
+
+    monkeypatch.setattr(backends, "build_engine", recording(backends.build_engine))
+    monkeypatch.setattr(ScoreEngine, "score", recording(ScoreEngine.score))
+    actor = backends.EngineBackend(_model(tiny_ckpt), "scorer")
+    here = actor.score([("What is water?", ["Water is H2O."])])
+    elsewhere = []
+    caller = threading.Thread(target=lambda: elsewhere.append(actor.score([("What is water?", ["Water is H2O."])])))
+    caller.start()
+    caller.join()
+    assert here == elsewhere[0]
+    assert len(seen) >= 3 and len(set(seen)) == 1 and seen[0].name.startswith("prism-compute")  # build, 2 calls

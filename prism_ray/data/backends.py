@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from prism_ray.config import ModelConfig
 from prism_ray.factory import Tier, build_engine, deployment_name
@@ -16,18 +17,27 @@ from prism_ray.results import EvidenceResult, ScoreReply, ScoreResult
 
 
 class EngineBackend:
-    """The engines, in this process. Each actor loads only the engine its stage needs."""
+    """The engines, in this process. Each actor loads only the engine its stage needs.
+
+    Each engine is loaded and run on one thread (the scorer's own, the evidence scheduler's loop thread):
+    Ray Data builds an actor on its main thread and calls it on another, and torch work on two threads makes
+    two OpenMP teams, which libgomp makes sleep between parallel regions once they outnumber the CPUs
+    (`prism_ray.engine.Scheduler`, `benchmarks/bench_compute_thread.py`)."""
 
     def __init__(self, model: ModelConfig, tier: Tier):
         self.model = model
         self.scorer = self.evidence = None
-        if tier == "evidence":  # built on the decode loop's thread, the one thread that runs it (see Scheduler)
+        if tier == "evidence":
             self.evidence = self.scheduler.engine
-        else:
-            self.scorer = build_engine(model, tier)  # the very factory the Serve tiers call
+        else:  # the very factory the Serve tiers call
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prism-compute")
+            self.scorer = self._thread.submit(build_engine, model, tier).result()
         self.prompts = (self.scorer or self.evidence).prompts
 
     def score(self, groups: list[tuple[str, list[str]]]) -> list[list[ScoreResult] | Exception]:
+        return self._thread.submit(self._score, groups).result()
+
+    def _score(self, groups: list[tuple[str, list[str]]]) -> list[list[ScoreResult] | Exception]:
         try:  # every query of the block in one engine call: their rows share forward passes
             return self.scorer.score(groups)
         except Exception:  # noqa: BLE001 - retry one group at a time so a bad one fails alone
