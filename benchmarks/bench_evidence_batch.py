@@ -7,6 +7,11 @@ What `EngineBackend.generate` (a batch job's evidence actor) did before the sche
 engine's `Scheduler` with `submit_many`, then every result awaited), on the same engine in this process, taking turns within each
 repeat (best of `--repeats` kept). `max_new_tokens` is drawn per bucket from 16-128 (seeded): one limit for
 the whole bucket, as a batch job's stage has. Prints generated tokens/s of each and whether the texts agree.
+
+Both run in this one process, `generate` on the main thread and the scheduler on its loop thread: two OpenMP
+teams, so with as many torch threads as CPUs both contenders run with libgomp's short spin (README, "One
+thread runs a replica's model"). The ratio compares like with like; an actor now runs only the second, on
+one team (`bench_compute_thread.py --tier evidence` measures that).
 """
 
 from __future__ import annotations

@@ -49,12 +49,12 @@ class Reranker:
 
     def __init__(self, model: str | Path, dtype: str = "auto", device: str | None = None,
                  max_length: int = DEFAULT_MAX_LENGTH):
-        from prism_ray.engine import ScoreEngine, load_model
+        from prism_ray.engine import ScoreEngine
 
         self.name = str(model)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prism-reranker")
-        self.loaded = self._thread.submit(load_model, model, dtype=dtype, device=device, max_length=max_length).result()
-        self.scorer = ScoreEngine(self.loaded)
+        self.scorer = self._thread.submit(ScoreEngine, model, dtype, device, max_length).result()
+        self.loaded = self.scorer.loaded
 
     @functools.cached_property
     def generator(self):

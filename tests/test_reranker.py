@@ -92,7 +92,7 @@ def test_the_model_is_loaded_and_run_on_the_rerankers_own_thread(tiny_ckpt, monk
     Reranker's: one OpenMP team per process (the module's docstring)."""
     import threading
 
-    import prism_ray.engine as engine_module
+    import prism_ray.engine.score as score_module
     from prism_ray.engine import EvidenceEngine, ScoreEngine
 
     seen = []
@@ -100,7 +100,7 @@ def test_the_model_is_loaded_and_run_on_the_rerankers_own_thread(tiny_ckpt, monk
     def recording(fn):
         return lambda *a, **kw: seen.append(threading.current_thread()) or fn(*a, **kw)
 
-    monkeypatch.setattr(engine_module, "load_model", recording(engine_module.load_model))
+    monkeypatch.setattr(score_module, "load_model", recording(score_module.load_model))
     monkeypatch.setattr(ScoreEngine, "score", recording(ScoreEngine.score))
     monkeypatch.setattr(EvidenceEngine, "generate", recording(EvidenceEngine.generate))
     reranker = Reranker(tiny_ckpt, dtype="float32")
